@@ -1,0 +1,85 @@
+//! The command line: `serve`, `quantize` (offline, the job code path with a progress bar),
+//! `convert` (GGUF ⇄ HF safetensors) and `migrate`.
+
+mod offline;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::startup::{cancel_on_signals, Application};
+use crate::telemetry;
+
+#[derive(Parser)]
+#[command(name = "quantd", version, about = "Quantize LLM checkpoints, measure the loss, serve the variants")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service (defaults: 127.0.0.1:8080, ./data).
+    Serve {
+        /// A TOML file layered over the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Allow binding a non-loopback address with no API keys.
+        #[arg(long)]
+        allow_unauthenticated: bool,
+    },
+    /// Quantize a checkpoint (HF folder or .gguf) to a GGUF file, offline.
+    Quantize(offline::QuantizeArgs),
+    /// Convert between GGUF and HF safetensors (direction from the input).
+    Convert(offline::ConvertArgs),
+    /// Create or upgrade the database under data_dir, then exit.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let result = match cli.command {
+        Command::Serve { config, allow_unauthenticated } => serve(config, allow_unauthenticated),
+        Command::Quantize(args) => offline::quantize(args),
+        Command::Convert(args) => offline::convert(args),
+        Command::Migrate { config } => migrate(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn serve(config: Option<PathBuf>, allow_unauthenticated: bool) -> anyhow::Result<()> {
+    let mut settings = Settings::load(config.as_deref())?;
+    settings.server.allow_unauthenticated |= allow_unauthenticated;
+    telemetry::SimdReport::detect().log();
+    runtime()?.block_on(async {
+        let app = Application::build(settings).await?;
+        cancel_on_signals(app.shutdown_token());
+        app.run_until_stopped().await
+    })
+}
+
+fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref())?;
+    runtime()?.block_on(async {
+        std::fs::create_dir_all(&settings.data_dir)?;
+        crate::db::connect(&settings.data_dir).await?;
+        println!("database at {} is up to date", settings.data_dir.join("quantd.db").display());
+        Ok(())
+    })
+}

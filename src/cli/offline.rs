@@ -1,0 +1,191 @@
+//! `quantd quantize` and `quantd convert`: the same checkpoint reader, plan and pipeline as
+//! jobs, run in-process with a progress bar and no server or database.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::{cpu_count, Settings};
+use crate::export::gguf_meta;
+use crate::export::hf::{write_hf_folder, HfDtype};
+use crate::jobs::pipeline::{quantize_gguf, Hooks};
+use crate::jobs::spec::{GgufParams, OverrideSpec};
+use crate::model::checkpoint::Checkpoint;
+use crate::quant::{GgufType, Plan};
+use crate::store::sync_dir;
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// An HF folder (config.json, tokenizer.json, *.safetensors) or a .gguf file.
+    input: PathBuf,
+    /// Method; `gguf` is the only one in this version.
+    #[arg(long, default_value = "gguf")]
+    method: String,
+    /// GGUF type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_L,
+    /// Q3_K_M, Q3_K_S, Q2_K, F16, BF16, F32.
+    #[arg(long = "type")]
+    gguf_type: String,
+    /// Output .gguf file, or a directory to put `<name>-<type>.gguf` in.
+    #[arg(long)]
+    out: PathBuf,
+    /// Per-tensor override, `REGEX=TYPE` (e.g. `ffn_down=Q8_0`); repeatable, last match wins.
+    #[arg(long = "override")]
+    overrides: Vec<String>,
+    /// Threads for tensor work (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the plan as JSON and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A .gguf file (→ HF folder) or an HF folder (→ .gguf file).
+    input: PathBuf,
+    /// The output folder (from GGUF) or .gguf file (from HF).
+    output: PathBuf,
+    /// Float type of the output: f32, f16 or bf16 (default: f32 for HF output, f16 for GGUF).
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+/// Opens a path as a checkpoint: a .gguf file, or every regular file in a folder.
+pub fn open_path(path: &Path) -> anyhow::Result<Checkpoint> {
+    let limits = crate::catalog::check_limits(&Settings::defaults());
+    let mut files = BTreeMap::new();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            let p = entry?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let wanted = crate::model::checkpoint::HF_SIDE_FILES.contains(&name.as_str()) || name.ends_with(".safetensors");
+            if p.is_file() && wanted {
+                files.insert(name, p);
+            }
+        }
+    } else {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model.gguf").to_string();
+        files.insert(name, path.to_path_buf());
+    }
+    Checkpoint::open(&files, limits).with_context(|| format!("opening {}", path.display()))
+}
+
+struct BarHooks(ProgressBar);
+
+impl Hooks for BarHooks {
+    fn progress(&self, stage: &'static str, done: u64, total: u64, _unit: &'static str) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+        self.0.set_message(stage);
+    }
+
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+fn bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} tensors {elapsed_precise} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn model_name(input: &Path) -> String {
+    input.file_stem().and_then(|n| n.to_str()).unwrap_or("model").to_string()
+}
+
+/// Writes a GGUF for `ckpt` next to `out` (temp name), then renames it into place.
+fn write_gguf(ckpt: &Checkpoint, plan: &Plan, name: &str, params: serde_json::Value, out: &Path, threads: usize) -> anyhow::Result<()> {
+    let mut metadata = gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
+    metadata.extend(gguf_meta::provenance("gguf", &params, None, None));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let tmp = out.with_extension("gguf.tmp");
+    let hooks = BarHooks(bar());
+    let result = quantize_gguf(ckpt, plan, &metadata, &tmp, &pool, &hooks);
+    hooks.0.finish();
+    let (digest, size, report) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&tmp, out)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(dir)?;
+    }
+    println!(
+        "wrote {} ({size} bytes, {:.3} bits/weight over quantized tensors, {digest}) in {:.2}s",
+        out.display(),
+        plan.bits_per_weight,
+        report.wall_seconds
+    );
+    Ok(())
+}
+
+pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    if args.method != "gguf" {
+        bail!("--method {}: only `gguf` is available in this version", args.method);
+    }
+    let gguf_type = GgufType::parse(&args.gguf_type).with_context(|| format!("--type {}: unknown GGUF type", args.gguf_type))?;
+    let overrides = args
+        .overrides
+        .iter()
+        .map(|o| {
+            let (pattern, type_name) = o.rsplit_once('=').with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
+            Ok(OverrideSpec { pattern: pattern.to_string(), type_name: type_name.to_string() })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let params = GgufParams { gguf_type, overrides };
+    let compiled = params.compiled_overrides().map_err(|e| anyhow::anyhow!("--override: {e}"))?;
+    let threads = args.threads.unwrap_or_else(cpu_count).max(1);
+    let ckpt = open_path(&args.input)?;
+    let tensors: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let plan = Plan::gguf(&ckpt.config, &tensors, gguf_type, &compiled, threads);
+    if args.dry_run {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(());
+    }
+    let name = model_name(&args.input);
+    let out = if args.out.is_dir() { args.out.join(format!("{name}-{}.gguf", gguf_type.variant())) } else { args.out.clone() };
+    write_gguf(&ckpt, &plan, &name, serde_json::to_value(&params)?, &out, threads)
+}
+
+pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let ckpt = open_path(&args.input)?;
+    match ckpt.format {
+        crate::model::checkpoint::Format::Gguf => {
+            let dtype = args.dtype.as_deref().map_or(Some(HfDtype::F32), HfDtype::parse).context("--dtype must be f32, f16 or bf16")?;
+            if args.output.exists() && std::fs::read_dir(&args.output)?.next().is_some() {
+                bail!("{} exists and is not empty", args.output.display());
+            }
+            let b = bar();
+            write_hf_folder(&ckpt, &args.output, dtype, &|done, total| {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            })?;
+            b.finish();
+            println!("wrote {}", args.output.display());
+            Ok(())
+        }
+        crate::model::checkpoint::Format::HfSafetensors => {
+            let t = match args.dtype.as_deref().unwrap_or("f16").to_ascii_lowercase().as_str() {
+                "f32" => GgufType::F32,
+                "f16" => GgufType::F16,
+                "bf16" => GgufType::BF16,
+                other => bail!("--dtype {other}: must be f32, f16 or bf16"),
+            };
+            let tensors: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+            let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], cpu_count());
+            let params = serde_json::json!({"type": t});
+            write_gguf(&ckpt, &plan, &model_name(&args.input), params, &args.output, cpu_count())
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Typed settings: the embedded `config/default.toml`, then an optional `--config` file, then
+//! `QUANTD_*` environment variables (`__` separates sections). Validated once at start-up so
+//! the rest of the program can trust every field.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// The defaults shipped inside the binary, so `quantd serve` works from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub jobs: JobSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: IpAddr,
+    pub port: u16,
+    pub allow_unauthenticated: bool,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub admin_keys: Vec<String>,
+    pub infer_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_upload_bytes: u64,
+    pub max_json_bytes: usize,
+    pub max_safetensors_header_bytes: u64,
+    pub max_tokenizer_bytes: u64,
+    pub max_small_json_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    pub workers: usize,
+    pub threads: usize,
+    pub max_attempts: u32,
+    pub progress_interval_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("configuration: {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl Settings {
+    /// Layers defaults, the optional file and the environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("QUANTD_").split("__"));
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults alone (tests start from these and adjust fields).
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("embedded default.toml is valid")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.jobs.max_attempts == 0 {
+            return invalid("jobs.max_attempts", "must be at least 1");
+        }
+        if self.jobs.workers > 64 {
+            return invalid("jobs.workers", "must be at most 64");
+        }
+        if self.limits.max_json_bytes < 1024 {
+            return invalid("limits.max_json_bytes", "must be at least 1024");
+        }
+        if self.auth.admin_keys.iter().chain(&self.auth.infer_keys).any(|k| k.len() < 8) {
+            return invalid("auth", "API keys must be at least 8 characters long");
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.host, self.server.port)
+    }
+
+    pub fn has_keys(&self) -> bool {
+        !self.auth.admin_keys.is_empty() || !self.auth.infer_keys.is_empty()
+    }
+
+    /// Job workers: the configured count, or 1 on small machines (quantization saturates the
+    /// cores on its own; two jobs at once only thrash the caches).
+    pub fn worker_count(&self) -> usize {
+        match self.jobs.workers {
+            0 if cpu_count() <= 4 => 1,
+            0 => 2,
+            n => n,
+        }
+    }
+
+    pub fn job_threads(&self) -> usize {
+        match self.jobs.threads {
+            0 => cpu_count(),
+            n => n,
+        }
+    }
+}
+
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_listen_on_loopback_8080() {
+        let s = Settings::defaults();
+        assert_eq!(s.bind_addr().to_string(), "127.0.0.1:8080");
+        assert!(!s.has_keys());
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn environment_overrides_nested_fields() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("QUANTD_SERVER__PORT", "9123");
+            jail.set_env("QUANTD_AUTH__ADMIN_KEYS", "[\"secret-admin-key\"]");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.port, 9123);
+            assert_eq!(s.auth.admin_keys, vec!["secret-admin-key".to_string()]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("QUANTD_AUTH__INFER_KEYS", "[\"short\"]");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("at least 8"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,141 @@
+//! Queries on `models` and `model_files`.
+
+use serde::Serialize;
+use sqlx::{Sqlite, Transaction};
+
+use super::Db;
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct ModelRow {
+    pub id: String,
+    pub kind: String,
+    pub format: String,
+    pub architecture: String,
+    pub parameters: i64,
+    pub size_bytes: i64,
+    pub bits_per_weight: Option<f64>,
+    pub base_model: Option<String>,
+    pub job_id: Option<String>,
+    pub summary: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct ModelFileRow {
+    pub name: String,
+    pub digest: String,
+    pub size: i64,
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<ModelRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM models WHERE id = ?")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn list(db: &Db) -> Result<Vec<ModelRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM models ORDER BY created_at, id")
+        .fetch_all(db)
+        .await
+}
+
+pub async fn files(db: &Db, id: &str) -> Result<Vec<ModelFileRow>, sqlx::Error> {
+    sqlx::query_as("SELECT name, digest, size FROM model_files WHERE model_id = ? ORDER BY name")
+        .bind(id)
+        .fetch_all(db)
+        .await
+}
+
+/// Inserts a model and its file rows inside the caller's transaction (blobs must exist).
+pub async fn insert(
+    tx: &mut Transaction<'_, Sqlite>,
+    row: &ModelRow,
+    files: &[ModelFileRow],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO models (id, kind, format, architecture, parameters, size_bytes, \
+         bits_per_weight, base_model, job_id, summary, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&row.id)
+    .bind(&row.kind)
+    .bind(&row.format)
+    .bind(&row.architecture)
+    .bind(row.parameters)
+    .bind(row.size_bytes)
+    .bind(row.bits_per_weight)
+    .bind(&row.base_model)
+    .bind(&row.job_id)
+    .bind(&row.summary)
+    .bind(row.created_at)
+    .execute(&mut **tx)
+    .await?;
+    for f in files {
+        sqlx::query("INSERT INTO model_files (model_id, name, digest, size) VALUES (?, ?, ?, ?)")
+            .bind(&row.id)
+            .bind(&f.name)
+            .bind(&f.digest)
+            .bind(f.size)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes a model; returns the digests that no model refers to any more (their blob rows are
+/// deleted too, so the caller can remove the files).
+pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let digests: Vec<String> =
+        sqlx::query_scalar("SELECT digest FROM model_files WHERE model_id = ?")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+    let deleted = sqlx::query("DELETE FROM models WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Ok(None);
+    }
+    let mut orphans = Vec::new();
+    for digest in digests {
+        let still_used: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM model_files WHERE digest = ?")
+                .bind(&digest)
+                .fetch_one(&mut *tx)
+                .await?;
+        if still_used == 0 {
+            sqlx::query("DELETE FROM blobs WHERE digest = ?")
+                .bind(&digest)
+                .execute(&mut *tx)
+                .await?;
+            orphans.push(digest);
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(orphans))
+}
+
+/// True while a queued or running job reads this model or will write it.
+pub async fn in_use_by_job(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE (model_id = ? OR output_name = ?) \
+         AND status IN ('queued', 'running')",
+    )
+    .bind(id)
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    Ok(n > 0)
+}
+
+/// Variants made from a base model.
+pub async fn variants(db: &Db, base: &str) -> Result<Vec<ModelRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM models WHERE base_model = ? ORDER BY size_bytes")
+        .bind(base)
+        .fetch_all(db)
+        .await
+}

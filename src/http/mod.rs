@@ -1,0 +1,83 @@
+//! The HTTP API (DESIGN §2): routes, wire types, validation into domain types, auth, and the
+//! mapping of errors to statuses. Handlers are thin: they parse, call catalog/jobs, and shape
+//! the response.
+
+mod auth;
+mod blobs;
+pub mod error;
+mod health;
+mod jobs;
+pub mod json;
+mod models;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::jobs::JobSystem;
+
+pub use auth::{Keys, Scope};
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: JobSystem,
+    pub keys: Arc<Keys>,
+    /// Set once recovery finished and workers run.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn settings(&self) -> &Settings {
+        self.jobs.settings()
+    }
+}
+
+/// The whole API as a router, so tests can call it in memory.
+pub fn router(state: AppState) -> Router {
+    let settings = state.settings().clone();
+    let upload_limit = DefaultBodyLimit::max(settings.limits.max_upload_bytes.min(usize::MAX as u64) as usize);
+    let json_limit = DefaultBodyLimit::max(settings.limits.max_json_bytes);
+    let timeout = TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(settings.server.request_timeout_secs));
+
+    // Uploads and downloads stream for as long as the data flows; the rest are bounded.
+    let transfer = Router::new()
+        .route("/v1/blobs/{digest}", put(blobs::put_blob).head(blobs::head_blob))
+        .route("/v1/models", post(models::create_model))
+        .layer(upload_limit)
+        .route("/v1/models/{id}/artifacts/{name}", get(models::download_artifact));
+
+    let api = Router::new()
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{id}", get(models::get_model).delete(models::delete_model))
+        .route("/v1/models/{id}/artifacts", get(models::list_artifacts))
+        .route("/v1/models/{id}/variants", get(models::list_variants))
+        .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry_job))
+        .layer(json_limit)
+        .layer(timeout);
+
+    let events = Router::new().route("/v1/jobs/{id}/events", get(jobs::job_events));
+
+    let protected = transfer
+        .merge(api)
+        .merge(events)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .merge(protected)
+        .fallback(health::not_found)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,112 @@
+//! Durable jobs: submission (validation and plan), the worker pool that claims jobs from the
+//! SQLite queue, the runner that executes one job stage by stage, live events for SSE, and
+//! cancellation. The queue's truth is the `jobs` table; in-memory state only speeds things up.
+
+pub mod events;
+pub mod pipeline;
+pub mod runner;
+pub mod spec;
+pub mod submit;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::db::Db;
+use crate::store::BlobStore;
+
+pub use events::{EventBus, JobEvent};
+
+/// Shared handle to everything jobs need; cheap to clone.
+#[derive(Clone)]
+pub struct JobSystem {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    store: BlobStore,
+    settings: Settings,
+    events: EventBus,
+    wake: Notify,
+    cancel_flags: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    pool: Arc<rayon::ThreadPool>,
+    shutdown: CancellationToken,
+}
+
+impl JobSystem {
+    pub fn new(db: Db, store: BlobStore, settings: Settings, shutdown: CancellationToken) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.job_threads())
+            .thread_name(|i| format!("quantd-job-{i}"))
+            .build()
+            .expect("rayon pool builds");
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                store,
+                settings,
+                events: EventBus::new(),
+                wake: Notify::new(),
+                cancel_flags: Mutex::new(HashMap::new()),
+                pool: Arc::new(pool),
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn store(&self) -> &BlobStore {
+        &self.inner.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+
+    pub fn pool(&self) -> Arc<rayon::ThreadPool> {
+        self.inner.pool.clone()
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Wakes an idle worker (a job was queued).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.inner.wake.notified().await
+    }
+
+    /// The flag a running job polls between tensors.
+    fn cancel_flag(&self, job_id: &str) -> Arc<AtomicBool> {
+        let mut flags = self.inner.cancel_flags.lock().expect("cancel flags lock");
+        flags.entry(job_id.to_string()).or_default().clone()
+    }
+
+    fn forget_cancel_flag(&self, job_id: &str) {
+        self.inner.cancel_flags.lock().expect("cancel flags lock").remove(job_id);
+    }
+
+    /// Signals a running job in this process to stop at its next tensor boundary.
+    pub fn signal_cancel(&self, job_id: &str) {
+        if let Some(flag) = self.inner.cancel_flags.lock().expect("cancel flags lock").get(job_id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}

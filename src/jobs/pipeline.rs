@@ -1,0 +1,126 @@
+//! The synchronous work of a `gguf` job, shared by the job worker and `quantd quantize` so both
+//! run the same code: read tensors one by one from the checkpoint, quantize a few in parallel
+//! on a bounded rayon pool, stream them into a GGUF in order, check for cancellation between
+//! tensors, and report per-tensor error and size.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::export::gguf::{GgufWriter, TensorDecl, Value};
+use crate::model::checkpoint::Checkpoint;
+use crate::quant::tensor_quant::{quantize_tensor, TensorQuantError};
+use crate::quant::Plan;
+use crate::store::{Digest, HashingWriter};
+
+/// What the pipeline tells its caller while it runs.
+pub trait Hooks: Sync {
+    /// `done` of `total` units (tensors) finished in `stage`.
+    fn progress(&self, stage: &'static str, done: u64, total: u64, unit: &'static str);
+    /// Polled between tensors; true stops the work.
+    fn cancelled(&self) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Tensor(#[from] TensorQuantError),
+    #[error("reading tensor {name}: {source}")]
+    Read { name: String, source: candle_core::Error },
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_name: &'static str,
+    pub bytes: u64,
+    pub rel_rmse: f64,
+    /// None when lossless (infinite SNR does not fit JSON).
+    pub snr_db: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GgufReport {
+    pub tensors: Vec<TensorReport>,
+    pub file_bytes: u64,
+    pub bits_per_weight: f64,
+    pub bits_per_weight_total: f64,
+    pub wall_seconds: f64,
+    pub threads: usize,
+}
+
+/// Writes the GGUF for `plan` to `out_path`; returns its digest, size and the report.
+pub fn quantize_gguf(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    metadata: &[(String, Value)],
+    out_path: &Path,
+    pool: &rayon::ThreadPool,
+    hooks: &dyn Hooks,
+) -> Result<(Digest, u64, GgufReport), PipelineError> {
+    let start = Instant::now();
+    let decls: Vec<TensorDecl<'_>> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorDecl { name: &t.name, shape: &t.shape, dtype: t.dtype })
+        .collect();
+    let mut writer = GgufWriter::begin(HashingWriter::create(out_path)?, metadata, &decls)?;
+    let total = plan.tensors.len() as u64;
+    hooks.progress("quantizing", 0, total, "tensors");
+    let threads = pool.current_num_threads().max(1);
+    let mut reports = Vec::with_capacity(plan.tensors.len());
+    // A chunk of `threads` tensors is quantized in parallel, then written in order: memory
+    // holds at most one chunk, and the file is written sequentially.
+    for chunk in plan.tensors.chunks(threads) {
+        if hooks.cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let results: Vec<Result<(Vec<u8>, TensorReport), PipelineError>> = pool.install(|| {
+            chunk
+                .par_iter()
+                .map(|t| {
+                    let src = ckpt.tensor(&t.name).expect("plan was made from this checkpoint");
+                    let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read { name: t.name.clone(), source })?;
+                    let (bytes, err) = quantize_tensor(&t.name, data, &t.shape, t.dtype)?;
+                    let report = TensorReport {
+                        name: t.name.clone(),
+                        type_name: t.type_name,
+                        bytes: bytes.len() as u64,
+                        rel_rmse: err.rel_rmse,
+                        snr_db: err.snr_db.is_finite().then_some(err.snr_db),
+                        fallback_from: t.fallback_from,
+                    };
+                    Ok((bytes, report))
+                })
+                .collect()
+        });
+        for r in results {
+            let (bytes, report) = r?;
+            writer.write_tensor(&report.name, &bytes)?;
+            reports.push(report);
+        }
+        hooks.progress("quantizing", reports.len() as u64, total, "tensors");
+    }
+    let (digest, size) = writer.finish()?.finish()?;
+    Ok((
+        digest,
+        size,
+        GgufReport {
+            tensors: reports,
+            file_bytes: size,
+            bits_per_weight: plan.bits_per_weight,
+            bits_per_weight_total: plan.bits_per_weight_total,
+            wall_seconds: start.elapsed().as_secs_f64(),
+            threads,
+        },
+    ))
+}

@@ -1,0 +1,287 @@
+//! Runs one claimed job: loading → quantizing → writing, with progress throttled into the
+//! database and pushed to SSE, cancellation between tensors, and an outcome that is all or
+//! nothing: the output model row, its blobs, metrics and the job's success are one transaction,
+//! and a failed or cancelled job leaves no model row and no files.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::pipeline::{self, Hooks, PipelineError};
+use super::spec::{JobSpec, MethodSpec};
+use super::submit::plan_for;
+use super::{JobEvent, JobSystem};
+use crate::catalog::{self, CatalogError};
+use crate::db::metrics::MetricRow;
+use crate::db::models::{ModelFileRow, ModelRow};
+use crate::db::{self, jobs::JobRow};
+use crate::export::gguf_meta;
+use crate::export::manifest::{Manifest, ManifestFile};
+use crate::store::{Digest, HashingWriter};
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<CatalogError> for RunError {
+    fn from(e: CatalogError) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for RunError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Failed(format!("database: {e}"))
+    }
+}
+
+impl From<std::io::Error> for RunError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Failed(format!("I/O: {e}"))
+    }
+}
+
+/// Bridges the blocking pipeline to the async world: progress goes to the event bus at once
+/// and to the database at most every `interval`.
+struct JobHooks {
+    js: JobSystem,
+    job_id: String,
+    cancel: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+    last_write: Mutex<Option<Instant>>,
+    interval: Duration,
+}
+
+impl Hooks for JobHooks {
+    fn progress(&self, stage: &'static str, done: u64, total: u64, unit: &'static str) {
+        self.js.events().publish(JobEvent {
+            job_id: self.job_id.clone(),
+            kind: "progress",
+            data: json!({"stage": stage, "done": done, "total": total, "unit": unit}),
+        });
+        let mut last = self.last_write.lock().expect("progress lock");
+        let due = last.is_none_or(|t| t.elapsed() >= self.interval) || done == total;
+        if due {
+            *last = Some(Instant::now());
+            let (db, id) = (self.js.db().clone(), self.job_id.clone());
+            self.runtime.spawn(async move {
+                if let Err(e) = db::jobs::set_progress(&db, &id, stage, done, total, unit).await {
+                    warn!(job = %id, error = %e, "could not record progress");
+                }
+            });
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs `job` to its end state. Never panics on job errors; they become the job's `error`.
+#[tracing::instrument(skip_all, fields(job = %job.id, model = %job.model_id))]
+pub async fn run_job(js: &JobSystem, job: JobRow) {
+    let cancel = js.cancel_flag(&job.id);
+    let watcher = spawn_cancel_watcher(js.clone(), job.id.clone(), cancel.clone());
+    let outcome = execute(js, &job, cancel).await;
+    watcher.abort();
+    js.forget_cancel_flag(&job.id);
+    let db = js.db();
+    let result = match outcome {
+        Ok(output) => {
+            info!(output = %output, "job succeeded");
+            Ok(())
+        }
+        Err(RunError::Cancelled) if js.shutdown_token().is_cancelled() => {
+            info!("job interrupted by shutdown; back in the queue");
+            db::jobs::requeue_interrupted(db, &job.id).await
+        }
+        Err(RunError::Cancelled) => {
+            info!("job cancelled");
+            finish(js, &job.id, "cancelled", None).await
+        }
+        Err(RunError::Failed(message)) => {
+            warn!(error = %message, "job failed");
+            finish(js, &job.id, "failed", Some(&message)).await
+        }
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "could not record the job's outcome");
+    }
+}
+
+async fn finish(js: &JobSystem, id: &str, status: &'static str, error: Option<&str>) -> Result<(), sqlx::Error> {
+    db::jobs::finish_unsuccessfully(js.db(), id, status, error).await?;
+    let data = json!({"status": status, "error": error});
+    db::jobs::add_event(js.db(), id, status, &data).await?;
+    js.events().publish(JobEvent { job_id: id.to_string(), kind: status, data });
+    Ok(())
+}
+
+/// Sets the flag when a cancel is recorded in the database (by this or another process) or
+/// the server shuts down.
+fn spawn_cancel_watcher(js: JobSystem, id: String, flag: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = js.shutdown_token().cancelled() => { flag.store(true, Ordering::SeqCst); return; }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if db::jobs::cancel_requested(js.db(), &id).await.unwrap_or(false) {
+                flag.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    })
+}
+
+async fn stage(js: &JobSystem, id: &str, stage: &'static str) -> Result<(), sqlx::Error> {
+    db::jobs::set_progress(js.db(), id, stage, 0, 0, "").await?;
+    let data = json!({"stage": stage});
+    db::jobs::add_event(js.db(), id, "stage", &data).await?;
+    js.events().publish(JobEvent { job_id: id.to_string(), kind: "stage", data });
+    Ok(())
+}
+
+async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Result<String, RunError> {
+    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| RunError::Failed(format!("stored spec is unreadable: {e}")))?;
+    if db::jobs::cancel_requested(js.db(), &job.id).await? {
+        return Err(RunError::Cancelled);
+    }
+    stage(js, &job.id, "loading").await?;
+    let ckpt = Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
+    let plan = plan_for(&spec, &ckpt, js.settings().job_threads()).map_err(|e| RunError::Failed(e.to_string()))?;
+    let MethodSpec::Gguf(params) = &spec.method;
+    let source_digest = db::models::files(js.db(), &spec.model)
+        .await?
+        .into_iter()
+        .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .map(|f| f.digest);
+    let params_json = serde_json::to_value(params).expect("params serialize");
+    let mut metadata = gguf_meta::model_metadata(&ckpt, &spec.output_name, plan.file_type, !params.gguf_type.is_float())
+        .map_err(|e| RunError::Failed(e.to_string()))?;
+    metadata.extend(gguf_meta::provenance("gguf", &params_json, source_digest.as_deref(), Some(&job.id)));
+
+    stage(js, &job.id, "quantizing").await?;
+    let temp = js.store().temp_file("job")?;
+    let hooks = JobHooks {
+        js: js.clone(),
+        job_id: job.id.clone(),
+        cancel: cancel.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        last_write: Mutex::new(None),
+        interval: Duration::from_millis(js.settings().jobs.progress_interval_ms),
+    };
+    let pool = js.pool();
+    let out_path = temp.path().to_path_buf();
+    let plan_for_run = plan.clone();
+    let ckpt_for_run = ckpt.clone();
+    let (digest, size, report) = tokio::task::spawn_blocking(move || {
+        pipeline::quantize_gguf(&ckpt_for_run, &plan_for_run, &metadata, &out_path, &pool, &hooks)
+    })
+    .await
+    .map_err(|e| RunError::Failed(format!("quantization thread panicked: {e}")))?
+    .map_err(|e| match e {
+        PipelineError::Cancelled => RunError::Cancelled,
+        other => RunError::Failed(other.to_string()),
+    })?;
+    let architecture = ckpt.config.architecture.name().to_string();
+    drop(ckpt);
+
+    if cancel.load(Ordering::SeqCst) {
+        return Err(RunError::Cancelled);
+    }
+    stage(js, &job.id, "writing").await?;
+    let gguf_name = format!("{}.gguf", spec.output_name.replace(':', "-"));
+    let report_json = serde_json::to_value(&report).expect("report serializes");
+    let manifest = Manifest {
+        model: spec.output_name.clone(),
+        base_model: spec.model.clone(),
+        format: "gguf",
+        method: "gguf".into(),
+        params: params_json,
+        tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
+        job_id: Some(job.id.clone()),
+        files: vec![ManifestFile { name: gguf_name.clone(), sha256: digest.hex().to_string(), size }],
+        metrics: json!({"bits_per_weight": plan.bits_per_weight, "bits_per_weight_total": plan.bits_per_weight_total,
+                        "file_bytes": size, "type_counts": plan.type_counts, "quantize_seconds": report.wall_seconds}),
+    };
+    let manifest_temp = js.store().temp_file("manifest")?;
+    let mut w = HashingWriter::create(manifest_temp.path())?;
+    std::io::Write::write_all(&mut w, &manifest.to_bytes())?;
+    let (manifest_digest, manifest_size) = w.finish()?;
+
+    let files = vec![
+        ModelFileRow { name: gguf_name, digest: digest.to_string(), size: size as i64 },
+        ModelFileRow { name: "manifest.json".into(), digest: manifest_digest.to_string(), size: manifest_size as i64 },
+    ];
+    let fresh: Vec<Digest> = [&digest, &manifest_digest].into_iter().filter(|d| !js.store().path(d).exists()).cloned().collect();
+    js.store().commit(temp, &digest)?;
+    js.store().commit(manifest_temp, &manifest_digest)?;
+    let row = ModelRow {
+        id: spec.output_name.clone(),
+        kind: "quantized".into(),
+        format: "gguf".into(),
+        architecture,
+        parameters: plan.parameters as i64,
+        size_bytes: size as i64,
+        bits_per_weight: Some(plan.bits_per_weight),
+        base_model: Some(spec.model.clone()),
+        job_id: Some(job.id.clone()),
+        summary: json!({"method": "gguf", "type": params.gguf_type, "type_counts": plan.type_counts,
+                        "bits_per_weight_total": plan.bits_per_weight_total}).to_string(),
+        created_at: db::now(),
+    };
+    let metrics = metric_rows(&report);
+    let committed = async {
+        let mut tx = js.db().begin().await?;
+        for f in &files {
+            db::blobs::insert(&mut *tx, &f.digest, f.size as u64).await?;
+        }
+        db::models::insert(&mut tx, &row, &files).await?;
+        db::metrics::insert_all(&mut tx, &job.id, Some(&row.id), &metrics).await?;
+        db::jobs::complete(&mut tx, &job.id, &row.id, &report_json).await?;
+        let done = json!({"status": "succeeded", "output_model": row.id, "file_bytes": size});
+        db::jobs::add_event(&mut *tx, &job.id, "done", &done).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(done)
+    }
+    .await;
+    match committed {
+        Ok(done) => {
+            js.events().publish(JobEvent { job_id: job.id.clone(), kind: "done", data: done });
+            Ok(row.id)
+        }
+        Err(e) => {
+            for d in fresh {
+                let _ = js.store().remove(&d);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn metric_rows(report: &pipeline::GgufReport) -> Vec<MetricRow> {
+    let mut rows = Vec::with_capacity(report.tensors.len() * 3 + 4);
+    for t in &report.tensors {
+        let label = Some(t.type_name.to_string());
+        rows.push(MetricRow { subject: t.name.clone(), name: "rel_rmse".into(), value: Some(t.rel_rmse), label: label.clone() });
+        rows.push(MetricRow { subject: t.name.clone(), name: "snr_db".into(), value: t.snr_db, label: label.clone() });
+        rows.push(MetricRow { subject: t.name.clone(), name: "bytes".into(), value: Some(t.bytes as f64), label });
+    }
+    for (name, value) in [
+        ("file_bytes", report.file_bytes as f64),
+        ("bits_per_weight", report.bits_per_weight),
+        ("bits_per_weight_total", report.bits_per_weight_total),
+        ("quantize_seconds", report.wall_seconds),
+    ] {
+        rows.push(MetricRow { subject: "model".into(), name: name.into(), value: Some(value), label: None });
+    }
+    rows
+}

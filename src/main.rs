@@ -1,0 +1,5 @@
+//! The `quantd` binary: parses the command line and hands over to `quantd::cli`.
+
+fn main() -> std::process::ExitCode {
+    quantd::cli::main()
+}

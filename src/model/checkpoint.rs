@@ -1,0 +1,461 @@
+//! A validated checkpoint on disk: an HF safetensors folder (one file or index + shards) or a
+//! single GGUF file. Opening one checks everything DESIGN §8 asks for (formats by content,
+//! headers, shapes against the config, shard names); afterwards tensors can be read one at a
+//! time, in GGUF naming and layout, whatever the source. Memory stays bounded: sources are
+//! memory-mapped and each tensor's pages are released once it has been read.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use memmap2::Mmap;
+
+use super::config::{ConfigError, ModelConfig};
+use super::names;
+use super::safetensors::{self as st, StDtype};
+use super::sniff::{sniff_file, FileKind};
+use crate::export::gguf::{GgufFile, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Format {
+    #[serde(rename = "hf-safetensors")]
+    HfSafetensors,
+    #[serde(rename = "gguf")]
+    Gguf,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HfSafetensors => "hf-safetensors",
+            Self::Gguf => "gguf",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("{file}: unsupported file type: {what}")]
+    Refused { file: String, what: &'static str },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+}
+
+fn invalid(file: &str, message: impl Into<String>) -> CheckpointError {
+    CheckpointError::Invalid {
+        file: file.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Size limits that apply while validating uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckLimits {
+    pub max_safetensors_header: u64,
+    pub max_tokenizer: u64,
+    pub max_small_json: u64,
+}
+
+/// Where a tensor's bytes are and how they are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceDtype {
+    Safetensors(StDtype),
+    Ggml(GgmlDType),
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    /// GGUF name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    pub dtype: SourceDtype,
+    file: usize,
+    offset: u64,
+    len: u64,
+}
+
+impl TensorRef {
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct Checkpoint {
+    pub format: Format,
+    pub config: ModelConfig,
+    /// In llama.cpp's order: token_embd, blk.0.*, ..., output_norm, output.
+    pub tensors: Vec<TensorRef>,
+    /// HF side files by name (config.json, tokenizer.json, ...); empty for GGUF.
+    pub side_files: BTreeMap<String, PathBuf>,
+    /// GGUF metadata (GGUF sources only).
+    pub gguf_metadata: Vec<(String, Value)>,
+    maps: Vec<Mmap>,
+}
+
+/// Names an HF upload may contain besides weights.
+pub const HF_SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+];
+
+fn read_json(path: &Path, name: &str, limit: u64) -> Result<serde_json::Value, CheckpointError> {
+    let io = |source| CheckpointError::Io { file: name.to_string(), source };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > limit {
+        return Err(invalid(name, format!("{len} bytes exceeds the limit of {limit} bytes")));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    serde_json::from_slice(&bytes).map_err(|e| invalid(name, format!("invalid JSON: {e}")))
+}
+
+/// A shard name from an index must be a plain file name of the same upload.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && name.len() <= 255
+}
+
+fn mmap(path: &Path, name: &str) -> Result<Mmap, CheckpointError> {
+    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io { file: name.to_string(), source })?;
+    // SAFETY: quantd owns these files (content-addressed blobs, never modified in place).
+    unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io { file: name.to_string(), source })
+}
+
+impl Checkpoint {
+    /// Refuses pickles and archives whatever their names, then opens the set as a GGUF (one
+    /// `.gguf` file) or an HF folder.
+    pub fn open(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Self, CheckpointError> {
+        for (name, path) in files {
+            let kind = sniff_file(path).map_err(|source| CheckpointError::Io { file: name.clone(), source })?;
+            if kind.is_refused_archive_or_pickle() {
+                return Err(CheckpointError::Refused { file: name.clone(), what: kind.describe() });
+            }
+        }
+        let ggufs: Vec<_> = files.keys().filter(|n| n.ends_with(".gguf")).collect();
+        match ggufs.as_slice() {
+            [] => Self::open_hf(files, limits),
+            [one] if files.len() == 1 => Self::open_gguf(files[*one].as_path(), one),
+            _ => Err(invalid(
+                ggufs[0],
+                "a GGUF upload is exactly one .gguf file with nothing beside it",
+            )),
+        }
+    }
+
+    pub fn open_hf(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Self, CheckpointError> {
+        for name in files.keys() {
+            if !is_plain_file_name(name) {
+                return Err(invalid(name, "file names must be plain names without paths"));
+            }
+            if !HF_SIDE_FILES.contains(&name.as_str()) && !name.ends_with(".safetensors") {
+                return Err(CheckpointError::Refused {
+                    file: name.clone(),
+                    what: "not part of an HF checkpoint (expected config.json, tokenizer.json, \
+                           tokenizer_config.json, generation_config.json, *.safetensors, \
+                           model.safetensors.index.json)",
+                });
+            }
+        }
+        let config_path = files.get("config.json").ok_or_else(|| invalid("config.json", "missing from the upload"))?;
+        let config_json = read_json(config_path, "config.json", limits.max_small_json)?;
+        let config = ModelConfig::from_hf_json(&config_json)?;
+        for side in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+            if let Some(p) = files.get(side) {
+                read_json(p, side, limits.max_small_json)?;
+            }
+        }
+        let tok = files.get("tokenizer.json").ok_or_else(|| invalid("tokenizer.json", "missing from the upload"))?;
+        check_tokenizer(tok, limits.max_tokenizer)?;
+
+        let shards = shard_names(files, limits)?;
+        let mut maps = Vec::new();
+        let mut found: HashMap<String, TensorRef> = HashMap::new();
+        let mut lm_head_seen = false;
+        for shard in &shards {
+            let path = &files[shard];
+            let kind = sniff_file(path).map_err(|source| CheckpointError::Io { file: shard.clone(), source })?;
+            if kind != FileKind::Safetensors {
+                return Err(invalid(shard, format!("not a safetensors file (looks like {})", kind.describe())));
+            }
+            let header = st::read_header(path, shard, limits.max_safetensors_header)
+                .map_err(|e| invalid(shard, e.to_string().trim_start_matches(&format!("{shard}: ")).to_string()))?;
+            let file_index = maps.len();
+            maps.push(mmap(path, shard)?);
+            for t in header.tensors {
+                if names::is_ignorable_hf(&t.name) {
+                    continue;
+                }
+                let gguf = names::hf_to_gguf(&t.name)
+                    .ok_or_else(|| invalid(shard, format!("unexpected tensor {:?} for a {} model", t.name, config.architecture.name())))?;
+                if gguf == "output.weight" && config.tie_word_embeddings {
+                    // Tied checkpoints sometimes store the head anyway; llama.cpp ignores it too.
+                    lm_head_seen = true;
+                    continue;
+                }
+                if !t.dtype.is_float() {
+                    return Err(invalid(shard, format!("tensor {:?} has dtype {}; only F32, F16 and BF16 weights are accepted", t.name, t.dtype.name())));
+                }
+                let r = TensorRef { name: gguf.clone(), shape: t.shape, dtype: SourceDtype::Safetensors(t.dtype), file: file_index, offset: t.offset, len: t.len };
+                if found.insert(gguf, r).is_some() {
+                    return Err(invalid(shard, format!("tensor {:?} appears twice", t.name)));
+                }
+            }
+        }
+        let _ = lm_head_seen;
+        let tensors = order_and_check(&config, found, "model.safetensors")?;
+        Ok(Self {
+            format: Format::HfSafetensors,
+            config,
+            tensors,
+            side_files: files.iter().filter(|(n, _)| !n.ends_with(".safetensors")).map(|(n, p)| (n.clone(), p.clone())).collect(),
+            gguf_metadata: Vec::new(),
+            maps,
+        })
+    }
+
+    pub fn open_gguf(path: &Path, name: &str) -> Result<Self, CheckpointError> {
+        let file = GgufFile::open(path).map_err(|e| invalid(name, e.to_string()))?;
+        let config = config_from_gguf(&file).map_err(|e| match e {
+            CheckpointError::Invalid { message, .. } => invalid(name, message),
+            other => other,
+        })?;
+        let found = file
+            .tensors
+            .iter()
+            .map(|t| {
+                (t.name.clone(), TensorRef { name: t.name.clone(), shape: t.shape.clone(), dtype: SourceDtype::Ggml(t.dtype), file: 0, offset: t.offset, len: t.size })
+            })
+            .collect();
+        let tensors = order_and_check(&config, found, name)?;
+        Ok(Self {
+            format: Format::Gguf,
+            config,
+            tensors,
+            side_files: BTreeMap::new(),
+            gguf_metadata: file.metadata,
+            maps: vec![mmap(path, name)?],
+        })
+    }
+
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.iter().map(|t| t.elem_count() as u64).sum()
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorRef> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor as stored.
+    pub fn raw_bytes(&self, t: &TensorRef) -> &[u8] {
+        &self.maps[t.file][t.offset as usize..(t.offset + t.len) as usize]
+    }
+
+    /// A tensor as f32 values in GGUF layout (Q/K rows permuted for llama.cpp when the source
+    /// is HF). Releases the source pages afterwards so reading a model tensor by tensor keeps
+    /// the resident set at one tensor.
+    pub fn read_f32(&self, t: &TensorRef) -> candle_core::Result<Vec<f32>> {
+        let bytes = self.raw_bytes(t);
+        let values = match t.dtype {
+            SourceDtype::Safetensors(dtype) => {
+                let v = decode_float(bytes, dtype);
+                match names::qk_permute_heads(&self.config, &t.name) {
+                    Some(heads) => names::permute_qk(&v, heads, t.shape.get(1).copied().unwrap_or(1)),
+                    None => v,
+                }
+            }
+            SourceDtype::Ggml(dtype) => {
+                let q = QTensor::new(
+                    candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &candle_core::Device::Cpu, dtype)?,
+                    t.shape.as_slice(),
+                )?;
+                q.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        self.release(t);
+        Ok(values)
+    }
+
+    /// Like [`read_f32`](Self::read_f32) but in HF layout (Q/K rows in rotate-half order).
+    pub fn read_f32_hf_layout(&self, t: &TensorRef) -> candle_core::Result<Vec<f32>> {
+        let v = self.read_f32(t)?;
+        Ok(match names::qk_permute_heads(&self.config, &t.name) {
+            Some(heads) => names::unpermute_qk(&v, heads, t.shape.get(1).copied().unwrap_or(1)),
+            None => v,
+        })
+    }
+
+    fn release(&self, t: &TensorRef) {
+        let map = &self.maps[t.file];
+        let page = 4096u64;
+        let start = t.offset / page * page;
+        let end = (t.offset + t.len).min(map.len() as u64);
+        // SAFETY: DontNeed on a read-only private file mapping only drops cached pages; later
+        // reads fault them in again from the file.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
+        };
+    }
+}
+
+fn check_tokenizer(path: &Path, limit: u64) -> Result<(), CheckpointError> {
+    let io = |source| CheckpointError::Io { file: "tokenizer.json".into(), source };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > limit {
+        return Err(invalid("tokenizer.json", format!("{len} bytes exceeds the limit of {limit} bytes")));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map(|_| ())
+        .map_err(|e| invalid("tokenizer.json", format!("does not load as a tokenizer: {e}")))
+}
+
+/// The safetensors files to read: those named by the index (all of which must be plain names
+/// present in the upload), or every `*.safetensors` file when there is no index.
+fn shard_names(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Vec<String>, CheckpointError> {
+    const INDEX: &str = "model.safetensors.index.json";
+    let uploaded: Vec<String> = files.keys().filter(|n| n.ends_with(".safetensors")).cloned().collect();
+    let Some(index_path) = files.get(INDEX) else {
+        if uploaded.is_empty() {
+            return Err(invalid("model.safetensors", "no *.safetensors file in the upload"));
+        }
+        return Ok(uploaded);
+    };
+    let index = read_json(index_path, INDEX, limits.max_small_json)?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid(INDEX, "weight_map must be an object"))?;
+    let mut shards = HashSet::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| invalid(INDEX, format!("weight_map[{tensor:?}] must be a string")))?;
+        if !is_plain_file_name(shard) || !shard.ends_with(".safetensors") {
+            return Err(invalid(INDEX, format!("shard name {shard:?} must be a plain *.safetensors file name")));
+        }
+        if !files.contains_key(shard) {
+            return Err(invalid(INDEX, format!("shard {shard:?} is named by the index but not uploaded")));
+        }
+        shards.insert(shard.to_string());
+    }
+    let mut shards: Vec<String> = shards.into_iter().collect();
+    shards.sort();
+    Ok(shards)
+}
+
+/// Checks that exactly the tensors the config needs are there, with the right shapes, and
+/// returns them in llama.cpp's order.
+fn order_and_check(cfg: &ModelConfig, mut found: HashMap<String, TensorRef>, file: &str) -> Result<Vec<TensorRef>, CheckpointError> {
+    let mut ordered = Vec::with_capacity(found.len());
+    for name in names::required_tensors(cfg) {
+        let t = found.remove(&name).ok_or_else(|| invalid(file, format!("tensor {name} is missing")))?;
+        let expected = names::expected_shape(cfg, &name).expect("required tensors have shapes");
+        if t.shape != expected {
+            return Err(invalid(file, format!("tensor {name} has shape {:?} but config.json implies {expected:?}", t.shape)));
+        }
+        ordered.push(t);
+    }
+    if let Some(extra) = found.keys().min() {
+        return Err(invalid(file, format!("unexpected tensor {extra} (layer beyond num_hidden_layers, or a bias the config does not declare)")));
+    }
+    Ok(ordered)
+}
+
+/// Decodes little-endian F32/F16/BF16 bytes.
+pub fn decode_float(bytes: &[u8], dtype: StDtype) -> Vec<f32> {
+    match dtype {
+        StDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        StDtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StDtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => unreachable!("non-float dtype {other:?} is refused when the checkpoint is opened"),
+    }
+}
+
+fn meta_u64(f: &GgufFile, key: &str) -> Option<u64> {
+    match f.get(key)? {
+        Value::U8(v) => Some(*v as u64),
+        Value::U16(v) => Some(*v as u64),
+        Value::U32(v) => Some(*v as u64),
+        Value::U64(v) => Some(*v),
+        Value::I32(v) if *v >= 0 => Some(*v as u64),
+        Value::I64(v) if *v >= 0 => Some(*v as u64),
+        _ => None,
+    }
+}
+
+fn meta_f64(f: &GgufFile, key: &str) -> Option<f64> {
+    match f.get(key)? {
+        Value::F32(v) => Some(*v as f64),
+        Value::F64(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Hyper-parameters from `{arch}.*` keys, as llama.cpp reads them.
+fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
+    let arch_name = match f.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(invalid("gguf", "general.architecture is missing")),
+    };
+    let architecture = Architecture::from_model_type(&arch_name)
+        .filter(|a| a.gguf_arch() == arch_name)
+        .ok_or_else(|| ConfigError::UnsupportedArchitecture(arch_name.clone()))?;
+    let need = |key: &str| meta_u64(f, &format!("{arch_name}.{key}")).ok_or_else(|| invalid("gguf", format!("{arch_name}.{key} is missing")));
+    let hidden = need("embedding_length")? as usize;
+    let heads = need("attention.head_count")? as usize;
+    let check = |field: &str, v: usize, max: usize| {
+        if v == 0 || v > max {
+            Err(invalid("gguf", format!("{arch_name}.{field} = {v} is outside 1..={max}")))
+        } else {
+            Ok(v)
+        }
+    };
+    use super::config::*;
+    let vocab = match f.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(a)) => a.len(),
+        _ => meta_u64(f, &format!("{arch_name}.vocab_size")).unwrap_or(0) as usize,
+    };
+    let tensor_has = |n: &str| f.tensors.iter().any(|t| t.name == n);
+    let rope_scaling = match f.get(&format!("{arch_name}.rope.scaling.type")) {
+        Some(Value::String(kind)) if kind != "none" => Some(RopeScaling {
+            kind: kind.clone(),
+            factor: meta_f64(f, &format!("{arch_name}.rope.scaling.factor")).unwrap_or(1.0),
+            original_max_position_embeddings: meta_u64(f, &format!("{arch_name}.rope.scaling.original_context_length")),
+        }),
+        _ => None,
+    };
+    let head_dim = meta_u64(f, &format!("{arch_name}.attention.key_length")).map_or(hidden / heads.max(1), |v| v as usize);
+    let token_id = |key: &str| meta_u64(f, key).map(|v| v as u32);
+    let cfg = ModelConfig {
+        architecture,
+        vocab_size: check("vocab_size", vocab, MAX_VOCAB)?,
+        hidden_size: check("embedding_length", hidden, MAX_HIDDEN)?,
+        intermediate_size: check("feed_forward_length", need("feed_forward_length")? as usize, MAX_INTERMEDIATE)?,
+        num_hidden_layers: check("block_count", need("block_count")? as usize, MAX_LAYERS)?,
+        num_attention_heads: check("attention.head_count", heads, MAX_HEADS)?,
+        num_key_value_heads: check("attention.head_count_kv", meta_u64(f, &format!("{arch_name}.attention.head_count_kv")).unwrap_or(heads as u64) as usize, MAX_HEADS)?,
+        head_dim,
+        max_position_embeddings: check("context_length", meta_u64(f, &format!("{arch_name}.context_length")).unwrap_or(4096) as usize, MAX_CONTEXT)?,
+        rms_norm_eps: meta_f64(f, &format!("{arch_name}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+        rope_theta: meta_f64(f, &format!("{arch_name}.rope.freq_base")).unwrap_or(10_000.0),
+        rope_scaling,
+        tie_word_embeddings: !tensor_has("output.weight"),
+        attention_bias: tensor_has("blk.0.attn_q.bias"),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+    };
+    cfg.validate()?;
+    if f.get("tokenizer.ggml.model").is_none() {
+        return Err(invalid("gguf", "tokenizer.ggml.model is missing: the file carries no tokenizer"));
+    }
+    Ok(cfg)
+}

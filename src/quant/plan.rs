@@ -1,0 +1,116 @@
+//! The plan of a `gguf` job, computed before any work: the type of every tensor, expected
+//! bytes, bits per weight and a peak-memory estimate. Stored with the job at submit and returned
+//! alone for `dry_run`.
+
+use candle_core::quantized::GgmlDType;
+use serde::Serialize;
+
+use super::gguf_types::GgufType;
+use super::mix::{choose, MixContext, Override};
+use crate::export::gguf::{ggml_type_name, tensor_bytes};
+use crate::model::config::ModelConfig;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    #[serde(rename = "type")]
+    pub type_name: &'static str,
+    #[serde(skip)]
+    pub dtype: GgmlDType,
+    pub bytes: u64,
+    pub quantized: bool,
+    /// The type the rules wanted when the row length forced a fallback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub method: &'static str,
+    #[serde(rename = "type")]
+    pub gguf_type: GgufType,
+    pub file_type: u32,
+    pub parameters: u64,
+    pub tensor_bytes: u64,
+    /// Bits per weight over the quantized (2-D) tensors.
+    pub bits_per_weight: f64,
+    /// Bits per weight over every tensor of the model.
+    pub bits_per_weight_total: f64,
+    pub fallbacks: usize,
+    pub type_counts: std::collections::BTreeMap<&'static str, usize>,
+    pub peak_memory_bytes: u64,
+    pub tensors: Vec<PlannedTensor>,
+}
+
+/// Baseline resident memory of the process while a job runs (binary, allocator, buffers).
+const BASELINE_BYTES: u64 = 64 << 20;
+
+impl Plan {
+    /// `tensors` are (GGUF name, row-major shape) in write order.
+    pub fn gguf(
+        cfg: &ModelConfig,
+        tensors: &[(String, Vec<usize>)],
+        gguf_type: GgufType,
+        overrides: &[Override],
+        threads: usize,
+    ) -> Self {
+        let ctx = MixContext::new(cfg);
+        let mut planned = Vec::with_capacity(tensors.len());
+        for (name, shape) in tensors {
+            let c = choose(&ctx, gguf_type, name, shape, overrides);
+            let elems = shape.iter().map(|&d| d as u64).product();
+            planned.push(PlannedTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                type_name: ggml_type_name(c.dtype),
+                dtype: c.dtype,
+                bytes: tensor_bytes(c.dtype, elems).expect("choose only returns types whose blocks fit"),
+                quantized: c.quantized,
+                fallback_from: c.fallback_from.map(ggml_type_name),
+            });
+        }
+        let parameters: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let (q_bytes, q_params) = planned
+            .iter()
+            .filter(|t| t.quantized)
+            .fold((0u64, 0u64), |(b, p), t| (b + t.bytes, p + t.shape.iter().product::<usize>() as u64));
+        let tensor_bytes: u64 = planned.iter().map(|t| t.bytes).sum();
+        let mut type_counts = std::collections::BTreeMap::new();
+        for t in planned.iter().filter(|t| t.quantized) {
+            *type_counts.entry(t.type_name).or_insert(0) += 1;
+        }
+        Self {
+            method: "gguf",
+            gguf_type,
+            file_type: gguf_type.ftype(),
+            parameters,
+            tensor_bytes,
+            bits_per_weight: ratio_bits(q_bytes, q_params),
+            bits_per_weight_total: ratio_bits(tensor_bytes, parameters),
+            fallbacks: planned.iter().filter(|t| t.fallback_from.is_some()).count(),
+            type_counts,
+            peak_memory_bytes: peak_memory(&planned, threads),
+            tensors: planned,
+        }
+    }
+}
+
+fn ratio_bits(bytes: u64, params: u64) -> f64 {
+    if params == 0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / params as f64
+    }
+}
+
+/// Tensors are quantized `threads` at a time; each in flight holds its f32 source, a copy the
+/// error measurement reads, and its output bytes.
+fn peak_memory(tensors: &[PlannedTensor], threads: usize) -> u64 {
+    let mut per: Vec<u64> = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64 * 8 + t.bytes)
+        .collect();
+    per.sort_unstable_by(|a, b| b.cmp(a));
+    BASELINE_BYTES + per.iter().take(threads.max(1)).sum::<u64>()
+}

@@ -1,0 +1,109 @@
+//! Building and running the server: data directory, database, blob store, start-up recovery,
+//! the auth rule for non-loopback binds, the worker pool, and graceful shutdown driven by one
+//! cancellation token. Tests build an `Application` on port 0.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::http::{router, AppState, Keys};
+use crate::jobs::{worker, JobSystem};
+use crate::store::BlobStore;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    workers: JoinSet<()>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Prepares everything and binds, but serves nothing until [`run_until_stopped`].
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let addr = settings.bind_addr();
+        if !addr.ip().is_loopback() && !settings.has_keys() && !settings.server.allow_unauthenticated {
+            anyhow::bail!(
+                "refusing to listen on {addr} without API keys: set auth.admin_keys (QUANTD_AUTH__ADMIN_KEYS) \
+                 or pass --allow-unauthenticated"
+            );
+        }
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        let store = BlobStore::open(&settings.data_dir).context("opening the blob store")?;
+        let db = crate::db::connect(&settings.data_dir).await.context("opening the database")?;
+        let shutdown = CancellationToken::new();
+        let jobs = JobSystem::new(db, store, settings.clone(), shutdown.clone());
+        worker::recover(&jobs).await.context("recovering jobs")?;
+        let workers = worker::spawn_workers(&jobs, settings.worker_count());
+        let keys = Arc::new(Keys::new(&settings.auth.admin_keys, &settings.auth.infer_keys));
+        let state = AppState { jobs, keys, ready: Arc::new(AtomicBool::new(false)) };
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        state.ready.store(true, Ordering::SeqCst);
+        Ok(Self { listener, state, workers, shutdown })
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Cancel this to stop the server (tests; signals in `serve`).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token fires, then gives running jobs the grace period to
+    /// reach a tensor boundary (they go back to the queue) before returning.
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.state.settings().server.shutdown_grace_secs);
+        info!(addr = %self.local_addr(), "quantd listening");
+        let token = self.shutdown.clone();
+        let app = router(self.state.clone());
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+            .context("serving HTTP")?;
+        self.state.ready.store(false, Ordering::SeqCst);
+        let drained = tokio::time::timeout(grace, async {
+            while self.workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("workers did not stop within the grace period; their jobs are re-queued at next start");
+        }
+        info!("quantd stopped");
+        Ok(())
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        info!("shutdown signal received");
+        token.cancel();
+    });
+}

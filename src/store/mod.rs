@@ -1,0 +1,168 @@
+//! The content-addressed blob store under `data_dir`: `blobs/sha256/ab/<hex>` for every file
+//! quantd keeps, `tmp/` for files being written. Every file is written to `tmp/`, fsynced and
+//! only then renamed into place, so a crash never leaves a half-written blob under its digest.
+//! A [`TempFile`] deletes itself unless it was committed, which is how failed uploads and
+//! cancelled jobs leave nothing behind.
+
+mod digest;
+mod temp;
+
+pub use digest::{Digest, DigestError};
+pub use temp::{HashingWriter, TempFile};
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures::{Stream, StreamExt};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{limit_name}: body exceeds the limit of {limit} bytes")]
+    TooLarge { limit_name: &'static str, limit: u64 },
+    #[error("digest mismatch: the body hashes to {actual}, not {expected}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("reading the request body: {0}")]
+    Body(String),
+    #[error("blob store I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl BlobStore {
+    /// Creates the directory layout if it is missing.
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        let store = Self {
+            root: data_dir.to_path_buf(),
+        };
+        std::fs::create_dir_all(store.blob_root())?;
+        std::fs::create_dir_all(store.tmp_dir())?;
+        Ok(store)
+    }
+
+    fn blob_root(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where a blob lives (whether or not it exists yet).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blob_root().join(&hex[..2]).join(hex)
+    }
+
+    /// A new temp file that removes itself on drop unless committed.
+    pub fn temp_file(&self, purpose: &str) -> io::Result<TempFile> {
+        TempFile::create(&self.tmp_dir(), purpose)
+    }
+
+    /// Moves a finished temp file (already fsynced) to its digest's path. When the blob already
+    /// exists the temp file is simply dropped: same digest, same bytes.
+    pub fn commit(&self, temp: TempFile, digest: &Digest) -> io::Result<PathBuf> {
+        let dest = self.path(digest);
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let dir = dest.parent().expect("blob path has a parent");
+        std::fs::create_dir_all(dir)?;
+        temp.persist(&dest)?;
+        sync_dir(dir)?;
+        Ok(dest)
+    }
+
+    pub fn remove(&self, digest: &Digest) -> io::Result<()> {
+        match std::fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Streams a request body into a temp file under a size cap, hashing as it goes.
+    pub async fn receive<S, E>(
+        &self,
+        mut body: S,
+        limit: u64,
+        limit_name: &'static str,
+    ) -> Result<(TempFile, Digest, u64), StoreError>
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let temp = self.temp_file("upload")?;
+        let mut file = tokio::fs::File::create(temp.path()).await?;
+        let mut hasher = digest::Hasher::default();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(StoreError::TooLarge { limit_name, limit });
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.sync_all().await?;
+        Ok((temp, hasher.finish(), size))
+    }
+
+    /// Start-up clean-up: empties `tmp/` and removes blob files that no row refers to (left by
+    /// a crash between the rename and the database commit).
+    pub fn sweep(&self, known: &HashSet<String>) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.tmp_dir())? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            removed += 1;
+        }
+        for shard in std::fs::read_dir(self.blob_root())? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&shard)? {
+                let path = entry?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if !known.contains(&format!("sha256:{name}")) {
+                    std::fs::remove_file(&path)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every file under the store (blobs and temp), for tests that check nothing is left over.
+    pub fn all_files(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.join("blobs"), self.tmp_dir()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// fsync a directory so a rename inside it survives a power cut.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

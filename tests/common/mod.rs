@@ -1,0 +1,146 @@
+//! Shared test helpers: a server on port 0 with its own data directory, the SmolLM2 fixture,
+//! tiny random Llama checkpoints made on the spot, and raw safetensors writing for malformed
+//! inputs.
+#![allow(dead_code)]
+
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use quantd::config::Settings;
+use quantd::startup::Application;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub addr: String,
+    pub data_dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts a server on 127.0.0.1:0 with defaults adjusted by `tweak`.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::defaults();
+        settings.data_dir = data_dir.path().to_path_buf();
+        settings.server.port = 0;
+        settings.jobs.progress_interval_ms = 100;
+        tweak(&mut settings);
+        let app = Application::build(settings).await.expect("application builds");
+        let addr = format!("http://{}", app.local_addr());
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(app.run_until_stopped());
+        Self { addr, data_dir, client: reqwest::Client::new(), shutdown, handle }
+    }
+
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.addr)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.client.post(self.url(path)).json(body).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls a job until it reaches a terminal status (or panics after `timeout`).
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, job) = self.get_json(&format!("/v1/jobs/{id}")).await;
+            if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return job;
+            }
+            assert!(start.elapsed() < timeout, "job {id} did not finish in {timeout:?}: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every file under blobs/ and tmp/ of the data directory.
+    pub fn stored_files(&self) -> Vec<PathBuf> {
+        stored_files(self.data_dir.path())
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+pub fn stored_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![data_dir.join("blobs"), data_dir.join("tmp")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The SmolLM2 fixture laid out by ../shared/fixtures/fetch-smollm2.sh (scripts/test.sh runs
+/// it). Tests that need it fail loudly rather than pass without it.
+pub fn fixture() -> PathBuf {
+    let root = std::env::var_os("QUANTD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/quantd-fixtures"));
+    let dir = root.join("smollm2-135m");
+    assert!(
+        dir.join(".complete").exists(),
+        "SmolLM2 fixture missing at {}: run `bash scripts/test.sh` (it fetches it) or ../shared/fixtures/fetch-smollm2.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// Python with `gguf`, `numpy` and `safetensors` (the fixture's venv unless QUANTD_PYTHON says).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUANTD_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = fixture().parent().unwrap().join(".venv/bin/python");
+    assert!(venv.exists(), "no Python with gguf: set QUANTD_PYTHON or run scripts/test.sh");
+    venv
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes a safetensors file from (name, dtype, shape, bytes).
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}));
+        offset += bytes.len();
+        data.extend_from_slice(bytes);
+    }
+    let h = serde_json::to_vec(&Value::Object(header)).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
