@@ -33,7 +33,7 @@ CREATE INDEX model_files_digest ON model_files (digest);
 
 CREATE TABLE jobs (
     id               TEXT PRIMARY KEY,
-    model_id         TEXT NOT NULL REFERENCES models (id),
+    model_id         TEXT NOT NULL,             -- no foreign key: job history outlives deleted models
     method           TEXT NOT NULL,
     output_name      TEXT NOT NULL,
     spec             TEXT NOT NULL,             -- JSON: the validated request

@@ -1539,6 +1539,31 @@ mod tests {
     }
 
     #[test]
+    fn llama_bpe_gguf_rebuilds_a_split_tokenizer_that_adds_bos_by_default() {
+        let strings = |items: &[&str]| {
+            Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+        };
+        let metadata = HashMap::from([
+            (KEY_MODEL.to_string(), Value::String("gpt2".into())),
+            (KEY_PRE.to_string(), Value::String("llama-bpe".into())),
+            (
+                KEY_TOKENS.to_string(),
+                strings(&["a", "b", "ab", "<|begin|>"]),
+            ),
+            (
+                KEY_TYPES.to_string(),
+                Value::Array([1, 1, 1, 3].map(Value::I32).to_vec()),
+            ),
+            (KEY_MERGES.to_string(), strings(&["a b"])),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(3)),
+        ]);
+        let files = gguf_to_hf(&metadata).unwrap();
+        let tokenizer = Tokenizer::from_bytes(&files.tokenizer_json).unwrap();
+        assert_eq!(tokenizer.encode("ab", true).unwrap().get_ids(), [3, 2]);
+        assert_eq!(tokenizer.encode("ab", false).unwrap().get_ids(), [2]);
+    }
+
+    #[test]
     fn unknown_pre_names_are_refused_and_qwen2_gets_its_split_regex() {
         assert!(matches!(
             pre_tokenizer_json("tekken"),

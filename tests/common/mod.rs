@@ -41,6 +41,11 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
+    /// A handle that only knows the address (for blocking helpers such as curl).
+    pub fn url_only(addr: &str) -> UrlOnly {
+        UrlOnly(addr.to_string())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.addr)
     }
@@ -78,6 +83,15 @@ impl TestApp {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.handle.await;
+    }
+}
+
+/// Just the base address of a running server.
+pub struct UrlOnly(String);
+
+impl UrlOnly {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.0)
     }
 }
 

@@ -1,0 +1,114 @@
+//! Durability: `kill -9` of the real binary while a job runs, then a restart. The job must be
+//! re-queued (its attempt counted) and succeed, and no temp or orphan file may remain.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fixture, stored_files};
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_server(data_dir: &std::path::Path, port: u16) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_quantd"))
+        .arg("serve")
+        .env("QUANTD_DATA_DIR", data_dir)
+        .env("QUANTD_SERVER__PORT", port.to_string())
+        .env("QUANTD_JOBS__THREADS", "1")
+        .env("QUANTD_JOBS__PROGRESS_INTERVAL_MS", "50")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("quantd starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let began = Instant::now();
+    while reqwest::blocking::get(format!("{base}/ready")).map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(began.elapsed() < Duration::from_secs(30), "server did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server { child, base }
+}
+
+fn get(s: &Server, path: &str) -> Value {
+    reqwest::blocking::get(format!("{}{path}", s.base)).unwrap().json().unwrap()
+}
+
+#[test]
+fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_server(data.path(), port);
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+    let dir = fixture().join("hf-f16");
+    let mut form = reqwest::blocking::multipart::Form::new().text("name", "smol");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        form = form.file(f, dir.join(f)).unwrap();
+    }
+    let r = client.post(format!("{}/v1/models", server.base)).multipart(form).send().unwrap();
+    assert_eq!(r.status(), 201);
+    let job: Value = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"model": "smol", "method": "gguf", "params": {"type": "Q3_K_M"}}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Kill once real work is under way.
+    let start = Instant::now();
+    loop {
+        let j = get(&server, &format!("/v1/jobs/{id}"));
+        if j["status"] == "running" && j["progress"]["done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "job never ran: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+
+    let mut server = start_server(data.path(), port);
+    let start = Instant::now();
+    let job = loop {
+        let j = get(&server, &format!("/v1/jobs/{id}"));
+        if matches!(j["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            break j;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "job did not finish after restart: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "the killed run counts as an attempt");
+
+    // Every stored file belongs to a model; nothing is left in tmp/.
+    let mut referenced = BTreeSet::new();
+    for m in get(&server, "/v1/models")["data"].as_array().unwrap() {
+        let detail = get(&server, &format!("/v1/models/{}", m["id"].as_str().unwrap()));
+        for f in detail["files"].as_array().unwrap() {
+            referenced.insert(f["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string());
+        }
+    }
+    let on_disk: BTreeSet<String> = stored_files(data.path())
+        .iter()
+        .map(|p| {
+            assert!(p.starts_with(data.path().join("blobs")), "leftover temp file {}", p.display());
+            p.file_name().unwrap().to_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(on_disk, referenced);
+    let log = get(&server, &format!("/v1/jobs/{id}"));
+    assert_eq!(log["output_model"], "smol:q3_k_m");
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
