@@ -63,7 +63,10 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Parse(#[from] Box<figment::Error>),
     #[error("configuration: {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl Settings {
@@ -102,7 +105,13 @@ impl Settings {
         if self.limits.max_json_bytes < 1024 {
             return invalid("limits.max_json_bytes", "must be at least 1024");
         }
-        if self.auth.admin_keys.iter().chain(&self.auth.infer_keys).any(|k| k.len() < 8) {
+        if self
+            .auth
+            .admin_keys
+            .iter()
+            .chain(&self.auth.infer_keys)
+            .any(|k| k.len() < 8)
+        {
             return invalid("auth", "API keys must be at least 8 characters long");
         }
         Ok(())
@@ -139,6 +148,7 @@ pub fn cpu_count() -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
 mod tests {
     use super::*;
 

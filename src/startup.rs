@@ -28,28 +28,50 @@ impl Application {
     /// Prepares everything and binds, but serves nothing until [`run_until_stopped`].
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let addr = settings.bind_addr();
-        if !addr.ip().is_loopback() && !settings.has_keys() && !settings.server.allow_unauthenticated {
+        if !addr.ip().is_loopback()
+            && !settings.has_keys()
+            && !settings.server.allow_unauthenticated
+        {
             anyhow::bail!(
                 "refusing to listen on {addr} without API keys: set auth.admin_keys (QUANTD_AUTH__ADMIN_KEYS) \
                  or pass --allow-unauthenticated"
             );
         }
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
         let store = BlobStore::open(&settings.data_dir).context("opening the blob store")?;
-        let db = crate::db::connect(&settings.data_dir).await.context("opening the database")?;
+        let db = crate::db::connect(&settings.data_dir)
+            .await
+            .context("opening the database")?;
         let shutdown = CancellationToken::new();
         let jobs = JobSystem::new(db, store, settings.clone(), shutdown.clone());
         worker::recover(&jobs).await.context("recovering jobs")?;
         let workers = worker::spawn_workers(&jobs, settings.worker_count());
-        let keys = Arc::new(Keys::new(&settings.auth.admin_keys, &settings.auth.infer_keys));
-        let state = AppState { jobs, keys, ready: Arc::new(AtomicBool::new(false)) };
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let keys = Arc::new(Keys::new(
+            &settings.auth.admin_keys,
+            &settings.auth.infer_keys,
+        ));
+        let state = AppState {
+            jobs,
+            keys,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         state.ready.store(true, Ordering::SeqCst);
-        Ok(Self { listener, state, workers, shutdown })
+        Ok(Self {
+            listener,
+            state,
+            workers,
+            shutdown,
+        })
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Cancel this to stop the server (tests; signals in `serve`).
@@ -91,7 +113,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let term = async {
-            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            if let Ok(mut s) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 s.recv().await;
             } else {
                 std::future::pending::<()>().await;

@@ -11,7 +11,8 @@ const INFER: &str = "infer-secret-key";
 
 /// (method, path, needs admin)
 fn routes() -> Vec<(Method, &'static str, bool)> {
-    let digest = "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let digest =
+        "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000";
     vec![
         (Method::GET, "/v1/models", false),
         (Method::POST, "/v1/models", true),
@@ -39,7 +40,11 @@ async fn every_route_but_health_and_ready_needs_a_key_with_the_right_scope() {
     })
     .await;
     for path in ["/health", "/ready"] {
-        assert_eq!(app.client.get(app.url(path)).send().await.unwrap().status(), 200, "{path}");
+        assert_eq!(
+            app.client.get(app.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
     }
     for (method, path, admin) in routes() {
         let req = || app.client.request(method.clone(), app.url(path));
@@ -51,10 +56,21 @@ async fn every_route_but_health_and_ready_needs_a_key_with_the_right_scope() {
         if admin {
             assert_eq!(infer, 403, "{method} {path} with an infer key");
         } else {
-            assert!(infer != 401 && infer != 403, "{method} {path}: infer key refused ({infer})");
+            assert!(
+                infer != 401 && infer != 403,
+                "{method} {path}: infer key refused ({infer})"
+            );
         }
-        let with_admin = req().header("x-api-key", ADMIN).send().await.unwrap().status();
-        assert!(with_admin != 401 && with_admin != 403, "{method} {path}: admin key refused ({with_admin})");
+        let with_admin = req()
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(
+            with_admin != 401 && with_admin != 403,
+            "{method} {path}: admin key refused ({with_admin})"
+        );
     }
     app.stop().await;
 }
@@ -66,9 +82,14 @@ async fn binding_a_public_address_without_keys_refuses_to_start() {
     s.data_dir = dir.path().to_path_buf();
     s.server.host = "0.0.0.0".parse().unwrap();
     s.server.port = 0;
-    let err = quantd::startup::Application::build(s.clone()).await.err().expect("must refuse");
+    let err = quantd::startup::Application::build(s.clone())
+        .await
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("--allow-unauthenticated"), "{err}");
     s.server.allow_unauthenticated = true;
-    let app = quantd::startup::Application::build(s).await.expect("explicitly allowed");
+    let app = quantd::startup::Application::build(s)
+        .await
+        .expect("explicitly allowed");
     drop(app);
 }

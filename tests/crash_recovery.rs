@@ -16,7 +16,11 @@ struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_server(data_dir: &std::path::Path, port: u16) -> Server {
@@ -32,15 +36,24 @@ fn start_server(data_dir: &std::path::Path, port: u16) -> Server {
         .expect("quantd starts");
     let base = format!("http://127.0.0.1:{port}");
     let began = Instant::now();
-    while reqwest::blocking::get(format!("{base}/ready")).map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(began.elapsed() < Duration::from_secs(30), "server did not become ready");
+    while reqwest::blocking::get(format!("{base}/ready"))
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Server { child, base }
 }
 
 fn get(s: &Server, path: &str) -> Value {
-    reqwest::blocking::get(format!("{}{path}", s.base)).unwrap().json().unwrap()
+    reqwest::blocking::get(format!("{}{path}", s.base))
+        .unwrap()
+        .json()
+        .unwrap()
 }
 
 #[test]
@@ -48,13 +61,25 @@ fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = start_server(data.path(), port);
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
     let dir = fixture().join("hf-f16");
     let mut form = reqwest::blocking::multipart::Form::new().text("name", "smol");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
         form = form.file(f, dir.join(f)).unwrap();
     }
-    let r = client.post(format!("{}/v1/models", server.base)).multipart(form).send().unwrap();
+    let r = client
+        .post(format!("{}/v1/models", server.base))
+        .multipart(form)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 201);
     let job: Value = client
         .post(format!("{}/v1/jobs", server.base))
@@ -72,7 +97,10 @@ fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
         if j["status"] == "running" && j["progress"]["done"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "job never ran: {j}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job never ran: {j}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     server.child.kill().unwrap(); // SIGKILL
@@ -82,10 +110,16 @@ fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
     let start = Instant::now();
     let job = loop {
         let j = get(&server, &format!("/v1/jobs/{id}"));
-        if matches!(j["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+        if matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
             break j;
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "job did not finish after restart: {j}");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "job did not finish after restart: {j}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -94,15 +128,28 @@ fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
     // Every stored file belongs to a model; nothing is left in tmp/.
     let mut referenced = BTreeSet::new();
     for m in get(&server, "/v1/models")["data"].as_array().unwrap() {
-        let detail = get(&server, &format!("/v1/models/{}", m["id"].as_str().unwrap()));
+        let detail = get(
+            &server,
+            &format!("/v1/models/{}", m["id"].as_str().unwrap()),
+        );
         for f in detail["files"].as_array().unwrap() {
-            referenced.insert(f["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string());
+            referenced.insert(
+                f["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:")
+                    .to_string(),
+            );
         }
     }
     let on_disk: BTreeSet<String> = stored_files(data.path())
         .iter()
         .map(|p| {
-            assert!(p.starts_with(data.path().join("blobs")), "leftover temp file {}", p.display());
+            assert!(
+                p.starts_with(data.path().join("blobs")),
+                "leftover temp file {}",
+                p.display()
+            );
             p.file_name().unwrap().to_str().unwrap().to_string()
         })
         .collect();

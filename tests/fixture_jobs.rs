@@ -14,25 +14,67 @@ use serde_json::{json, Value};
 fn curl_upload(app: &common::UrlOnly, name: &str) -> Value {
     let dir = fixture().join("hf-f16");
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-X", "POST", &app.url("/v1/models"), "-F", &format!("name={name}")]);
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+    cmd.args([
+        "-sS",
+        "-X",
+        "POST",
+        &app.url("/v1/models"),
+        "-F",
+        &format!("name={name}"),
+    ]);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
         cmd.args(["-F", &format!("{f}=@{}", dir.join(f).display())]);
     }
     let out = cmd.output().expect("curl runs");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn check_with_gguf_py(path: &std::path::Path, file_type: u32, types: Value) -> Value {
     let out = Command::new(python())
         .arg(repo_root().join("scripts/interop/check_gguf.py"))
         .arg(path)
-        .args(["--file-type", &file_type.to_string(), "--types", &types.to_string()])
-        .args(["--meta", "general.architecture=llama", "--meta", "tokenizer.ggml.pre=smollm", "--meta", "tokenizer.ggml.model=gpt2"])
-        .args(["--meta", "llama.block_count=30", "--meta", "quantize.method=gguf", "--meta", "tokenizer.ggml.bos_token_id=1"])
+        .args([
+            "--file-type",
+            &file_type.to_string(),
+            "--types",
+            &types.to_string(),
+        ])
+        .args([
+            "--meta",
+            "general.architecture=llama",
+            "--meta",
+            "tokenizer.ggml.pre=smollm",
+            "--meta",
+            "tokenizer.ggml.model=gpt2",
+        ])
+        .args([
+            "--meta",
+            "llama.block_count=30",
+            "--meta",
+            "quantize.method=gguf",
+            "--meta",
+            "tokenizer.ggml.bos_token_id=1",
+        ])
         .output()
         .expect("python runs");
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -54,12 +96,21 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
 
     let expectations = [
         ("Q8_0", 7, json!({"Q8_0": 211})),
-        ("Q4_K_M", 15, json!({"Q5_0": 166, "Q4_K": 16, "Q6_K": 14, "Q8_0": 15})),
+        (
+            "Q4_K_M",
+            15,
+            json!({"Q5_0": 166, "Q4_K": 16, "Q6_K": 14, "Q8_0": 15}),
+        ),
         ("Q4_0", 2, json!({"Q4_0": 210, "Q8_0": 1})),
     ];
     let mut ids = Vec::new();
     for (t, _, _) in &expectations {
-        let (status, job) = app.post_json("/v1/jobs", &json!({"model": "smollm2-135m", "method": "gguf", "params": {"type": t}})).await;
+        let (status, job) = app
+            .post_json(
+                "/v1/jobs",
+                &json!({"model": "smollm2-135m", "method": "gguf", "params": {"type": t}}),
+            )
+            .await;
         assert_eq!(status, 202, "{job}");
         ids.push(job["id"].as_str().unwrap().to_string());
     }
@@ -69,7 +120,17 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
         assert_eq!(job["status"], "succeeded", "{job}");
         let variant = t.to_ascii_lowercase();
         let name = format!("smollm2-135m-{variant}.gguf");
-        let bytes = app.client.get(app.url(&format!("/v1/models/smollm2-135m:{variant}/artifacts/{name}"))).send().await.unwrap().bytes().await.unwrap();
+        let bytes = app
+            .client
+            .get(app.url(&format!(
+                "/v1/models/smollm2-135m:{variant}/artifacts/{name}"
+            )))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let path = out_dir.path().join(&name);
         std::fs::write(&path, &bytes).unwrap();
         let summary = check_with_gguf_py(&path, *ftype, types.clone());
@@ -80,8 +141,20 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
     }
     // Sizes follow the bits: Q8_0 > Q4_K_M > Q4_0.
     let (_, variants) = app.get_json("/v1/models/smollm2-135m/variants").await;
-    let sizes: Vec<&str> = variants["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
-    assert_eq!(sizes, vec!["smollm2-135m:q4_0", "smollm2-135m:q4_k_m", "smollm2-135m:q8_0"]);
+    let sizes: Vec<&str> = variants["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![
+            "smollm2-135m:q4_0",
+            "smollm2-135m:q4_k_m",
+            "smollm2-135m:q8_0"
+        ]
+    );
     app.stop().await;
 }
 
@@ -93,19 +166,45 @@ async fn cancelled_jobs_running_or_queued_leave_no_model_and_no_files() {
     })
     .await;
     let url = app.url("");
-    tokio::task::spawn_blocking(move || curl_upload(&TestApp::url_only(&url), "smol")).await.unwrap();
+    tokio::task::spawn_blocking(move || curl_upload(&TestApp::url_only(&url), "smol"))
+        .await
+        .unwrap();
     let files_before = app.stored_files();
-    let (_, running) = app.post_json("/v1/jobs", &json!({"model": "smol", "method": "gguf", "params": {"type": "Q3_K_M"}})).await;
-    let (_, queued) = app.post_json("/v1/jobs", &json!({"model": "smol", "method": "gguf", "params": {"type": "Q2_K"}})).await;
-    let (running, queued) = (running["id"].as_str().unwrap().to_string(), queued["id"].as_str().unwrap().to_string());
+    let (_, running) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "smol", "method": "gguf", "params": {"type": "Q3_K_M"}}),
+        )
+        .await;
+    let (_, queued) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "smol", "method": "gguf", "params": {"type": "Q2_K"}}),
+        )
+        .await;
+    let (running, queued) = (
+        running["id"].as_str().unwrap().to_string(),
+        queued["id"].as_str().unwrap().to_string(),
+    );
 
     // The base cannot be deleted while jobs use it.
-    let r = app.client.delete(app.url("/v1/models/smol")).send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url("/v1/models/smol"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
 
     // Cancel the second while it waits behind the first.
-    let (status, body) = app.post_json(&format!("/v1/jobs/{queued}/cancel"), &json!({})).await;
-    assert_eq!((status, body["status"].as_str()), (202, Some("cancelled")), "{body}");
+    let (status, body) = app
+        .post_json(&format!("/v1/jobs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("cancelled")),
+        "{body}"
+    );
 
     // Cancel the first once it has made real progress.
     let start = std::time::Instant::now();
@@ -114,10 +213,15 @@ async fn cancelled_jobs_running_or_queued_leave_no_model_and_no_files() {
         if job["status"] == "running" && job["progress"]["done"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "job never made progress: {job}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job never made progress: {job}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, _) = app.post_json(&format!("/v1/jobs/{running}/cancel"), &json!({})).await;
+    let (status, _) = app
+        .post_json(&format!("/v1/jobs/{running}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 202);
     let job = app.wait_job(&running, Duration::from_secs(120)).await;
     assert_eq!(job["status"], "cancelled", "{job}");
@@ -125,16 +229,40 @@ async fn cancelled_jobs_running_or_queued_leave_no_model_and_no_files() {
         let (status, _) = app.get_json(&format!("/v1/models/smol:{variant}")).await;
         assert_eq!(status, 404);
     }
-    assert_eq!(app.stored_files(), files_before, "a cancelled job leaves no files");
-    let sse = app.client.get(app.url(&format!("/v1/jobs/{running}/events"))).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        app.stored_files(),
+        files_before,
+        "a cancelled job leaves no files"
+    );
+    let sse = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{running}/events")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(sse.contains("event: cancelled"), "{sse}");
 
     // A cancelled job can be retried and then succeeds.
-    let (status, retried) = app.post_json(&format!("/v1/jobs/{queued}/retry"), &json!({})).await;
-    assert_eq!((status, retried["status"].as_str(), retried["attempts"].as_i64()), (202, Some("queued"), Some(0)), "{retried}");
+    let (status, retried) = app
+        .post_json(&format!("/v1/jobs/{queued}/retry"), &json!({}))
+        .await;
+    assert_eq!(
+        (
+            status,
+            retried["status"].as_str(),
+            retried["attempts"].as_i64()
+        ),
+        (202, Some("queued"), Some(0)),
+        "{retried}"
+    );
     let job = app.wait_job(&queued, Duration::from_secs(300)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let (status, again) = app.post_json(&format!("/v1/jobs/{queued}/retry"), &json!({})).await;
+    let (status, again) = app
+        .post_json(&format!("/v1/jobs/{queued}/retry"), &json!({}))
+        .await;
     assert_eq!(status, 409, "{again}");
     app.stop().await;
 }

@@ -13,10 +13,24 @@ async fn upload_tiny(app: &TestApp, name: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path());
     let mut form = Form::new().text("name", name.to_string());
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
-        form = form.part(f, Part::bytes(std::fs::read(dir.path().join(f)).unwrap()).file_name(f));
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        form = form.part(
+            f,
+            Part::bytes(std::fs::read(dir.path().join(f)).unwrap()).file_name(f),
+        );
     }
-    let r = app.client.post(app.url("/v1/models")).multipart(form).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/v1/models"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     name.to_string()
 }
@@ -27,7 +41,12 @@ async fn a_gguf_job_plans_runs_and_produces_a_downloadable_model() {
     let model = upload_tiny(&app, "tiny").await;
     let req = json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}});
 
-    let (status, dry) = app.post_json("/v1/jobs", &json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}, "dry_run": true})).await;
+    let (status, dry) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}, "dry_run": true}),
+        )
+        .await;
     assert_eq!(status, 200, "{dry}");
     let plan = &dry["plan"];
     assert_eq!(plan["file_type"], 7);
@@ -51,31 +70,85 @@ async fn a_gguf_job_plans_runs_and_produces_a_downloadable_model() {
 
     let (status, m) = app.get_json("/v1/models/tiny:q8_0").await;
     assert_eq!(status, 200);
-    assert_eq!((m["kind"].as_str(), m["base_model"].as_str(), m["format"].as_str()), (Some("quantized"), Some("tiny"), Some("gguf")));
+    assert_eq!(
+        (
+            m["kind"].as_str(),
+            m["base_model"].as_str(),
+            m["format"].as_str()
+        ),
+        (Some("quantized"), Some("tiny"), Some("gguf"))
+    );
     assert!(m["metrics"]["bits_per_weight"].as_f64().is_some());
     let (_, variants) = app.get_json("/v1/models/tiny/variants").await;
     assert_eq!(variants["data"][0]["id"], "tiny:q8_0");
 
     let (_, arts) = app.get_json("/v1/models/tiny:q8_0/artifacts").await;
-    let names: Vec<&str> = arts["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = arts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["manifest.json", "tiny-q8_0.gguf"]);
     let url = app.url("/v1/models/tiny:q8_0/artifacts/tiny-q8_0.gguf");
-    let full = app.client.get(&url).send().await.unwrap().bytes().await.unwrap();
+    let full = app
+        .client
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&full[..4], b"GGUF");
-    let part = app.client.get(&url).header("range", "bytes=4-7").send().await.unwrap();
+    let part = app
+        .client
+        .get(&url)
+        .header("range", "bytes=4-7")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(part.status(), 206);
     assert_eq!(part.bytes().await.unwrap().as_ref(), &full[4..8]);
-    let manifest: Value = app.client.get(app.url("/v1/models/tiny:q8_0/artifacts/manifest.json")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(manifest["files"][0]["size"].as_u64().unwrap(), full.len() as u64);
+    let manifest: Value = app
+        .client
+        .get(app.url("/v1/models/tiny:q8_0/artifacts/manifest.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        manifest["files"][0]["size"].as_u64().unwrap(),
+        full.len() as u64
+    );
 
     // The SSE stream of a finished job replays its history and ends with `done`.
-    let sse = app.client.get(app.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap().text().await.unwrap();
-    assert!(sse.contains("event: stage") && sse.contains("\"quantizing\""), "{sse}");
-    assert!(sse.trim_end().ends_with('}') && sse.contains("event: done"), "{sse}");
+    let sse = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        sse.contains("event: stage") && sse.contains("\"quantizing\""),
+        "{sse}"
+    );
+    assert!(
+        sse.trim_end().ends_with('}') && sse.contains("event: done"),
+        "{sse}"
+    );
 
     // The same output again conflicts.
     let (status, e) = app.post_json("/v1/jobs", &req).await;
-    assert_eq!((status, e["error"]["param"].as_str()), (409, Some("output_name")));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (409, Some("output_name"))
+    );
     app.stop().await;
 }
 
@@ -90,8 +163,12 @@ async fn an_idempotency_key_returns_the_first_job_and_refuses_a_different_reques
     assert_eq!(j1["id"], j2["id"]);
     let other = json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}, "idempotency_key": "k-1"});
     let (s3, e) = app.post_json("/v1/jobs", &other).await;
-    assert_eq!((s3, e["error"]["param"].as_str()), (409, Some("idempotency_key")));
-    app.wait_job(j1["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(
+        (s3, e["error"]["param"].as_str()),
+        (409, Some("idempotency_key"))
+    );
+    app.wait_job(j1["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
     app.stop().await;
 }
 
@@ -101,14 +178,27 @@ async fn deleting_variants_and_base_removes_every_file_and_keeps_job_history() {
     let model = upload_tiny(&app, "tiny").await;
     let mut ids = Vec::new();
     for t in ["Q2_K", "Q3_K_S"] {
-        let (_, job) = app.post_json("/v1/jobs", &json!({"model": model, "method": "gguf", "params": {"type": t}})).await;
+        let (_, job) = app
+            .post_json(
+                "/v1/jobs",
+                &json!({"model": model, "method": "gguf", "params": {"type": t}}),
+            )
+            .await;
         ids.push(job["id"].as_str().unwrap().to_string());
     }
     for id in &ids {
-        assert_eq!(app.wait_job(id, Duration::from_secs(60)).await["status"], "succeeded");
+        assert_eq!(
+            app.wait_job(id, Duration::from_secs(60)).await["status"],
+            "succeeded"
+        );
     }
     for v in ["tiny:q2_k", "tiny:q3_k_s", "tiny"] {
-        let r = app.client.delete(app.url(&format!("/v1/models/{v}"))).send().await.unwrap();
+        let r = app
+            .client
+            .delete(app.url(&format!("/v1/models/{v}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "deleting {v}");
     }
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());

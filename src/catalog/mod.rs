@@ -65,12 +65,18 @@ pub async fn create_base_model(
     files: Vec<IncomingFile>,
 ) -> Result<ModelRow, CatalogError> {
     if files.is_empty() {
-        return Err(CatalogError::Invalid { param: "files".into(), message: "no files were uploaded".into() });
+        return Err(CatalogError::Invalid {
+            param: "files".into(),
+            message: "no files were uploaded".into(),
+        });
     }
     let mut by_name = BTreeMap::new();
     for f in &files {
         if by_name.insert(f.name.clone(), f.path(store)).is_some() {
-            return Err(CatalogError::Invalid { param: "files".into(), message: format!("file {:?} was given twice", f.name) });
+            return Err(CatalogError::Invalid {
+                param: "files".into(),
+                message: format!("file {:?} was given twice", f.name),
+            });
         }
     }
     let limits = check_limits(settings);
@@ -88,14 +94,21 @@ pub async fn create_base_model(
         });
     }
     if db::models::get(db, &id).await?.is_some() {
-        return Err(CatalogError::Conflict { param: "name".into(), message: format!("a model named {id:?} already exists") });
+        return Err(CatalogError::Conflict {
+            param: "name".into(),
+            message: format!("a model named {id:?} already exists"),
+        });
     }
     let row = base_row(&id, &ckpt, &files);
     drop(ckpt);
     let mut file_rows = Vec::with_capacity(files.len());
     let mut committed = Vec::new();
     for f in files {
-        file_rows.push(ModelFileRow { name: f.name.clone(), digest: f.digest.to_string(), size: f.size as i64 });
+        file_rows.push(ModelFileRow {
+            name: f.name.clone(),
+            digest: f.digest.to_string(),
+            size: f.size as i64,
+        });
         if let Some(temp) = f.temp {
             if !store.path(&f.digest).exists() {
                 committed.push(f.digest.clone());
@@ -123,29 +136,50 @@ pub async fn create_base_model(
 
 /// A name when the upload gives none: the GGUF's `general.name`, else a digest prefix.
 fn default_id(ckpt: &Checkpoint, files: &[IncomingFile]) -> String {
-    let from_gguf = ckpt.gguf_metadata.iter().find(|(k, _)| k == "general.name").and_then(|(_, v)| match v {
-        crate::export::gguf::Value::String(s) => Some(s.clone()),
-        _ => None,
-    });
+    let from_gguf = ckpt
+        .gguf_metadata
+        .iter()
+        .find(|(k, _)| k == "general.name")
+        .and_then(|(_, v)| match v {
+            crate::export::gguf::Value::String(s) => Some(s.clone()),
+            _ => None,
+        });
     if let Some(n) = from_gguf {
         let slug: String = n
             .to_ascii_lowercase()
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect();
         let slug = slug.trim_matches('-').chars().take(100).collect::<String>();
         if is_valid_model_id(&slug) {
             return slug;
         }
     }
-    let weights = files.iter().find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf")).unwrap_or(&files[0]);
+    let weights = files
+        .iter()
+        .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .unwrap_or(&files[0]);
     format!("model-{}", &weights.digest.hex()[..12])
 }
 
 fn base_row(id: &str, ckpt: &Checkpoint, files: &[IncomingFile]) -> ModelRow {
     let params = ckpt.parameter_count();
-    let weight_bytes: u64 = files.iter().filter(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf")).map(|f| f.size).sum();
-    let dtypes: HashSet<String> = ckpt.tensors.iter().map(|t| format!("{:?}", t.dtype)).collect();
+    let weight_bytes: u64 = files
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .map(|f| f.size)
+        .sum();
+    let dtypes: HashSet<String> = ckpt
+        .tensors
+        .iter()
+        .map(|t| format!("{:?}", t.dtype))
+        .collect();
     let mut dtypes: Vec<String> = dtypes.into_iter().collect();
     dtypes.sort();
     ModelRow {
@@ -158,30 +192,48 @@ fn base_row(id: &str, ckpt: &Checkpoint, files: &[IncomingFile]) -> ModelRow {
         bits_per_weight: Some(weight_bytes as f64 * 8.0 / params.max(1) as f64),
         base_model: None,
         job_id: None,
-        summary: json!({"config": ckpt.config, "tensors": ckpt.tensors.len(), "source_dtypes": dtypes}).to_string(),
+        summary:
+            json!({"config": ckpt.config, "tensors": ckpt.tensors.len(), "source_dtypes": dtypes})
+                .to_string(),
         created_at: db::now(),
     }
 }
 
 /// The on-disk paths of a stored model's files, by file name.
-pub async fn model_paths(db: &Db, store: &BlobStore, id: &str) -> Result<BTreeMap<String, PathBuf>, CatalogError> {
+pub async fn model_paths(
+    db: &Db,
+    store: &BlobStore,
+    id: &str,
+) -> Result<BTreeMap<String, PathBuf>, CatalogError> {
     let files = db::models::files(db, id).await?;
     let mut out = BTreeMap::new();
     for f in files {
-        let digest = Digest::parse(&f.digest).map_err(|e| CatalogError::Invalid { param: "digest".into(), message: e.to_string() })?;
+        let digest = Digest::parse(&f.digest).map_err(|e| CatalogError::Invalid {
+            param: "digest".into(),
+            message: e.to_string(),
+        })?;
         out.insert(f.name, store.path(&digest));
     }
     Ok(out)
 }
 
 /// Opens a stored model (on a blocking thread: validation reads headers and the tokenizer).
-pub async fn open_checkpoint(db: &Db, store: &BlobStore, settings: &Settings, id: &str) -> Result<Checkpoint, CatalogError> {
+pub async fn open_checkpoint(
+    db: &Db,
+    store: &BlobStore,
+    settings: &Settings,
+    id: &str,
+) -> Result<Checkpoint, CatalogError> {
     if db::models::get(db, id).await?.is_none() {
         return Err(CatalogError::NotFound(id.to_string()));
     }
     let paths = model_paths(db, store, id).await?;
     let limits = check_limits(settings);
-    Ok(tokio::task::spawn_blocking(move || Checkpoint::open(&paths, limits)).await.expect("checkpoint open does not panic")?)
+    Ok(
+        tokio::task::spawn_blocking(move || Checkpoint::open(&paths, limits))
+            .await
+            .expect("checkpoint open does not panic")?,
+    )
 }
 
 /// Deletes a model unless a queued or running job needs it; removes blobs no model uses.
@@ -190,9 +242,14 @@ pub async fn delete_model(db: &Db, store: &BlobStore, id: &str) -> Result<(), Ca
         return Err(CatalogError::NotFound(id.to_string()));
     }
     if db::models::in_use_by_job(db, id).await? {
-        return Err(CatalogError::Conflict { param: "id".into(), message: format!("model {id:?} is used by a queued or running job") });
+        return Err(CatalogError::Conflict {
+            param: "id".into(),
+            message: format!("model {id:?} is used by a queued or running job"),
+        });
     }
-    let orphans = db::models::delete(db, id).await?.ok_or_else(|| CatalogError::NotFound(id.to_string()))?;
+    let orphans = db::models::delete(db, id)
+        .await?
+        .ok_or_else(|| CatalogError::NotFound(id.to_string()))?;
     for d in orphans {
         if let Ok(d) = Digest::parse(&d) {
             store.remove(&d)?;

@@ -13,7 +13,11 @@ use crate::startup::{cancel_on_signals, Application};
 use crate::telemetry;
 
 #[derive(Parser)]
-#[command(name = "quantd", version, about = "Quantize LLM checkpoints, measure the loss, serve the variants")]
+#[command(
+    name = "quantd",
+    version,
+    about = "Quantize LLM checkpoints, measure the loss, serve the variants"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init();
     let result = match cli.command {
-        Command::Serve { config, allow_unauthenticated } => serve(config, allow_unauthenticated),
+        Command::Serve {
+            config,
+            allow_unauthenticated,
+        } => serve(config, allow_unauthenticated),
         Command::Quantize(args) => offline::quantize(args),
         Command::Convert(args) => offline::convert(args),
         Command::Migrate { config } => migrate(config),
@@ -60,7 +67,9 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn serve(config: Option<PathBuf>, allow_unauthenticated: bool) -> anyhow::Result<()> {
@@ -79,7 +88,10 @@ fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         std::fs::create_dir_all(&settings.data_dir)?;
         crate::db::connect(&settings.data_dir).await?;
-        println!("database at {} is up to date", settings.data_dir.join("quantd.db").display());
+        println!(
+            "database at {} is up to date",
+            settings.data_dir.join("quantd.db").display()
+        );
         Ok(())
     })
 }

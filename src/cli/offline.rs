@@ -60,14 +60,23 @@ pub fn open_path(path: &Path) -> anyhow::Result<Checkpoint> {
     if path.is_dir() {
         for entry in std::fs::read_dir(path)? {
             let p = entry?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            let wanted = crate::model::checkpoint::HF_SIDE_FILES.contains(&name.as_str()) || name.ends_with(".safetensors");
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let wanted = crate::model::checkpoint::HF_SIDE_FILES.contains(&name.as_str())
+                || name.ends_with(".safetensors");
             if p.is_file() && wanted {
                 files.insert(name, p);
             }
         }
     } else {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model.gguf").to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model.gguf")
+            .to_string();
         files.insert(name, path.to_path_buf());
     }
     Checkpoint::open(&files, limits).with_context(|| format!("opening {}", path.display()))
@@ -90,22 +99,38 @@ impl Hooks for BarHooks {
 fn bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} tensors {elapsed_precise} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} tensors {elapsed_precise} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar
 }
 
 fn model_name(input: &Path) -> String {
-    input.file_stem().and_then(|n| n.to_str()).unwrap_or("model").to_string()
+    input
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string()
 }
 
 /// Writes a GGUF for `ckpt` next to `out` (temp name), then renames it into place.
-fn write_gguf(ckpt: &Checkpoint, plan: &Plan, name: &str, params: serde_json::Value, out: &Path, threads: usize) -> anyhow::Result<()> {
-    let mut metadata = gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
+fn write_gguf(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    name: &str,
+    params: serde_json::Value,
+    out: &Path,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let mut metadata =
+        gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
     metadata.extend(gguf_meta::provenance("gguf", &params, None, None));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let tmp = out.with_extension("gguf.tmp");
     let hooks = BarHooks(bar());
     let result = quantize_gguf(ckpt, plan, &metadata, &tmp, &pool, &hooks);
@@ -132,37 +157,71 @@ fn write_gguf(ckpt: &Checkpoint, plan: &Plan, name: &str, params: serde_json::Va
 
 pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     if args.method != "gguf" {
-        bail!("--method {}: only `gguf` is available in this version", args.method);
+        bail!(
+            "--method {}: only `gguf` is available in this version",
+            args.method
+        );
     }
-    let gguf_type = GgufType::parse(&args.gguf_type).with_context(|| format!("--type {}: unknown GGUF type", args.gguf_type))?;
+    let gguf_type = GgufType::parse(&args.gguf_type)
+        .with_context(|| format!("--type {}: unknown GGUF type", args.gguf_type))?;
     let overrides = args
         .overrides
         .iter()
         .map(|o| {
-            let (pattern, type_name) = o.rsplit_once('=').with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
-            Ok(OverrideSpec { pattern: pattern.to_string(), type_name: type_name.to_string() })
+            let (pattern, type_name) = o
+                .rsplit_once('=')
+                .with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
+            Ok(OverrideSpec {
+                pattern: pattern.to_string(),
+                type_name: type_name.to_string(),
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let params = GgufParams { gguf_type, overrides };
-    let compiled = params.compiled_overrides().map_err(|e| anyhow::anyhow!("--override: {e}"))?;
+    let params = GgufParams {
+        gguf_type,
+        overrides,
+    };
+    let compiled = params
+        .compiled_overrides()
+        .map_err(|e| anyhow::anyhow!("--override: {e}"))?;
     let threads = args.threads.unwrap_or_else(cpu_count).max(1);
     let ckpt = open_path(&args.input)?;
-    let tensors: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let tensors: Vec<(String, Vec<usize>)> = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
     let plan = Plan::gguf(&ckpt.config, &tensors, gguf_type, &compiled, threads);
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }
     let name = model_name(&args.input);
-    let out = if args.out.is_dir() { args.out.join(format!("{name}-{}.gguf", gguf_type.variant())) } else { args.out.clone() };
-    write_gguf(&ckpt, &plan, &name, serde_json::to_value(&params)?, &out, threads)
+    let out = if args.out.is_dir() {
+        args.out
+            .join(format!("{name}-{}.gguf", gguf_type.variant()))
+    } else {
+        args.out.clone()
+    };
+    write_gguf(
+        &ckpt,
+        &plan,
+        &name,
+        serde_json::to_value(&params)?,
+        &out,
+        threads,
+    )
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let ckpt = open_path(&args.input)?;
     match ckpt.format {
         crate::model::checkpoint::Format::Gguf => {
-            let dtype = args.dtype.as_deref().map_or(Some(HfDtype::F32), HfDtype::parse).context("--dtype must be f32, f16 or bf16")?;
+            let dtype = args
+                .dtype
+                .as_deref()
+                .map_or(Some(HfDtype::F32), HfDtype::parse)
+                .context("--dtype must be f32, f16 or bf16")?;
             if args.output.exists() && std::fs::read_dir(&args.output)?.next().is_some() {
                 bail!("{} exists and is not empty", args.output.display());
             }
@@ -176,16 +235,33 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
             Ok(())
         }
         crate::model::checkpoint::Format::HfSafetensors => {
-            let t = match args.dtype.as_deref().unwrap_or("f16").to_ascii_lowercase().as_str() {
+            let t = match args
+                .dtype
+                .as_deref()
+                .unwrap_or("f16")
+                .to_ascii_lowercase()
+                .as_str()
+            {
                 "f32" => GgufType::F32,
                 "f16" => GgufType::F16,
                 "bf16" => GgufType::BF16,
                 other => bail!("--dtype {other}: must be f32, f16 or bf16"),
             };
-            let tensors: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+            let tensors: Vec<(String, Vec<usize>)> = ckpt
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect();
             let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], cpu_count());
             let params = serde_json::json!({"type": t});
-            write_gguf(&ckpt, &plan, &model_name(&args.input), params, &args.output, cpu_count())
+            write_gguf(
+                &ckpt,
+                &plan,
+                &model_name(&args.input),
+                params,
+                &args.output,
+                cpu_count(),
+            )
         }
     }
 }

@@ -27,5 +27,7 @@ pub async fn insert<'e, E: Executor<'e, Database = Sqlite>>(
 }
 
 pub async fn all_digests(db: &Db) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT digest FROM blobs").fetch_all(db).await
+    sqlx::query_scalar("SELECT digest FROM blobs")
+        .fetch_all(db)
+        .await
 }

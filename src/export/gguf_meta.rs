@@ -7,13 +7,28 @@ use crate::model::checkpoint::{Checkpoint, CheckpointError, Format};
 use crate::model::tokenizer_gguf;
 
 fn read_json(ckpt: &Checkpoint, name: &str) -> Result<Option<serde_json::Value>, CheckpointError> {
-    let Some(path) = ckpt.side_files.get(name) else { return Ok(None) };
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { file: name.into(), source })?;
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| CheckpointError::Invalid { file: name.into(), message: e.to_string() })
+    let Some(path) = ckpt.side_files.get(name) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        file: name.into(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| CheckpointError::Invalid {
+            file: name.into(),
+            message: e.to_string(),
+        })
 }
 
 /// Everything but `quantize.*`: general, hyper-parameters and tokenizer.
-pub fn model_metadata(ckpt: &Checkpoint, model_name: &str, file_type: u32, quantized: bool) -> Result<Vec<(String, Value)>, CheckpointError> {
+pub fn model_metadata(
+    ckpt: &Checkpoint,
+    model_name: &str,
+    file_type: u32,
+    quantized: bool,
+) -> Result<Vec<(String, Value)>, CheckpointError> {
     let c = &ckpt.config;
     let arch = c.architecture.gguf_arch();
     let s = |v: &str| Value::String(v.to_string());
@@ -22,7 +37,10 @@ pub fn model_metadata(ckpt: &Checkpoint, model_name: &str, file_type: u32, quant
         ("general.architecture".into(), s(arch)),
         ("general.name".into(), s(model_name)),
         ("general.file_type".into(), Value::U32(file_type)),
-        ("general.alignment".into(), Value::U32(super::gguf::ALIGNMENT as u32)),
+        (
+            "general.alignment".into(),
+            Value::U32(super::gguf::ALIGNMENT as u32),
+        ),
     ];
     if quantized {
         kv.push(("general.quantization_version".into(), Value::U32(2)));
@@ -36,7 +54,10 @@ pub fn model_metadata(ckpt: &Checkpoint, model_name: &str, file_type: u32, quant
     hp("rope.dimension_count", u(c.head_dim));
     hp("attention.head_count", u(c.num_attention_heads));
     hp("attention.head_count_kv", u(c.num_key_value_heads));
-    hp("attention.layer_norm_rms_epsilon", Value::F32(c.rms_norm_eps as f32));
+    hp(
+        "attention.layer_norm_rms_epsilon",
+        Value::F32(c.rms_norm_eps as f32),
+    );
     hp("rope.freq_base", Value::F32(c.rope_theta as f32));
     if c.head_dim * c.num_attention_heads != c.hidden_size {
         hp("attention.key_length", u(c.head_dim));
@@ -46,19 +67,40 @@ pub fn model_metadata(ckpt: &Checkpoint, model_name: &str, file_type: u32, quant
         hp("rope.scaling.type", s(&r.kind));
         hp("rope.scaling.factor", Value::F32(r.factor as f32));
         if let Some(orig) = r.original_max_position_embeddings {
-            hp("rope.scaling.original_context_length", Value::U32(orig as u32));
+            hp(
+                "rope.scaling.original_context_length",
+                Value::U32(orig as u32),
+            );
         }
     }
     match ckpt.format {
-        Format::Gguf => kv.extend(ckpt.gguf_metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).cloned()),
+        Format::Gguf => kv.extend(
+            ckpt.gguf_metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        ),
         Format::HfSafetensors => {
-            let tok_path = ckpt.side_files.get("tokenizer.json").ok_or_else(|| CheckpointError::Invalid { file: "tokenizer.json".into(), message: "missing".into() })?;
-            let tok = std::fs::read(tok_path).map_err(|source| CheckpointError::Io { file: "tokenizer.json".into(), source })?;
+            let tok_path =
+                ckpt.side_files
+                    .get("tokenizer.json")
+                    .ok_or_else(|| CheckpointError::Invalid {
+                        file: "tokenizer.json".into(),
+                        message: "missing".into(),
+                    })?;
+            let tok = std::fs::read(tok_path).map_err(|source| CheckpointError::Io {
+                file: "tokenizer.json".into(),
+                source,
+            })?;
             let config = read_json(ckpt, "config.json")?.unwrap_or_default();
             let tok_cfg = read_json(ckpt, "tokenizer_config.json")?;
             let gen_cfg = read_json(ckpt, "generation_config.json")?;
-            let tokenizer = tokenizer_gguf::hf_to_gguf_kv(&tok, tok_cfg.as_ref(), &config, gen_cfg.as_ref())
-                .map_err(|e| CheckpointError::Invalid { file: "tokenizer.json".into(), message: e.to_string() })?;
+            let tokenizer =
+                tokenizer_gguf::hf_to_gguf_kv(&tok, tok_cfg.as_ref(), &config, gen_cfg.as_ref())
+                    .map_err(|e| CheckpointError::Invalid {
+                        file: "tokenizer.json".into(),
+                        message: e.to_string(),
+                    })?;
             kv.extend(tokenizer);
         }
     }
@@ -66,14 +108,31 @@ pub fn model_metadata(ckpt: &Checkpoint, model_name: &str, file_type: u32, quant
 }
 
 /// `quantize.*` keys recording how a file was made.
-pub fn provenance(method: &str, params: &serde_json::Value, source_digest: Option<&str>, job_id: Option<&str>) -> Vec<(String, Value)> {
+pub fn provenance(
+    method: &str,
+    params: &serde_json::Value,
+    source_digest: Option<&str>,
+    job_id: Option<&str>,
+) -> Vec<(String, Value)> {
     let mut kv = vec![
-        ("quantize.tool".to_string(), Value::String(format!("quantd {}", env!("CARGO_PKG_VERSION")))),
-        ("quantize.method".to_string(), Value::String(method.to_string())),
-        ("quantize.params".to_string(), Value::String(params.to_string())),
+        (
+            "quantize.tool".to_string(),
+            Value::String(format!("quantd {}", env!("CARGO_PKG_VERSION"))),
+        ),
+        (
+            "quantize.method".to_string(),
+            Value::String(method.to_string()),
+        ),
+        (
+            "quantize.params".to_string(),
+            Value::String(params.to_string()),
+        ),
     ];
     if let Some(d) = source_digest {
-        kv.push(("quantize.source_sha256".to_string(), Value::String(d.trim_start_matches("sha256:").to_string())));
+        kv.push((
+            "quantize.source_sha256".to_string(),
+            Value::String(d.trim_start_matches("sha256:").to_string()),
+        ));
     }
     if let Some(j) = job_id {
         kv.push(("quantize.job_id".to_string(), Value::String(j.to_string())));

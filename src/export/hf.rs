@@ -36,14 +36,24 @@ impl HfDtype {
     }
 
     fn size(self) -> usize {
-        if self == Self::F32 { 4 } else { 2 }
+        if self == Self::F32 {
+            4
+        } else {
+            2
+        }
     }
 
     fn encode(self, v: &[f32], out: &mut Vec<u8>) {
         match self {
-            Self::F32 => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::F16 => v.iter().for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
-            Self::BF16 => v.iter().for_each(|x| out.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes())),
+            Self::F32 => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::F16 => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+            Self::BF16 => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes())),
         }
     }
 }
@@ -64,22 +74,29 @@ pub enum HfExportError {
 
 /// Writes `ckpt` as an HF folder into `dir` (created; must not hold another model).
 /// `progress(done, total)` is called after each tensor.
-pub fn write_hf_folder(ckpt: &Checkpoint, dir: &Path, dtype: HfDtype, progress: &dyn Fn(usize, usize)) -> Result<(), HfExportError> {
+pub fn write_hf_folder(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    dtype: HfDtype,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(), HfExportError> {
     std::fs::create_dir_all(dir)?;
     let mut entries = Vec::with_capacity(ckpt.tensors.len());
     let mut offset = 0usize;
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     for t in &ckpt.tensors {
-        let hf = names::gguf_to_hf(&t.name).ok_or_else(|| HfExportError::Unnamed(t.name.clone()))?;
+        let hf =
+            names::gguf_to_hf(&t.name).ok_or_else(|| HfExportError::Unnamed(t.name.clone()))?;
         let len = t.elem_count() * dtype.size();
         header.insert(hf.clone(), serde_json::json!({"dtype": dtype.st_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}));
         offset += len;
         entries.push(t);
     }
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON map serializes");
+    let mut header_bytes =
+        serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON map serializes");
     // Pad with spaces to a multiple of 8, as the reference writer does, so data stays aligned.
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let st_path = dir.join("model.safetensors");
@@ -97,20 +114,37 @@ pub fn write_hf_folder(ckpt: &Checkpoint, dir: &Path, dtype: HfDtype, progress: 
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
 
     let mut config = ckpt.config.to_hf_json();
-    config["torch_dtype"] = serde_json::json!(match dtype { HfDtype::F32 => "float32", HfDtype::F16 => "float16", HfDtype::BF16 => "bfloat16" });
+    config["torch_dtype"] = serde_json::json!(match dtype {
+        HfDtype::F32 => "float32",
+        HfDtype::F16 => "float16",
+        HfDtype::BF16 => "bfloat16",
+    });
     write_json(&dir.join("config.json"), &config)?;
-    write_json(&dir.join("generation_config.json"), &serde_json::json!({
-        "bos_token_id": ckpt.config.bos_token_id, "eos_token_id": ckpt.config.eos_token_id}))?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &serde_json::json!({
+        "bos_token_id": ckpt.config.bos_token_id, "eos_token_id": ckpt.config.eos_token_id}),
+    )?;
     match ckpt.format {
         Format::Gguf => {
             let files = tokenizer_gguf::gguf_to_hf(&ckpt.gguf_metadata.iter().cloned().collect())
                 .map_err(|e| HfExportError::Tokenizer(e.to_string()))?;
             std::fs::write(dir.join("tokenizer.json"), files.tokenizer_json)?;
-            std::fs::write(dir.join("tokenizer_config.json"), files.tokenizer_config_json)?;
-            std::fs::write(dir.join("special_tokens_map.json"), files.special_tokens_map_json)?;
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                files.tokenizer_config_json,
+            )?;
+            std::fs::write(
+                dir.join("special_tokens_map.json"),
+                files.special_tokens_map_json,
+            )?;
         }
         Format::HfSafetensors => {
-            for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
                 if let Some(p) = ckpt.side_files.get(name) {
                     std::fs::copy(p, dir.join(name))?;
                 }
@@ -122,5 +156,8 @@ pub fn write_hf_folder(ckpt: &Checkpoint, dir: &Path, dtype: HfDtype, progress: 
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(v).expect("JSON value serializes"))
+    std::fs::write(
+        path,
+        serde_json::to_vec_pretty(v).expect("JSON value serializes"),
+    )
 }

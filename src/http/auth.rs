@@ -54,7 +54,8 @@ impl Keys {
 /// The scope a route needs: reading models (GET) is open to `infer` keys; everything else
 /// (uploads, jobs, deletes) needs `admin`.
 fn required_scope(method: &Method, path: &str) -> Scope {
-    let model_read = path.starts_with("/v1/models") && (method == Method::GET || method == Method::HEAD);
+    let model_read =
+        path.starts_with("/v1/models") && (method == Method::GET || method == Method::HEAD);
     if model_read {
         Scope::Infer
     } else {
@@ -70,21 +71,38 @@ fn presented_key(req: &Request) -> Option<&str> {
     headers.get("x-api-key").and_then(|v| v.to_str().ok())
 }
 
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_key(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if state.keys.is_empty() {
         return Ok(next.run(req).await);
     }
     let Some(key) = presented_key(&req) else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing API key: send 'Authorization: Bearer <key>'")
-            .with_param("authorization"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing API key: send 'Authorization: Bearer <key>'",
+        )
+        .with_param("authorization"));
     };
     let Some(scope) = state.keys.scope_of(key) else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key").with_param("authorization"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid API key",
+        )
+        .with_param("authorization"));
     };
     let needed = required_scope(req.method(), req.uri().path());
     if needed == Scope::Admin && scope != Scope::Admin {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", "this API key has the 'infer' scope; this route needs 'admin'")
-            .with_param("authorization"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "this API key has the 'infer' scope; this route needs 'admin'",
+        )
+        .with_param("authorization"));
     }
     Ok(next.run(req).await)
 }
@@ -103,9 +121,15 @@ mod tests {
 
     #[test]
     fn only_model_reads_are_open_to_infer_keys() {
-        assert_eq!(required_scope(&Method::GET, "/v1/models/x/artifacts"), Scope::Infer);
+        assert_eq!(
+            required_scope(&Method::GET, "/v1/models/x/artifacts"),
+            Scope::Infer
+        );
         assert_eq!(required_scope(&Method::POST, "/v1/models"), Scope::Admin);
         assert_eq!(required_scope(&Method::GET, "/v1/jobs"), Scope::Admin);
-        assert_eq!(required_scope(&Method::DELETE, "/v1/models/x"), Scope::Admin);
+        assert_eq!(
+            required_scope(&Method::DELETE, "/v1/models/x"),
+            Scope::Admin
+        );
     }
 }

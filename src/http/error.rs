@@ -22,7 +22,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into(), param: None }
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -31,7 +36,12 @@ impl ApiError {
     }
 
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message).with_param(param)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            message,
+        )
+        .with_param(param)
     }
 
     pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
@@ -48,7 +58,11 @@ impl ApiError {
 
     pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("internal error while {context}; see the server log"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("internal error while {context}; see the server log"),
+        )
     }
 }
 
@@ -74,7 +88,12 @@ impl From<std::io::Error> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", e.to_string()).with_param("body"),
+            StoreError::TooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                e.to_string(),
+            )
+            .with_param("body"),
             StoreError::DigestMismatch { .. } => Self::bad_request("digest", e.to_string()),
             StoreError::Body(_) => Self::bad_request("body", e.to_string()),
             StoreError::Io(io) => io.into(),
@@ -87,13 +106,20 @@ impl From<CheckpointError> for ApiError {
         match e {
             CheckpointError::Refused { ref file, .. } => {
                 let file = file.clone();
-                Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", e.to_string()).with_param(file)
+                Self::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    e.to_string(),
+                )
+                .with_param(file)
             }
             CheckpointError::Invalid { ref file, .. } => {
                 let file = file.clone();
                 Self::invalid(file, e.to_string())
             }
-            CheckpointError::Config(ConfigError::UnsupportedArchitecture(_)) => Self::invalid("config.json", e.to_string()),
+            CheckpointError::Config(ConfigError::UnsupportedArchitecture(_)) => {
+                Self::invalid("config.json", e.to_string())
+            }
             CheckpointError::Config(ConfigError::Invalid { ref field, .. }) => {
                 let field = field.clone();
                 Self::invalid(field, e.to_string())

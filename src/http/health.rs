@@ -16,15 +16,24 @@ pub async fn health() -> Json<Value> {
 
 /// Ready when start-up recovery is done, workers run and the database answers.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let db_ok = sqlx::query("SELECT 1").execute(state.jobs.db()).await.is_ok();
+    let db_ok = sqlx::query("SELECT 1")
+        .execute(state.jobs.db())
+        .await
+        .is_ok();
     let workers = state.ready.load(Ordering::SeqCst);
     if db_ok && workers {
-        Ok(Json(json!({"status": "ready", "database": "ok", "workers": "running"})))
+        Ok(Json(
+            json!({"status": "ready", "database": "ok", "workers": "running"}),
+        ))
     } else {
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
-            format!("not ready: database {}, workers {}", if db_ok { "ok" } else { "unreachable" }, if workers { "running" } else { "starting" }),
+            format!(
+                "not ready: database {}, workers {}",
+                if db_ok { "ok" } else { "unreachable" },
+                if workers { "running" } else { "starting" }
+            ),
         ))
     }
 }

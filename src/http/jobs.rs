@@ -20,7 +20,16 @@ use crate::jobs::spec::{GgufParams, JobSpec, MethodSpec};
 use crate::jobs::submit::{submit, Submitted};
 
 /// Methods DESIGN §4 names; only those listed in `AVAILABLE` run in this version.
-const KNOWN_METHODS: &[&str] = &["gguf", "rtn", "gptq", "awq", "int8-dynamic", "llm-int8", "nf4", "fp4"];
+const KNOWN_METHODS: &[&str] = &[
+    "gguf",
+    "rtn",
+    "gptq",
+    "awq",
+    "int8-dynamic",
+    "llm-int8",
+    "nf4",
+    "fp4",
+];
 const AVAILABLE: &[&str] = &["gguf"];
 
 #[derive(Deserialize)]
@@ -44,37 +53,86 @@ impl JobRequest {
     /// Parse, don't validate: the wire request becomes a typed spec or a 4xx naming the field.
     fn into_spec(self) -> Result<(JobSpec, Option<String>, bool), ApiError> {
         if !KNOWN_METHODS.contains(&self.method.as_str()) {
-            return Err(ApiError::invalid("method", format!("unknown method {:?} (known: {})", self.method, KNOWN_METHODS.join(", "))));
+            return Err(ApiError::invalid(
+                "method",
+                format!(
+                    "unknown method {:?} (known: {})",
+                    self.method,
+                    KNOWN_METHODS.join(", ")
+                ),
+            ));
         }
         if !AVAILABLE.contains(&self.method.as_str()) {
-            return Err(ApiError::invalid("method", format!("method {:?} is not available in this version (available: {})", self.method, AVAILABLE.join(", "))));
+            return Err(ApiError::invalid(
+                "method",
+                format!(
+                    "method {:?} is not available in this version (available: {})",
+                    self.method,
+                    AVAILABLE.join(", ")
+                ),
+            ));
         }
-        for (field, value) in [("calibration", &self.calibration), ("eval", &self.eval), ("gate", &self.gate)] {
+        for (field, value) in [
+            ("calibration", &self.calibration),
+            ("eval", &self.eval),
+            ("gate", &self.gate),
+        ] {
             if value.is_some() {
-                return Err(ApiError::invalid(field, format!("{field} is not supported by method {:?} in this version", self.method)));
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "{field} is not supported by method {:?} in this version",
+                        self.method
+                    ),
+                ));
             }
         }
         if let Some(outputs) = &self.outputs {
             if let Some(bad) = outputs.iter().find(|o| o.as_str() != "gguf") {
-                return Err(ApiError::invalid("outputs", format!("output {bad:?} is not available for method gguf (available: gguf)")));
+                return Err(ApiError::invalid(
+                    "outputs",
+                    format!("output {bad:?} is not available for method gguf (available: gguf)"),
+                ));
             }
         }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > 256 {
-                return Err(ApiError::invalid("idempotency_key", format!("must be 1 to 256 bytes, got {}", key.len())));
+                return Err(ApiError::invalid(
+                    "idempotency_key",
+                    format!("must be 1 to 256 bytes, got {}", key.len()),
+                ));
             }
         }
-        let params = if self.params.is_null() { json!({}) } else { self.params };
+        let params = if self.params.is_null() {
+            json!({})
+        } else {
+            self.params
+        };
         let method = MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?);
-        let output_name = self.output_name.unwrap_or_else(|| format!("{}:{}", self.model, method.default_variant()));
-        Ok((JobSpec { model: self.model, output_name, method }, self.idempotency_key, self.dry_run))
+        let output_name = self
+            .output_name
+            .unwrap_or_else(|| format!("{}:{}", self.model, method.default_variant()));
+        Ok((
+            JobSpec {
+                model: self.model,
+                output_name,
+                method,
+            },
+            self.idempotency_key,
+            self.dry_run,
+        ))
     }
 }
 
 /// The job as the API shows it.
 pub fn job_json(row: &JobRow) -> Value {
     let spec: Value = serde_json::from_str(&row.spec).unwrap_or(Value::Null);
-    let eta = match (row.status.as_str(), row.started_at, row.progress_done, row.progress_total) {
+    let eta = match (
+        row.status.as_str(),
+        row.started_at,
+        row.progress_done,
+        row.progress_total,
+    ) {
         ("running", Some(start), done, total) if done > 0 && total > done => {
             let elapsed = (db::now() - start).max(0) as f64;
             Some((elapsed / done as f64 * (total - done) as f64).round() as i64)
@@ -105,12 +163,18 @@ pub fn job_json(row: &JobRow) -> Value {
     })
 }
 
-pub async fn create_job(State(state): State<AppState>, ValidJson(req): ValidJson<JobRequest>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn create_job(
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<JobRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (spec, key, dry_run) = req.into_spec()?;
     Ok(match submit(&state.jobs, spec, key, dry_run).await? {
         Submitted::Queued(row) => (StatusCode::ACCEPTED, Json(job_json(&row))),
         Submitted::Existing(row) => (StatusCode::OK, Json(job_json(&row))),
-        Submitted::Plan(plan) => (StatusCode::OK, Json(json!({"object": "plan", "dry_run": true, "plan": plan}))),
+        Submitted::Plan(plan) => (
+            StatusCode::OK,
+            Json(json!({"object": "plan", "dry_run": true, "plan": plan})),
+        ),
     })
 }
 
@@ -125,67 +189,136 @@ pub struct ListQuery {
 
 const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
 
-pub async fn list_jobs(State(state): State<AppState>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     if let Some(s) = &q.status {
         if !STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::invalid("status", format!("{s:?} is not one of {}", STATUSES.join(", "))));
+            return Err(ApiError::invalid(
+                "status",
+                format!("{s:?} is not one of {}", STATUSES.join(", ")),
+            ));
         }
     }
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit", format!("{limit} is outside 1..=100")));
+        return Err(ApiError::invalid(
+            "limit",
+            format!("{limit} is outside 1..=100"),
+        ));
     }
     let rows = db::jobs::list(
         state.jobs.db(),
-        &db::jobs::ListFilter { status: q.status.as_deref(), model: q.model.as_deref(), after: q.after.as_deref(), limit: limit + 1 },
+        &db::jobs::ListFilter {
+            status: q.status.as_deref(),
+            model: q.model.as_deref(),
+            after: q.after.as_deref(),
+            limit: limit + 1,
+        },
     )
     .await?;
     let has_more = rows.len() > limit as usize;
     let data: Vec<Value> = rows.iter().take(limit as usize).map(job_json).collect();
-    Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})))
+    Ok(Json(
+        json!({"object": "list", "data": data, "has_more": has_more}),
+    ))
 }
 
 async fn existing(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
-    db::jobs::get(state.jobs.db(), id).await?.ok_or_else(|| ApiError::not_found("id", format!("job {id:?} does not exist")))
+    db::jobs::get(state.jobs.db(), id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("id", format!("job {id:?} does not exist")))
 }
 
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(job_json(&existing(&state, &id).await?)))
 }
 
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let db = state.jobs.db();
     match db::jobs::request_cancel(db, &id).await?.as_deref() {
-        None => return Err(ApiError::not_found("id", format!("job {id:?} does not exist"))),
+        None => {
+            return Err(ApiError::not_found(
+                "id",
+                format!("job {id:?} does not exist"),
+            ))
+        }
         Some("queued") => {
             let data = json!({"status": "cancelled", "error": null});
             db::jobs::add_event(db, &id, "cancelled", &data).await?;
-            state.jobs.events().publish(crate::jobs::JobEvent { job_id: id.clone(), kind: "cancelled", data });
+            state.jobs.events().publish(crate::jobs::JobEvent {
+                job_id: id.clone(),
+                kind: "cancelled",
+                data,
+            });
         }
         Some("running") => state.jobs.signal_cancel(&id),
-        Some(other) => return Err(ApiError::conflict("id", format!("job {id:?} is {other}; only queued or running jobs can be cancelled"))),
+        Some(other) => {
+            return Err(ApiError::conflict(
+                "id",
+                format!("job {id:?} is {other}; only queued or running jobs can be cancelled"),
+            ))
+        }
     }
-    Ok((StatusCode::ACCEPTED, Json(job_json(&existing(&state, &id).await?))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(job_json(&existing(&state, &id).await?)),
+    ))
 }
 
-pub async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let job = existing(&state, &id).await?;
-    if db::models::get(state.jobs.db(), &job.output_name).await?.is_some() {
-        return Err(ApiError::conflict("output_name", format!("model {:?} exists now; delete it before retrying", job.output_name)));
+    if db::models::get(state.jobs.db(), &job.output_name)
+        .await?
+        .is_some()
+    {
+        return Err(ApiError::conflict(
+            "output_name",
+            format!(
+                "model {:?} exists now; delete it before retrying",
+                job.output_name
+            ),
+        ));
     }
     match db::jobs::retry(state.jobs.db(), &id).await?.as_deref() {
         Some("failed") | Some("cancelled") => {}
-        Some(other) => return Err(ApiError::conflict("id", format!("job {id:?} is {other}; only failed or cancelled jobs can be retried"))),
-        None => return Err(ApiError::not_found("id", format!("job {id:?} does not exist"))),
+        Some(other) => {
+            return Err(ApiError::conflict(
+                "id",
+                format!("job {id:?} is {other}; only failed or cancelled jobs can be retried"),
+            ))
+        }
+        None => {
+            return Err(ApiError::not_found(
+                "id",
+                format!("job {id:?} does not exist"),
+            ))
+        }
     }
     state.jobs.wake();
-    Ok((StatusCode::ACCEPTED, Json(job_json(&existing(&state, &id).await?))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(job_json(&existing(&state, &id).await?)),
+    ))
 }
 
 /// SSE: the stored history first (stages, logs, the outcome), then live events, ending after
 /// `done`, `failed` or `cancelled`.
-pub async fn job_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+pub async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut live = state.jobs.events().subscribe();
     let job = existing(&state, &id).await?;
     let history = db::jobs::events(state.jobs.db(), &id).await?;

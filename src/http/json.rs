@@ -21,11 +21,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ValidJson<T> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         if !is_json {
-            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "expected Content-Type: application/json")
-                .with_param("content-type"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "expected Content-Type: application/json",
+            )
+            .with_param("content-type"));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(e.status(), "invalid_request_error", format!("request body: {}", e.body_text())).with_param("body")
+            ApiError::new(
+                e.status(),
+                "invalid_request_error",
+                format!("request body: {}", e.body_text()),
+            )
+            .with_param("body")
         })?;
         parse(&bytes).map(ValidJson)
     }
@@ -45,21 +54,44 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 p => format!("{p}.{f}"),
             })
             .unwrap_or(path);
-        let status = if inner.is_syntax() || inner.is_eof() { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
-        ApiError::new(status, "invalid_request_error", format!("{param}: {message}")).with_param(param)
+        let status = if inner.is_syntax() || inner.is_eof() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        ApiError::new(
+            status,
+            "invalid_request_error",
+            format!("{param}: {message}"),
+        )
+        .with_param(param)
     })
 }
 
 /// serde names unknown and missing fields only in its message: "unknown field `x`".
 fn field_in_message(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("unknown field `").or_else(|| message.strip_prefix("missing field `"))?;
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     rest.split('`').next()
 }
 
-pub fn prefixed<T: DeserializeOwned>(prefix: &str, value: serde_json::Value) -> Result<T, ApiError> {
+pub fn prefixed<T: DeserializeOwned>(
+    prefix: &str,
+    value: serde_json::Value,
+) -> Result<T, ApiError> {
     parse::<T>(value.to_string().as_bytes()).map_err(|mut e| {
-        let p = e.param.take().filter(|p| p != ".").map_or(prefix.to_string(), |p| format!("{prefix}.{p}"));
-        e.message = format!("{p}: {}", e.message.split_once(": ").map_or(e.message.as_str(), |(_, m)| m));
+        let p = e
+            .param
+            .take()
+            .filter(|p| p != ".")
+            .map_or(prefix.to_string(), |p| format!("{prefix}.{p}"));
+        e.message = format!(
+            "{p}: {}",
+            e.message
+                .split_once(": ")
+                .map_or(e.message.as_str(), |(_, m)| m)
+        );
         e.param = Some(p);
         e
     })

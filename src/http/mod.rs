@@ -43,20 +43,33 @@ impl AppState {
 /// The whole API as a router, so tests can call it in memory.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings().clone();
-    let upload_limit = DefaultBodyLimit::max(settings.limits.max_upload_bytes.min(usize::MAX as u64) as usize);
+    let upload_limit =
+        DefaultBodyLimit::max(settings.limits.max_upload_bytes.min(usize::MAX as u64) as usize);
     let json_limit = DefaultBodyLimit::max(settings.limits.max_json_bytes);
-    let timeout = TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(settings.server.request_timeout_secs));
+    let timeout = TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        Duration::from_secs(settings.server.request_timeout_secs),
+    );
 
     // Uploads and downloads stream for as long as the data flows; the rest are bounded.
     let transfer = Router::new()
-        .route("/v1/blobs/{digest}", put(blobs::put_blob).head(blobs::head_blob))
+        .route(
+            "/v1/blobs/{digest}",
+            put(blobs::put_blob).head(blobs::head_blob),
+        )
         .route("/v1/models", post(models::create_model))
         .layer(upload_limit)
-        .route("/v1/models/{id}/artifacts/{name}", get(models::download_artifact));
+        .route(
+            "/v1/models/{id}/artifacts/{name}",
+            get(models::download_artifact),
+        );
 
     let api = Router::new()
         .route("/v1/models", get(models::list_models))
-        .route("/v1/models/{id}", get(models::get_model).delete(models::delete_model))
+        .route(
+            "/v1/models/{id}",
+            get(models::get_model).delete(models::delete_model),
+        )
         .route("/v1/models/{id}/artifacts", get(models::list_artifacts))
         .route("/v1/models/{id}/variants", get(models::list_variants))
         .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
@@ -68,10 +81,14 @@ pub fn router(state: AppState) -> Router {
 
     let events = Router::new().route("/v1/jobs/{id}/events", get(jobs::job_events));
 
-    let protected = transfer
-        .merge(api)
-        .merge(events)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    let protected =
+        transfer
+            .merge(api)
+            .merge(events)
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_key,
+            ));
 
     Router::new()
         .route("/health", get(health::health))

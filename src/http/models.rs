@@ -41,7 +41,9 @@ pub fn model_json(row: &ModelRow) -> Value {
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let rows = db::models::list(state.jobs.db()).await?;
-    Ok(Json(json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn existing(state: &AppState, id: &str) -> Result<ModelRow, ApiError> {
@@ -50,11 +52,18 @@ async fn existing(state: &AppState, id: &str) -> Result<ModelRow, ApiError> {
         .ok_or_else(|| ApiError::not_found("id", format!("model {id:?} does not exist")))
 }
 
-pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let row = existing(&state, &id).await?;
     let db = state.jobs.db();
     let files = db::models::files(db, &id).await?;
-    let metrics: BTreeMap<String, Option<f64>> = db::metrics::for_model(db, &id).await?.into_iter().map(|m| (m.name, m.value)).collect();
+    let metrics: BTreeMap<String, Option<f64>> = db::metrics::for_model(db, &id)
+        .await?
+        .into_iter()
+        .map(|m| (m.name, m.value))
+        .collect();
     let mut v = model_json(&row);
     v["summary"] = serde_json::from_str(&row.summary).unwrap_or(Value::Null);
     v["files"] = json!(files);
@@ -62,18 +71,29 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
     Ok(Json(v))
 }
 
-pub async fn list_variants(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn list_variants(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     existing(&state, &id).await?;
     let rows = db::models::variants(state.jobs.db(), &id).await?;
-    Ok(Json(json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()}),
+    ))
 }
 
-pub async fn delete_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn delete_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     catalog::delete_model(state.jobs.db(), state.jobs.store(), &id).await?;
     Ok(Json(json!({"id": id, "object": "model", "deleted": true})))
 }
 
-pub async fn list_artifacts(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn list_artifacts(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     existing(&state, &id).await?;
     let files = db::models::files(state.jobs.db(), &id).await?;
     let data: Vec<Value> = files
@@ -84,25 +104,35 @@ pub async fn list_artifacts(State(state): State<AppState>, Path(id): Path<String
 }
 
 /// Streams an artifact; Range, If-Range and HEAD are handled by tower-http's `ServeFile`.
-pub async fn download_artifact(State(state): State<AppState>, Path((id, name)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
+pub async fn download_artifact(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
     existing(&state, &id).await?;
     let files = db::models::files(state.jobs.db(), &id).await?;
-    let file = files
-        .into_iter()
-        .find(|f| f.name == name)
-        .ok_or_else(|| ApiError::not_found("name", format!("model {id:?} has no artifact {name:?}")))?;
-    let digest = Digest::parse(&file.digest).map_err(|e| ApiError::internal("reading a file row", e))?;
+    let file = files.into_iter().find(|f| f.name == name).ok_or_else(|| {
+        ApiError::not_found("name", format!("model {id:?} has no artifact {name:?}"))
+    })?;
+    let digest =
+        Digest::parse(&file.digest).map_err(|e| ApiError::internal("reading a file row", e))?;
     let path = state.jobs.store().path(&digest);
     let mut resp = tower_http::services::ServeFile::new(path)
         .oneshot(req)
         .await
         .map_err(|e| ApiError::internal("serving an artifact", e))?
         .map(Body::new);
-    let disposition = format!("attachment; filename=\"{}\"", name.replace(['"', '\\'], "_"));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        name.replace(['"', '\\'], "_")
+    );
     if let Ok(v) = HeaderValue::from_str(&disposition) {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }
-    resp.headers_mut().insert("x-digest", HeaderValue::from_str(&file.digest).expect("digest is ASCII"));
+    resp.headers_mut().insert(
+        "x-digest",
+        HeaderValue::from_str(&file.digest).expect("digest is ASCII"),
+    );
     Ok(resp)
 }
 
@@ -114,8 +144,16 @@ struct CreateFromBlobs {
 }
 
 /// `POST /v1/models`: multipart files, or JSON `{name, files: {file name: digest}}`.
-pub async fn create_model(State(state): State<AppState>, req: Request) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+pub async fn create_model(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let (name, files) = if content_type.starts_with("multipart/form-data") {
         let multipart = Multipart::from_request(req, &state)
             .await
@@ -125,42 +163,84 @@ pub async fn create_model(State(state): State<AppState>, req: Request) -> Result
         let limit = state.settings().limits.max_json_bytes;
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("JSON body exceeds {limit} bytes")).with_param("body"))?;
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("JSON body exceeds {limit} bytes"),
+                )
+                .with_param("body")
+            })?;
         let body: CreateFromBlobs = parse(&bytes)?;
         (body.name, files_from_blobs(&state, body.files).await?)
     } else {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "send multipart/form-data files or application/json blob digests")
-            .with_param("content-type"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "send multipart/form-data files or application/json blob digests",
+        )
+        .with_param("content-type"));
     };
-    let row = catalog::create_base_model(state.jobs.db(), state.jobs.store(), state.settings(), name, files).await?;
+    let row = catalog::create_base_model(
+        state.jobs.db(),
+        state.jobs.store(),
+        state.settings(),
+        name,
+        files,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(model_json(&row))))
 }
 
 const MAX_NAME_FIELD: usize = 256;
 
-async fn receive_multipart(state: &AppState, mut multipart: Multipart) -> Result<(Option<String>, Vec<IncomingFile>), ApiError> {
+async fn receive_multipart(
+    state: &AppState,
+    mut multipart: Multipart,
+) -> Result<(Option<String>, Vec<IncomingFile>), ApiError> {
     let store = state.jobs.store();
     let mut budget = state.settings().limits.max_upload_bytes;
     let mut name = None;
     let mut files = Vec::new();
-    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(&e))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(&e))?
+    {
         let field_name = field.name().unwrap_or("").to_string();
         let file_name = field.file_name().map(str::to_string);
         if field_name == "name" && file_name.is_none() {
             let text = field.text().await.map_err(|e| multipart_error(&e))?;
             if text.len() > MAX_NAME_FIELD {
-                return Err(ApiError::invalid("name", format!("at most {MAX_NAME_FIELD} bytes")));
+                return Err(ApiError::invalid(
+                    "name",
+                    format!("at most {MAX_NAME_FIELD} bytes"),
+                ));
             }
             name = Some(text.trim().to_string());
             continue;
         }
         let file_name = file_name.unwrap_or(field_name);
-        if file_name.is_empty() || file_name.contains(['/', '\\']) || file_name == ".." || file_name == "." {
-            return Err(ApiError::invalid("files", format!("file name {file_name:?} must be a plain name without directories")));
+        if file_name.is_empty()
+            || file_name.contains(['/', '\\'])
+            || file_name == ".."
+            || file_name == "."
+        {
+            return Err(ApiError::invalid(
+                "files",
+                format!("file name {file_name:?} must be a plain name without directories"),
+            ));
         }
-        let (temp, digest, size) = store.receive(Box::pin(field), budget, "limits.max_upload_bytes").await?;
+        let (temp, digest, size) = store
+            .receive(Box::pin(field), budget, "limits.max_upload_bytes")
+            .await?;
         budget -= size;
-        files.push(IncomingFile { name: file_name, digest, size, temp: Some(temp) });
+        files.push(IncomingFile {
+            name: file_name,
+            digest,
+            size,
+            temp: Some(temp),
+        });
     }
     Ok((name, files))
 }
@@ -168,20 +248,42 @@ async fn receive_multipart(state: &AppState, mut multipart: Multipart) -> Result
 fn multipart_error(e: &axum::extract::multipart::MultipartError) -> ApiError {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(status, "invalid_request_error", format!("upload exceeds limits.max_upload_bytes: {}", e.body_text())).with_param("body");
+        return ApiError::new(
+            status,
+            "invalid_request_error",
+            format!("upload exceeds limits.max_upload_bytes: {}", e.body_text()),
+        )
+        .with_param("body");
     }
-    ApiError::bad_request("body", format!("malformed multipart body: {}", e.body_text()))
+    ApiError::bad_request(
+        "body",
+        format!("malformed multipart body: {}", e.body_text()),
+    )
 }
 
-async fn files_from_blobs(state: &AppState, files: BTreeMap<String, String>) -> Result<Vec<IncomingFile>, ApiError> {
+async fn files_from_blobs(
+    state: &AppState,
+    files: BTreeMap<String, String>,
+) -> Result<Vec<IncomingFile>, ApiError> {
     let mut out = Vec::with_capacity(files.len());
     for (name, digest) in files {
         let param = format!("files.{name}");
-        let digest = Digest::parse(&digest).map_err(|e| ApiError::invalid(param.clone(), e.to_string()))?;
+        let digest =
+            Digest::parse(&digest).map_err(|e| ApiError::invalid(param.clone(), e.to_string()))?;
         let size = db::blobs::exists(state.jobs.db(), digest.as_str())
             .await?
-            .ok_or_else(|| ApiError::invalid(param.clone(), format!("blob {digest} has not been uploaded (PUT /v1/blobs/{digest})")))?;
-        out.push(IncomingFile { name, digest, size: size as u64, temp: None });
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    param.clone(),
+                    format!("blob {digest} has not been uploaded (PUT /v1/blobs/{digest})"),
+                )
+            })?;
+        out.push(IncomingFile {
+            name,
+            digest,
+            size: size as u64,
+            temp: None,
+        });
     }
     Ok(out)
 }

@@ -100,12 +100,22 @@ impl JobSystem {
     }
 
     fn forget_cancel_flag(&self, job_id: &str) {
-        self.inner.cancel_flags.lock().expect("cancel flags lock").remove(job_id);
+        self.inner
+            .cancel_flags
+            .lock()
+            .expect("cancel flags lock")
+            .remove(job_id);
     }
 
     /// Signals a running job in this process to stop at its next tensor boundary.
     pub fn signal_cancel(&self, job_id: &str) {
-        if let Some(flag) = self.inner.cancel_flags.lock().expect("cancel flags lock").get(job_id) {
+        if let Some(flag) = self
+            .inner
+            .cancel_flags
+            .lock()
+            .expect("cancel flags lock")
+            .get(job_id)
+        {
             flag.store(true, Ordering::SeqCst);
         }
     }

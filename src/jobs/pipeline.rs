@@ -30,7 +30,10 @@ pub enum PipelineError {
     #[error(transparent)]
     Tensor(#[from] TensorQuantError),
     #[error("reading tensor {name}: {source}")]
-    Read { name: String, source: candle_core::Error },
+    Read {
+        name: String,
+        source: candle_core::Error,
+    },
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -71,7 +74,11 @@ pub fn quantize_gguf(
     let decls: Vec<TensorDecl<'_>> = plan
         .tensors
         .iter()
-        .map(|t| TensorDecl { name: &t.name, shape: &t.shape, dtype: t.dtype })
+        .map(|t| TensorDecl {
+            name: &t.name,
+            shape: &t.shape,
+            dtype: t.dtype,
+        })
         .collect();
     let mut writer = GgufWriter::begin(HashingWriter::create(out_path)?, metadata, &decls)?;
     let total = plan.tensors.len() as u64;
@@ -88,8 +95,13 @@ pub fn quantize_gguf(
             chunk
                 .par_iter()
                 .map(|t| {
-                    let src = ckpt.tensor(&t.name).expect("plan was made from this checkpoint");
-                    let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read { name: t.name.clone(), source })?;
+                    let src = ckpt
+                        .tensor(&t.name)
+                        .expect("plan was made from this checkpoint");
+                    let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
+                        name: t.name.clone(),
+                        source,
+                    })?;
                     let (bytes, err) = quantize_tensor(&t.name, data, &t.shape, t.dtype)?;
                     let report = TensorReport {
                         name: t.name.clone(),

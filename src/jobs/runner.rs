@@ -116,24 +116,40 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
     }
 }
 
-async fn finish(js: &JobSystem, id: &str, status: &'static str, error: Option<&str>) -> Result<(), sqlx::Error> {
+async fn finish(
+    js: &JobSystem,
+    id: &str,
+    status: &'static str,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
     db::jobs::finish_unsuccessfully(js.db(), id, status, error).await?;
     let data = json!({"status": status, "error": error});
     db::jobs::add_event(js.db(), id, status, &data).await?;
-    js.events().publish(JobEvent { job_id: id.to_string(), kind: status, data });
+    js.events().publish(JobEvent {
+        job_id: id.to_string(),
+        kind: status,
+        data,
+    });
     Ok(())
 }
 
 /// Sets the flag when a cancel is recorded in the database (by this or another process) or
 /// the server shuts down.
-fn spawn_cancel_watcher(js: JobSystem, id: String, flag: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+fn spawn_cancel_watcher(
+    js: JobSystem,
+    id: String,
+    flag: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = js.shutdown_token().cancelled() => { flag.store(true, Ordering::SeqCst); return; }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            if db::jobs::cancel_requested(js.db(), &id).await.unwrap_or(false) {
+            if db::jobs::cancel_requested(js.db(), &id)
+                .await
+                .unwrap_or(false)
+            {
                 flag.store(true, Ordering::SeqCst);
                 return;
             }
@@ -145,18 +161,29 @@ async fn stage(js: &JobSystem, id: &str, stage: &'static str) -> Result<(), sqlx
     db::jobs::set_progress(js.db(), id, stage, 0, 0, "").await?;
     let data = json!({"stage": stage});
     db::jobs::add_event(js.db(), id, "stage", &data).await?;
-    js.events().publish(JobEvent { job_id: id.to_string(), kind: "stage", data });
+    js.events().publish(JobEvent {
+        job_id: id.to_string(),
+        kind: "stage",
+        data,
+    });
     Ok(())
 }
 
-async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Result<String, RunError> {
-    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| RunError::Failed(format!("stored spec is unreadable: {e}")))?;
+async fn execute(
+    js: &JobSystem,
+    job: &JobRow,
+    cancel: Arc<AtomicBool>,
+) -> Result<String, RunError> {
+    let spec: JobSpec = serde_json::from_str(&job.spec)
+        .map_err(|e| RunError::Failed(format!("stored spec is unreadable: {e}")))?;
     if db::jobs::cancel_requested(js.db(), &job.id).await? {
         return Err(RunError::Cancelled);
     }
     stage(js, &job.id, "loading").await?;
-    let ckpt = Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
-    let plan = plan_for(&spec, &ckpt, js.settings().job_threads()).map_err(|e| RunError::Failed(e.to_string()))?;
+    let ckpt =
+        Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
+    let plan = plan_for(&spec, &ckpt, js.settings().job_threads())
+        .map_err(|e| RunError::Failed(e.to_string()))?;
     let MethodSpec::Gguf(params) = &spec.method;
     let source_digest = db::models::files(js.db(), &spec.model)
         .await?
@@ -164,9 +191,19 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
         .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
         .map(|f| f.digest);
     let params_json = serde_json::to_value(params).expect("params serialize");
-    let mut metadata = gguf_meta::model_metadata(&ckpt, &spec.output_name, plan.file_type, !params.gguf_type.is_float())
-        .map_err(|e| RunError::Failed(e.to_string()))?;
-    metadata.extend(gguf_meta::provenance("gguf", &params_json, source_digest.as_deref(), Some(&job.id)));
+    let mut metadata = gguf_meta::model_metadata(
+        &ckpt,
+        &spec.output_name,
+        plan.file_type,
+        !params.gguf_type.is_float(),
+    )
+    .map_err(|e| RunError::Failed(e.to_string()))?;
+    metadata.extend(gguf_meta::provenance(
+        "gguf",
+        &params_json,
+        source_digest.as_deref(),
+        Some(&job.id),
+    ));
 
     stage(js, &job.id, "quantizing").await?;
     let temp = js.store().temp_file("job")?;
@@ -183,7 +220,14 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
     let plan_for_run = plan.clone();
     let ckpt_for_run = ckpt.clone();
     let (digest, size, report) = tokio::task::spawn_blocking(move || {
-        pipeline::quantize_gguf(&ckpt_for_run, &plan_for_run, &metadata, &out_path, &pool, &hooks)
+        pipeline::quantize_gguf(
+            &ckpt_for_run,
+            &plan_for_run,
+            &metadata,
+            &out_path,
+            &pool,
+            &hooks,
+        )
     })
     .await
     .map_err(|e| RunError::Failed(format!("quantization thread panicked: {e}")))?
@@ -208,7 +252,11 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
         params: params_json,
         tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
         job_id: Some(job.id.clone()),
-        files: vec![ManifestFile { name: gguf_name.clone(), sha256: digest.hex().to_string(), size }],
+        files: vec![ManifestFile {
+            name: gguf_name.clone(),
+            sha256: digest.hex().to_string(),
+            size,
+        }],
         metrics: json!({"bits_per_weight": plan.bits_per_weight, "bits_per_weight_total": plan.bits_per_weight_total,
                         "file_bytes": size, "type_counts": plan.type_counts, "quantize_seconds": report.wall_seconds}),
     };
@@ -218,10 +266,22 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
     let (manifest_digest, manifest_size) = w.finish()?;
 
     let files = vec![
-        ModelFileRow { name: gguf_name, digest: digest.to_string(), size: size as i64 },
-        ModelFileRow { name: "manifest.json".into(), digest: manifest_digest.to_string(), size: manifest_size as i64 },
+        ModelFileRow {
+            name: gguf_name,
+            digest: digest.to_string(),
+            size: size as i64,
+        },
+        ModelFileRow {
+            name: "manifest.json".into(),
+            digest: manifest_digest.to_string(),
+            size: manifest_size as i64,
+        },
     ];
-    let fresh: Vec<Digest> = [&digest, &manifest_digest].into_iter().filter(|d| !js.store().path(d).exists()).cloned().collect();
+    let fresh: Vec<Digest> = [&digest, &manifest_digest]
+        .into_iter()
+        .filter(|d| !js.store().path(d).exists())
+        .cloned()
+        .collect();
     js.store().commit(temp, &digest)?;
     js.store().commit(manifest_temp, &manifest_digest)?;
     let row = ModelRow {
@@ -234,8 +294,10 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
         bits_per_weight: Some(plan.bits_per_weight),
         base_model: Some(spec.model.clone()),
         job_id: Some(job.id.clone()),
-        summary: json!({"method": "gguf", "type": params.gguf_type, "type_counts": plan.type_counts,
-                        "bits_per_weight_total": plan.bits_per_weight_total}).to_string(),
+        summary:
+            json!({"method": "gguf", "type": params.gguf_type, "type_counts": plan.type_counts,
+                        "bits_per_weight_total": plan.bits_per_weight_total})
+            .to_string(),
         created_at: db::now(),
     };
     let metrics = metric_rows(&report);
@@ -255,7 +317,11 @@ async fn execute(js: &JobSystem, job: &JobRow, cancel: Arc<AtomicBool>) -> Resul
     .await;
     match committed {
         Ok(done) => {
-            js.events().publish(JobEvent { job_id: job.id.clone(), kind: "done", data: done });
+            js.events().publish(JobEvent {
+                job_id: job.id.clone(),
+                kind: "done",
+                data: done,
+            });
             Ok(row.id)
         }
         Err(e) => {
@@ -271,9 +337,24 @@ fn metric_rows(report: &pipeline::GgufReport) -> Vec<MetricRow> {
     let mut rows = Vec::with_capacity(report.tensors.len() * 3 + 4);
     for t in &report.tensors {
         let label = Some(t.type_name.to_string());
-        rows.push(MetricRow { subject: t.name.clone(), name: "rel_rmse".into(), value: Some(t.rel_rmse), label: label.clone() });
-        rows.push(MetricRow { subject: t.name.clone(), name: "snr_db".into(), value: t.snr_db, label: label.clone() });
-        rows.push(MetricRow { subject: t.name.clone(), name: "bytes".into(), value: Some(t.bytes as f64), label });
+        rows.push(MetricRow {
+            subject: t.name.clone(),
+            name: "rel_rmse".into(),
+            value: Some(t.rel_rmse),
+            label: label.clone(),
+        });
+        rows.push(MetricRow {
+            subject: t.name.clone(),
+            name: "snr_db".into(),
+            value: t.snr_db,
+            label: label.clone(),
+        });
+        rows.push(MetricRow {
+            subject: t.name.clone(),
+            name: "bytes".into(),
+            value: Some(t.bytes as f64),
+            label,
+        });
     }
     for (name, value) in [
         ("file_bytes", report.file_bytes as f64),
@@ -281,7 +362,12 @@ fn metric_rows(report: &pipeline::GgufReport) -> Vec<MetricRow> {
         ("bits_per_weight_total", report.bits_per_weight_total),
         ("quantize_seconds", report.wall_seconds),
     ] {
-        rows.push(MetricRow { subject: "model".into(), name: name.into(), value: Some(value), label: None });
+        rows.push(MetricRow {
+            subject: "model".into(),
+            name: name.into(),
+            value: Some(value),
+            label: None,
+        });
     }
     rows
 }

@@ -91,7 +91,8 @@ pub fn is_valid_model_id(id: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._:-".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._:-".contains(c))
 }
 
 #[cfg(test)]
@@ -103,7 +104,10 @@ mod tests {
         let spec = JobSpec {
             model: "smol".into(),
             output_name: "smol:q4_k_m".into(),
-            method: MethodSpec::Gguf(GgufParams { gguf_type: GgufType::Q4_K_M, overrides: vec![] }),
+            method: MethodSpec::Gguf(GgufParams {
+                gguf_type: GgufType::Q4_K_M,
+                overrides: vec![],
+            }),
         };
         let j = serde_json::to_value(&spec).unwrap();
         assert_eq!(j["method"], "gguf");

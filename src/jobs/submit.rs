@@ -37,24 +37,48 @@ pub enum Submitted {
 
 /// Computes the plan of `spec` for an opened checkpoint.
 pub fn plan_for(spec: &JobSpec, ckpt: &Checkpoint, threads: usize) -> Result<Plan, SubmitError> {
-    let tensors: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let tensors: Vec<(String, Vec<usize>)> = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
     match &spec.method {
         MethodSpec::Gguf(p) => {
-            let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid { param: e.param, message: e.message })?;
-            Ok(Plan::gguf(&ckpt.config, &tensors, p.gguf_type, &overrides, threads))
+            let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {
+                param: e.param,
+                message: e.message,
+            })?;
+            Ok(Plan::gguf(
+                &ckpt.config,
+                &tensors,
+                p.gguf_type,
+                &overrides,
+                threads,
+            ))
         }
     }
 }
 
-pub async fn submit(js: &JobSystem, spec: JobSpec, idempotency_key: Option<String>, dry_run: bool) -> Result<Submitted, SubmitError> {
+pub async fn submit(
+    js: &JobSystem,
+    spec: JobSpec,
+    idempotency_key: Option<String>,
+    dry_run: bool,
+) -> Result<Submitted, SubmitError> {
     let db = js.db();
     if db::models::get(db, &spec.model).await?.is_none() {
-        return Err(SubmitError::NotFound { param: "model".into(), message: format!("model {:?} does not exist", spec.model) });
+        return Err(SubmitError::NotFound {
+            param: "model".into(),
+            message: format!("model {:?} does not exist", spec.model),
+        });
     }
     if !is_valid_model_id(&spec.output_name) {
         return Err(SubmitError::Invalid {
             param: "output_name".into(),
-            message: format!("{:?} is not a valid model id ([a-z0-9][a-z0-9._:-]{{0,127}})", spec.output_name),
+            message: format!(
+                "{:?} is not a valid model id ([a-z0-9][a-z0-9._:-]{{0,127}})",
+                spec.output_name
+            ),
         });
     }
     let spec_json = serde_json::to_value(&spec).expect("spec serializes");
@@ -66,7 +90,10 @@ pub async fn submit(js: &JobSystem, spec: JobSpec, idempotency_key: Option<Strin
             }
             return Err(SubmitError::Conflict {
                 param: "idempotency_key".into(),
-                message: format!("key {key:?} was used for a different request (job {})", existing.id),
+                message: format!(
+                    "key {key:?} was used for a different request (job {})",
+                    existing.id
+                ),
             });
         }
     }
@@ -77,7 +104,10 @@ pub async fn submit(js: &JobSystem, spec: JobSpec, idempotency_key: Option<Strin
         return Ok(Submitted::Plan(plan_json));
     }
     if db::models::get(db, &spec.output_name).await?.is_some() {
-        return Err(SubmitError::Conflict { param: "output_name".into(), message: format!("a model named {:?} already exists", spec.output_name) });
+        return Err(SubmitError::Conflict {
+            param: "output_name".into(),
+            message: format!("a model named {:?} already exists", spec.output_name),
+        });
     }
     if let Some(other) = db::jobs::active_for_output(db, &spec.output_name).await? {
         return Err(SubmitError::Conflict {
@@ -112,7 +142,9 @@ pub async fn submit(js: &JobSystem, spec: JobSpec, idempotency_key: Option<Strin
         }
     }
     inserted?;
-    let row = db::jobs::get(db, &id).await?.expect("job was just inserted");
+    let row = db::jobs::get(db, &id)
+        .await?
+        .expect("job was just inserted");
     js.wake();
     Ok(Submitted::Queued(row))
 }

@@ -21,11 +21,23 @@ pub async fn recover(js: &JobSystem) -> Result<(), sqlx::Error> {
     let (requeued, failed) = db::jobs::recover_stale(js.db()).await?;
     for id in &requeued {
         info!(job = %id, "re-queued a job left running by a previous process");
-        db::jobs::add_event(js.db(), id, "log", &serde_json::json!({"message": "re-queued after the previous process stopped"})).await?;
+        db::jobs::add_event(
+            js.db(),
+            id,
+            "log",
+            &serde_json::json!({"message": "re-queued after the previous process stopped"}),
+        )
+        .await?;
     }
     for id in &failed {
         warn!(job = %id, "failed a job that used up its attempts");
-        db::jobs::add_event(js.db(), id, "failed", &serde_json::json!({"status": "failed", "error": "attempts exhausted"})).await?;
+        db::jobs::add_event(
+            js.db(),
+            id,
+            "failed",
+            &serde_json::json!({"status": "failed", "error": "attempts exhausted"}),
+        )
+        .await?;
     }
     let known: HashSet<String> = db::blobs::all_digests(js.db()).await?.into_iter().collect();
     match js.store().sweep(&known) {

@@ -42,7 +42,10 @@ pub enum CheckpointError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
 }
 
 fn invalid(file: &str, message: impl Into<String>) -> CheckpointError {
@@ -108,10 +111,16 @@ pub const HF_SIDE_FILES: &[&str] = &[
 ];
 
 fn read_json(path: &Path, name: &str, limit: u64) -> Result<serde_json::Value, CheckpointError> {
-    let io = |source| CheckpointError::Io { file: name.to_string(), source };
+    let io = |source| CheckpointError::Io {
+        file: name.to_string(),
+        source,
+    };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > limit {
-        return Err(invalid(name, format!("{len} bytes exceeds the limit of {limit} bytes")));
+        return Err(invalid(
+            name,
+            format!("{len} bytes exceeds the limit of {limit} bytes"),
+        ));
     }
     let bytes = std::fs::read(path).map_err(io)?;
     serde_json::from_slice(&bytes).map_err(|e| invalid(name, format!("invalid JSON: {e}")))
@@ -127,19 +136,34 @@ fn is_plain_file_name(name: &str) -> bool {
 }
 
 fn mmap(path: &Path, name: &str) -> Result<Mmap, CheckpointError> {
-    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io { file: name.to_string(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io {
+        file: name.to_string(),
+        source,
+    })?;
     // SAFETY: quantd owns these files (content-addressed blobs, never modified in place).
-    unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io { file: name.to_string(), source })
+    unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io {
+        file: name.to_string(),
+        source,
+    })
 }
 
 impl Checkpoint {
     /// Refuses pickles and archives whatever their names, then opens the set as a GGUF (one
     /// `.gguf` file) or an HF folder.
-    pub fn open(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Self, CheckpointError> {
+    pub fn open(
+        files: &BTreeMap<String, PathBuf>,
+        limits: CheckLimits,
+    ) -> Result<Self, CheckpointError> {
         for (name, path) in files {
-            let kind = sniff_file(path).map_err(|source| CheckpointError::Io { file: name.clone(), source })?;
+            let kind = sniff_file(path).map_err(|source| CheckpointError::Io {
+                file: name.clone(),
+                source,
+            })?;
             if kind.is_refused_archive_or_pickle() {
-                return Err(CheckpointError::Refused { file: name.clone(), what: kind.describe() });
+                return Err(CheckpointError::Refused {
+                    file: name.clone(),
+                    what: kind.describe(),
+                });
             }
         }
         let ggufs: Vec<_> = files.keys().filter(|n| n.ends_with(".gguf")).collect();
@@ -153,10 +177,16 @@ impl Checkpoint {
         }
     }
 
-    pub fn open_hf(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Self, CheckpointError> {
+    pub fn open_hf(
+        files: &BTreeMap<String, PathBuf>,
+        limits: CheckLimits,
+    ) -> Result<Self, CheckpointError> {
         for name in files.keys() {
             if !is_plain_file_name(name) {
-                return Err(invalid(name, "file names must be plain names without paths"));
+                return Err(invalid(
+                    name,
+                    "file names must be plain names without paths",
+                ));
             }
             if !HF_SIDE_FILES.contains(&name.as_str()) && !name.ends_with(".safetensors") {
                 return Err(CheckpointError::Refused {
@@ -167,15 +197,23 @@ impl Checkpoint {
                 });
             }
         }
-        let config_path = files.get("config.json").ok_or_else(|| invalid("config.json", "missing from the upload"))?;
+        let config_path = files
+            .get("config.json")
+            .ok_or_else(|| invalid("config.json", "missing from the upload"))?;
         let config_json = read_json(config_path, "config.json", limits.max_small_json)?;
         let config = ModelConfig::from_hf_json(&config_json)?;
-        for side in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        for side in [
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ] {
             if let Some(p) = files.get(side) {
                 read_json(p, side, limits.max_small_json)?;
             }
         }
-        let tok = files.get("tokenizer.json").ok_or_else(|| invalid("tokenizer.json", "missing from the upload"))?;
+        let tok = files
+            .get("tokenizer.json")
+            .ok_or_else(|| invalid("tokenizer.json", "missing from the upload"))?;
         check_tokenizer(tok, limits.max_tokenizer)?;
 
         let shards = shard_names(files, limits)?;
@@ -184,29 +222,64 @@ impl Checkpoint {
         let mut lm_head_seen = false;
         for shard in &shards {
             let path = &files[shard];
-            let kind = sniff_file(path).map_err(|source| CheckpointError::Io { file: shard.clone(), source })?;
+            let kind = sniff_file(path).map_err(|source| CheckpointError::Io {
+                file: shard.clone(),
+                source,
+            })?;
             if kind != FileKind::Safetensors {
-                return Err(invalid(shard, format!("not a safetensors file (looks like {})", kind.describe())));
+                return Err(invalid(
+                    shard,
+                    format!("not a safetensors file (looks like {})", kind.describe()),
+                ));
             }
-            let header = st::read_header(path, shard, limits.max_safetensors_header)
-                .map_err(|e| invalid(shard, e.to_string().trim_start_matches(&format!("{shard}: ")).to_string()))?;
+            let header =
+                st::read_header(path, shard, limits.max_safetensors_header).map_err(|e| {
+                    invalid(
+                        shard,
+                        e.to_string()
+                            .trim_start_matches(&format!("{shard}: "))
+                            .to_string(),
+                    )
+                })?;
             let file_index = maps.len();
             maps.push(mmap(path, shard)?);
             for t in header.tensors {
                 if names::is_ignorable_hf(&t.name) {
                     continue;
                 }
-                let gguf = names::hf_to_gguf(&t.name)
-                    .ok_or_else(|| invalid(shard, format!("unexpected tensor {:?} for a {} model", t.name, config.architecture.name())))?;
+                let gguf = names::hf_to_gguf(&t.name).ok_or_else(|| {
+                    invalid(
+                        shard,
+                        format!(
+                            "unexpected tensor {:?} for a {} model",
+                            t.name,
+                            config.architecture.name()
+                        ),
+                    )
+                })?;
                 if gguf == "output.weight" && config.tie_word_embeddings {
                     // Tied checkpoints sometimes store the head anyway; llama.cpp ignores it too.
                     lm_head_seen = true;
                     continue;
                 }
                 if !t.dtype.is_float() {
-                    return Err(invalid(shard, format!("tensor {:?} has dtype {}; only F32, F16 and BF16 weights are accepted", t.name, t.dtype.name())));
+                    return Err(invalid(
+                        shard,
+                        format!(
+                            "tensor {:?} has dtype {}; only F32, F16 and BF16 weights are accepted",
+                            t.name,
+                            t.dtype.name()
+                        ),
+                    ));
                 }
-                let r = TensorRef { name: gguf.clone(), shape: t.shape, dtype: SourceDtype::Safetensors(t.dtype), file: file_index, offset: t.offset, len: t.len };
+                let r = TensorRef {
+                    name: gguf.clone(),
+                    shape: t.shape,
+                    dtype: SourceDtype::Safetensors(t.dtype),
+                    file: file_index,
+                    offset: t.offset,
+                    len: t.len,
+                };
                 if found.insert(gguf, r).is_some() {
                     return Err(invalid(shard, format!("tensor {:?} appears twice", t.name)));
                 }
@@ -218,7 +291,11 @@ impl Checkpoint {
             format: Format::HfSafetensors,
             config,
             tensors,
-            side_files: files.iter().filter(|(n, _)| !n.ends_with(".safetensors")).map(|(n, p)| (n.clone(), p.clone())).collect(),
+            side_files: files
+                .iter()
+                .filter(|(n, _)| !n.ends_with(".safetensors"))
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
             gguf_metadata: Vec::new(),
             maps,
         })
@@ -234,7 +311,17 @@ impl Checkpoint {
             .tensors
             .iter()
             .map(|t| {
-                (t.name.clone(), TensorRef { name: t.name.clone(), shape: t.shape.clone(), dtype: SourceDtype::Ggml(t.dtype), file: 0, offset: t.offset, len: t.size })
+                (
+                    t.name.clone(),
+                    TensorRef {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        dtype: SourceDtype::Ggml(t.dtype),
+                        file: 0,
+                        offset: t.offset,
+                        len: t.size,
+                    },
+                )
             })
             .collect();
         let tensors = order_and_check(&config, found, name)?;
@@ -270,16 +357,24 @@ impl Checkpoint {
             SourceDtype::Safetensors(dtype) => {
                 let v = decode_float(bytes, dtype);
                 match names::qk_permute_heads(&self.config, &t.name) {
-                    Some(heads) => names::permute_qk(&v, heads, t.shape.get(1).copied().unwrap_or(1)),
+                    Some(heads) => {
+                        names::permute_qk(&v, heads, t.shape.get(1).copied().unwrap_or(1))
+                    }
                     None => v,
                 }
             }
             SourceDtype::Ggml(dtype) => {
                 let q = QTensor::new(
-                    candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &candle_core::Device::Cpu, dtype)?,
+                    candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Borrowed(bytes),
+                        &candle_core::Device::Cpu,
+                        dtype,
+                    )?,
                     t.shape.as_slice(),
                 )?;
-                q.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?
+                q.dequantize(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
             }
         };
         self.release(t);
@@ -303,31 +398,56 @@ impl Checkpoint {
         // SAFETY: DontNeed on a read-only private file mapping only drops cached pages; later
         // reads fault them in again from the file.
         let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )
         };
     }
 }
 
 fn check_tokenizer(path: &Path, limit: u64) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io { file: "tokenizer.json".into(), source };
+    let io = |source| CheckpointError::Io {
+        file: "tokenizer.json".into(),
+        source,
+    };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > limit {
-        return Err(invalid("tokenizer.json", format!("{len} bytes exceeds the limit of {limit} bytes")));
+        return Err(invalid(
+            "tokenizer.json",
+            format!("{len} bytes exceeds the limit of {limit} bytes"),
+        ));
     }
     let bytes = std::fs::read(path).map_err(io)?;
     tokenizers::Tokenizer::from_bytes(&bytes)
         .map(|_| ())
-        .map_err(|e| invalid("tokenizer.json", format!("does not load as a tokenizer: {e}")))
+        .map_err(|e| {
+            invalid(
+                "tokenizer.json",
+                format!("does not load as a tokenizer: {e}"),
+            )
+        })
 }
 
 /// The safetensors files to read: those named by the index (all of which must be plain names
 /// present in the upload), or every `*.safetensors` file when there is no index.
-fn shard_names(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result<Vec<String>, CheckpointError> {
+fn shard_names(
+    files: &BTreeMap<String, PathBuf>,
+    limits: CheckLimits,
+) -> Result<Vec<String>, CheckpointError> {
     const INDEX: &str = "model.safetensors.index.json";
-    let uploaded: Vec<String> = files.keys().filter(|n| n.ends_with(".safetensors")).cloned().collect();
+    let uploaded: Vec<String> = files
+        .keys()
+        .filter(|n| n.ends_with(".safetensors"))
+        .cloned()
+        .collect();
     let Some(index_path) = files.get(INDEX) else {
         if uploaded.is_empty() {
-            return Err(invalid("model.safetensors", "no *.safetensors file in the upload"));
+            return Err(invalid(
+                "model.safetensors",
+                "no *.safetensors file in the upload",
+            ));
         }
         return Ok(uploaded);
     };
@@ -338,12 +458,20 @@ fn shard_names(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result
         .ok_or_else(|| invalid(INDEX, "weight_map must be an object"))?;
     let mut shards = HashSet::new();
     for (tensor, shard) in map {
-        let shard = shard.as_str().ok_or_else(|| invalid(INDEX, format!("weight_map[{tensor:?}] must be a string")))?;
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| invalid(INDEX, format!("weight_map[{tensor:?}] must be a string")))?;
         if !is_plain_file_name(shard) || !shard.ends_with(".safetensors") {
-            return Err(invalid(INDEX, format!("shard name {shard:?} must be a plain *.safetensors file name")));
+            return Err(invalid(
+                INDEX,
+                format!("shard name {shard:?} must be a plain *.safetensors file name"),
+            ));
         }
         if !files.contains_key(shard) {
-            return Err(invalid(INDEX, format!("shard {shard:?} is named by the index but not uploaded")));
+            return Err(invalid(
+                INDEX,
+                format!("shard {shard:?} is named by the index but not uploaded"),
+            ));
         }
         shards.insert(shard.to_string());
     }
@@ -354,13 +482,25 @@ fn shard_names(files: &BTreeMap<String, PathBuf>, limits: CheckLimits) -> Result
 
 /// Checks that exactly the tensors the config needs are there, with the right shapes, and
 /// returns them in llama.cpp's order.
-fn order_and_check(cfg: &ModelConfig, mut found: HashMap<String, TensorRef>, file: &str) -> Result<Vec<TensorRef>, CheckpointError> {
+fn order_and_check(
+    cfg: &ModelConfig,
+    mut found: HashMap<String, TensorRef>,
+    file: &str,
+) -> Result<Vec<TensorRef>, CheckpointError> {
     let mut ordered = Vec::with_capacity(found.len());
     for name in names::required_tensors(cfg) {
-        let t = found.remove(&name).ok_or_else(|| invalid(file, format!("tensor {name} is missing")))?;
+        let t = found
+            .remove(&name)
+            .ok_or_else(|| invalid(file, format!("tensor {name} is missing")))?;
         let expected = names::expected_shape(cfg, &name).expect("required tensors have shapes");
         if t.shape != expected {
-            return Err(invalid(file, format!("tensor {name} has shape {:?} but config.json implies {expected:?}", t.shape)));
+            return Err(invalid(
+                file,
+                format!(
+                    "tensor {name} has shape {:?} but config.json implies {expected:?}",
+                    t.shape
+                ),
+            ));
         }
         ordered.push(t);
     }
@@ -373,9 +513,18 @@ fn order_and_check(cfg: &ModelConfig, mut found: HashMap<String, TensorRef>, fil
 /// Decodes little-endian F32/F16/BF16 bytes.
 pub fn decode_float(bytes: &[u8], dtype: StDtype) -> Vec<f32> {
     match dtype {
-        StDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        StDtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StDtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        StDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        StDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => unreachable!("non-float dtype {other:?} is refused when the checkpoint is opened"),
     }
 }
@@ -409,12 +558,18 @@ fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
     let architecture = Architecture::from_model_type(&arch_name)
         .filter(|a| a.gguf_arch() == arch_name)
         .ok_or_else(|| ConfigError::UnsupportedArchitecture(arch_name.clone()))?;
-    let need = |key: &str| meta_u64(f, &format!("{arch_name}.{key}")).ok_or_else(|| invalid("gguf", format!("{arch_name}.{key} is missing")));
+    let need = |key: &str| {
+        meta_u64(f, &format!("{arch_name}.{key}"))
+            .ok_or_else(|| invalid("gguf", format!("{arch_name}.{key} is missing")))
+    };
     let hidden = need("embedding_length")? as usize;
     let heads = need("attention.head_count")? as usize;
     let check = |field: &str, v: usize, max: usize| {
         if v == 0 || v > max {
-            Err(invalid("gguf", format!("{arch_name}.{field} = {v} is outside 1..={max}")))
+            Err(invalid(
+                "gguf",
+                format!("{arch_name}.{field} = {v} is outside 1..={max}"),
+            ))
         } else {
             Ok(v)
         }
@@ -429,23 +584,41 @@ fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
         Some(Value::String(kind)) if kind != "none" => Some(RopeScaling {
             kind: kind.clone(),
             factor: meta_f64(f, &format!("{arch_name}.rope.scaling.factor")).unwrap_or(1.0),
-            original_max_position_embeddings: meta_u64(f, &format!("{arch_name}.rope.scaling.original_context_length")),
+            original_max_position_embeddings: meta_u64(
+                f,
+                &format!("{arch_name}.rope.scaling.original_context_length"),
+            ),
         }),
         _ => None,
     };
-    let head_dim = meta_u64(f, &format!("{arch_name}.attention.key_length")).map_or(hidden / heads.max(1), |v| v as usize);
+    let head_dim = meta_u64(f, &format!("{arch_name}.attention.key_length"))
+        .map_or(hidden / heads.max(1), |v| v as usize);
     let token_id = |key: &str| meta_u64(f, key).map(|v| v as u32);
     let cfg = ModelConfig {
         architecture,
         vocab_size: check("vocab_size", vocab, MAX_VOCAB)?,
         hidden_size: check("embedding_length", hidden, MAX_HIDDEN)?,
-        intermediate_size: check("feed_forward_length", need("feed_forward_length")? as usize, MAX_INTERMEDIATE)?,
+        intermediate_size: check(
+            "feed_forward_length",
+            need("feed_forward_length")? as usize,
+            MAX_INTERMEDIATE,
+        )?,
         num_hidden_layers: check("block_count", need("block_count")? as usize, MAX_LAYERS)?,
         num_attention_heads: check("attention.head_count", heads, MAX_HEADS)?,
-        num_key_value_heads: check("attention.head_count_kv", meta_u64(f, &format!("{arch_name}.attention.head_count_kv")).unwrap_or(heads as u64) as usize, MAX_HEADS)?,
+        num_key_value_heads: check(
+            "attention.head_count_kv",
+            meta_u64(f, &format!("{arch_name}.attention.head_count_kv")).unwrap_or(heads as u64)
+                as usize,
+            MAX_HEADS,
+        )?,
         head_dim,
-        max_position_embeddings: check("context_length", meta_u64(f, &format!("{arch_name}.context_length")).unwrap_or(4096) as usize, MAX_CONTEXT)?,
-        rms_norm_eps: meta_f64(f, &format!("{arch_name}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+        max_position_embeddings: check(
+            "context_length",
+            meta_u64(f, &format!("{arch_name}.context_length")).unwrap_or(4096) as usize,
+            MAX_CONTEXT,
+        )?,
+        rms_norm_eps: meta_f64(f, &format!("{arch_name}.attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-6),
         rope_theta: meta_f64(f, &format!("{arch_name}.rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling,
         tie_word_embeddings: !tensor_has("output.weight"),
@@ -455,7 +628,10 @@ fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
     };
     cfg.validate()?;
     if f.get("tokenizer.ggml.model").is_none() {
-        return Err(invalid("gguf", "tokenizer.ggml.model is missing: the file carries no tokenizer"));
+        return Err(invalid(
+            "gguf",
+            "tokenizer.ggml.model is missing: the file carries no tokenizer",
+        ));
     }
     Ok(cfg)
 }

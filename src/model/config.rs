@@ -171,8 +171,14 @@ impl ModelConfig {
                 Some(v) if !v.is_null() => get_usize(j, "max_position_embeddings", MAX_CONTEXT)?,
                 _ => 4096,
             },
-            rms_norm_eps: j.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6),
-            rope_theta: j.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10_000.0),
+            rms_norm_eps: j
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6),
+            rope_theta: j
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10_000.0),
             rope_scaling,
             tie_word_embeddings: j
                 .get("tie_word_embeddings")
@@ -191,7 +197,7 @@ impl ModelConfig {
 
     /// Cross-field checks shared by both sources.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -200,14 +206,23 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(invalid("head_dim", format!("{} must be even and positive", self.head_dim)));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(
+                "head_dim",
+                format!("{} must be even and positive", self.head_dim),
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
-            return Err(invalid("rms_norm_eps", format!("{} is outside (0, 1)", self.rms_norm_eps)));
+            return Err(invalid(
+                "rms_norm_eps",
+                format!("{} is outside (0, 1)", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(invalid("rope_theta", format!("{} must be positive", self.rope_theta)));
+            return Err(invalid(
+                "rope_theta",
+                format!("{} must be positive", self.rope_theta),
+            ));
         }
         Ok(())
     }

@@ -46,7 +46,10 @@ pub fn gguf_to_hf(name: &str) -> Option<String> {
     }
     let parsed = GgufName::parse(name)?;
     let (h, _) = LAYER_PARTS.iter().find(|(_, g)| *g == parsed.part)?;
-    Some(format!("model.layers.{}.{h}.{}", parsed.layer?, parsed.kind))
+    Some(format!(
+        "model.layers.{}.{h}.{}",
+        parsed.layer?, parsed.kind
+    ))
 }
 
 /// HF names that are known and carry nothing llama.cpp needs (RoPE caches).
@@ -138,12 +141,16 @@ pub fn qk_permute_heads(cfg: &ModelConfig, gguf_name: &str) -> Option<usize> {
 /// `permute`: rows viewed as (heads, 2, head_dim/2) become (heads, head_dim/2, 2).
 /// `row_len` is the number of values per row (1 for a bias).
 pub fn permute_qk<T: Copy>(data: &[T], heads: usize, row_len: usize) -> Vec<T> {
-    reorder_rows(data, heads, row_len, |h, half, i, j| (h * 2 * half + j * half + i, h * 2 * half + 2 * i + j))
+    reorder_rows(data, heads, row_len, |h, half, i, j| {
+        (h * 2 * half + j * half + i, h * 2 * half + 2 * i + j)
+    })
 }
 
 /// The inverse of [`permute_qk`].
 pub fn unpermute_qk<T: Copy>(data: &[T], heads: usize, row_len: usize) -> Vec<T> {
-    reorder_rows(data, heads, row_len, |h, half, i, j| (h * 2 * half + 2 * i + j, h * 2 * half + j * half + i))
+    reorder_rows(data, heads, row_len, |h, half, i, j| {
+        (h * 2 * half + 2 * i + j, h * 2 * half + j * half + i)
+    })
 }
 
 /// Moves row `src` to row `dst` for every (head, i < half, j < 2) that `map` names.
@@ -185,7 +192,10 @@ mod tests {
             let g = hf_to_gguf(hf).unwrap();
             assert_eq!(gguf_to_hf(&g).as_deref(), Some(hf), "{g}");
         }
-        assert_eq!(hf_to_gguf("model.layers.3.self_attn.o_proj.weight").unwrap(), "blk.3.attn_output.weight");
+        assert_eq!(
+            hf_to_gguf("model.layers.3.self_attn.o_proj.weight").unwrap(),
+            "blk.3.attn_output.weight"
+        );
         assert_eq!(hf_to_gguf("model.layers.3.mlp.experts.0.weight"), None);
     }
 

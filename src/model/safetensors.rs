@@ -90,7 +90,10 @@ pub enum StError {
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("{file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Deserialize)]
@@ -113,7 +116,9 @@ pub fn read_header(path: &Path, file_name: &str, max_header: u64) -> Result<StHe
     let mut file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     if file_len < 8 {
-        return Err(invalid(format!("file is {file_len} bytes, shorter than the 8-byte header length")));
+        return Err(invalid(format!(
+            "file is {file_len} bytes, shorter than the 8-byte header length"
+        )));
     }
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes).map_err(io)?;
@@ -137,8 +142,8 @@ pub fn read_header(path: &Path, file_name: &str, max_header: u64) -> Result<StHe
 
 /// Validates header JSON given where the data starts and how long it is.
 pub fn parse_header(header: &[u8], data_start: u64, data_len: u64) -> Result<StHeader, String> {
-    let json: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
-        .map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let json: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("header is not a JSON object: {e}"))?;
     let mut tensors = Vec::with_capacity(json.len());
     let mut metadata = BTreeMap::new();
     for (name, value) in json {
@@ -147,13 +152,15 @@ pub fn parse_header(header: &[u8], data_start: u64, data_len: u64) -> Result<StH
                 .map_err(|e| format!("__metadata__ must map strings to strings: {e}"))?;
             continue;
         }
-        let raw: RawEntry = serde_json::from_value(value)
-            .map_err(|e| format!("tensor {name:?}: {e}"))?;
+        let raw: RawEntry =
+            serde_json::from_value(value).map_err(|e| format!("tensor {name:?}: {e}"))?;
         let dtype = StDtype::parse(&raw.dtype)
             .ok_or_else(|| format!("tensor {name:?}: unsupported dtype {:?}", raw.dtype))?;
         let [begin, end] = raw.data_offsets;
         if end < begin {
-            return Err(format!("tensor {name:?}: data_offsets [{begin}, {end}] run backwards"));
+            return Err(format!(
+                "tensor {name:?}: data_offsets [{begin}, {end}] run backwards"
+            ));
         }
         let expected = raw
             .shape
@@ -171,7 +178,9 @@ pub fn parse_header(header: &[u8], data_start: u64, data_len: u64) -> Result<StH
         let shape = raw
             .shape
             .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| format!("tensor {name:?}: dimension {d} too large")))
+            .map(|&d| {
+                usize::try_from(d).map_err(|_| format!("tensor {name:?}: dimension {d} too large"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         tensors.push(StTensor {
             name,
@@ -185,8 +194,15 @@ pub fn parse_header(header: &[u8], data_start: u64, data_len: u64) -> Result<StH
     let mut cursor = 0u64;
     for t in &tensors {
         if t.offset != cursor {
-            let what = if t.offset < cursor { "overlaps the previous tensor" } else { "leaves a gap before it" };
-            return Err(format!("tensor {:?} at offset {} {what} (expected offset {cursor})", t.name, t.offset));
+            let what = if t.offset < cursor {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap before it"
+            };
+            return Err(format!(
+                "tensor {:?} at offset {} {what} (expected offset {cursor})",
+                t.name, t.offset
+            ));
         }
         cursor = t.offset + t.len;
     }
@@ -211,7 +227,9 @@ mod tests {
 
     #[test]
     fn a_well_formed_header_is_accepted_with_absolute_offsets() {
-        let h = header(r#""a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]}"#);
+        let h = header(
+            r#""a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]}"#,
+        );
         let parsed = parse_header(&h, 100, 24).unwrap();
         assert_eq!(parsed.tensors.len(), 2);
         assert_eq!(parsed.tensors[1].offset, 116);
@@ -219,7 +237,9 @@ mod tests {
 
     #[test]
     fn overlapping_offsets_are_refused() {
-        let h = header(r#""a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}"#);
+        let h = header(
+            r#""a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}"#,
+        );
         assert!(parse_header(&h, 8, 24).unwrap_err().contains("overlaps"));
     }
 
@@ -231,7 +251,8 @@ mod tests {
 
     #[test]
     fn shapes_that_overflow_are_refused_not_wrapped() {
-        let h = header(r#""a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]}"#);
+        let h =
+            header(r#""a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]}"#);
         assert!(parse_header(&h, 8, 16).unwrap_err().contains("overflows"));
     }
 

@@ -79,7 +79,10 @@ mod tests {
     fn pickles_and_archives_are_recognised_by_content() {
         assert_eq!(sniff_bytes(&[0x80, 0x04, 0x95, 0, 0]), FileKind::Pickle);
         assert_eq!(sniff_bytes(b"PK\x03\x04rest"), FileKind::Zip);
-        assert_eq!(sniff_bytes(&[b'7', b'z', 0xBC, 0xAF, 0x27, 0x1C, 0]), FileKind::SevenZip);
+        assert_eq!(
+            sniff_bytes(&[b'7', b'z', 0xBC, 0xAF, 0x27, 0x1C, 0]),
+            FileKind::SevenZip
+        );
         assert!(FileKind::Pickle.is_refused_archive_or_pickle());
     }
 

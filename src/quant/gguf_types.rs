@@ -29,14 +29,30 @@ pub enum GgufType {
 
 impl GgufType {
     pub const ALL: [GgufType; 17] = [
-        Self::F32, Self::F16, Self::BF16, Self::Q8_0, Self::Q6_K, Self::Q5_K_M, Self::Q5_K_S,
-        Self::Q5_0, Self::Q5_1, Self::Q4_K_M, Self::Q4_K_S, Self::Q4_0, Self::Q4_1,
-        Self::Q3_K_L, Self::Q3_K_M, Self::Q3_K_S, Self::Q2_K,
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q6_K,
+        Self::Q5_K_M,
+        Self::Q5_K_S,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q4_K_M,
+        Self::Q4_K_S,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q3_K_L,
+        Self::Q3_K_M,
+        Self::Q3_K_S,
+        Self::Q2_K,
     ];
 
     /// Case-insensitive, as llama-quantize accepts them.
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s))
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
     }
 
     pub fn name(self) -> &'static str {

@@ -53,9 +53,11 @@ pub struct Choice {
 /// Parses a block type name as llama.cpp spells it (`Q4_K`, `q8_0`, `F16`).
 pub fn parse_ggml_type(s: &str) -> Option<GgmlDType> {
     use GgmlDType::*;
-    [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K]
-        .into_iter()
-        .find(|t| crate::export::gguf::ggml_type_name(*t).eq_ignore_ascii_case(s))
+    [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+    ]
+    .into_iter()
+    .find(|t| crate::export::gguf::ggml_type_name(*t).eq_ignore_ascii_case(s))
 }
 
 /// llama.cpp quantizes 2-D weights other than norms; everything else stays F32.
@@ -76,7 +78,7 @@ fn rule_type(ctx: &MixContext, ftype: GgufType, name: &str, row_len: usize) -> G
     if is_output {
         // Output (or tied embeddings): Q6_K unless the type is Q8_0 already; Q8_0 when rows
         // do not fit the base type's block.
-        return if row_len % base.block_size() != 0 {
+        return if !row_len.is_multiple_of(base.block_size()) {
             Q8_0
         } else if base != Q8_0 {
             Q6K
@@ -84,13 +86,27 @@ fn rule_type(ctx: &MixContext, ftype: GgufType, name: &str, row_len: usize) -> G
             base
         };
     }
-    let Some(parsed) = GgufName::parse(name) else { return base };
+    let Some(parsed) = GgufName::parse(name) else {
+        return base;
+    };
     let layer = parsed.layer.unwrap_or(0);
     let n = ctx.n_layers;
     match parsed.part {
         "attn_v" => match ftype {
-            F::Q2_K => if ctx.n_gqa >= 4 { Q4K } else { Q3K },
-            F::Q3_K_M => if layer < 2 { Q5K } else { Q4K },
+            F::Q2_K => {
+                if ctx.n_gqa >= 4 {
+                    Q4K
+                } else {
+                    Q3K
+                }
+            }
+            F::Q3_K_M => {
+                if layer < 2 {
+                    Q5K
+                } else {
+                    Q4K
+                }
+            }
             F::Q3_K_L => Q5K,
             F::Q4_K_M | F::Q5_K_M if use_more_bits(layer, n) => Q6K,
             F::Q4_K_S if layer < 4 => Q5K,
@@ -98,7 +114,13 @@ fn rule_type(ctx: &MixContext, ftype: GgufType, name: &str, row_len: usize) -> G
         },
         "ffn_down" => match ftype {
             F::Q2_K => Q3K,
-            F::Q3_K_M => if layer < n / 16 { Q5K } else { Q4K },
+            F::Q3_K_M => {
+                if layer < n / 16 {
+                    Q5K
+                } else {
+                    Q4K
+                }
+            }
             F::Q3_K_L => Q5K,
             F::Q4_K_M if use_more_bits(layer, n) => Q6K,
             F::Q5_K_M if use_more_bits(layer, n) => Q6K,
@@ -125,7 +147,7 @@ fn fallback(dtype: GgmlDType, row_len: usize) -> GgmlDType {
         Q6K => Q8_0,
         _ => F16,
     };
-    if row_len % next.block_size() != 0 {
+    if !row_len.is_multiple_of(next.block_size()) {
         F16
     } else {
         next
@@ -141,17 +163,33 @@ pub fn choose(
     overrides: &[Override],
 ) -> Choice {
     if !is_quantizable(name, shape) {
-        return Choice { dtype: GgmlDType::F32, fallback_from: None, quantized: false };
+        return Choice {
+            dtype: GgmlDType::F32,
+            fallback_from: None,
+            quantized: false,
+        };
     }
     let row_len = *shape.last().expect("quantizable tensors are 2-D");
-    let mut dtype = if ftype.is_float() { ftype.base_dtype() } else { rule_type(ctx, ftype, name, row_len) };
+    let mut dtype = if ftype.is_float() {
+        ftype.base_dtype()
+    } else {
+        rule_type(ctx, ftype, name, row_len)
+    };
     if let Some(o) = overrides.iter().rev().find(|o| o.pattern.is_match(name)) {
         dtype = o.dtype;
     }
-    if row_len % dtype.block_size() == 0 {
-        return Choice { dtype, fallback_from: None, quantized: true };
+    if row_len.is_multiple_of(dtype.block_size()) {
+        return Choice {
+            dtype,
+            fallback_from: None,
+            quantized: true,
+        };
     }
-    Choice { dtype: fallback(dtype, row_len), fallback_from: Some(dtype), quantized: true }
+    Choice {
+        dtype: fallback(dtype, row_len),
+        fallback_from: Some(dtype),
+        quantized: true,
+    }
 }
 
 #[cfg(test)]
@@ -177,7 +215,8 @@ mod tests {
             let shape = expected_shape(&cfg, &name).unwrap();
             let c = choose(&ctx, ftype, &name, &shape, &[]);
             if c.quantized {
-                *h.entry(crate::export::gguf::ggml_type_name(c.dtype)).or_default() += 1;
+                *h.entry(crate::export::gguf::ggml_type_name(c.dtype))
+                    .or_default() += 1;
             }
         }
         h
@@ -188,7 +227,10 @@ mod tests {
     #[test]
     fn q4_k_m_on_smollm2_matches_llama_cpp_tensor_counts() {
         let h = histogram(GgufType::Q4_K_M);
-        assert_eq!(h, BTreeMap::from([("Q5_0", 166), ("Q4_K", 16), ("Q6_K", 14), ("Q8_0", 15)]));
+        assert_eq!(
+            h,
+            BTreeMap::from([("Q5_0", 166), ("Q4_K", 16), ("Q6_K", 14), ("Q8_0", 15)])
+        );
     }
 
     #[test]
@@ -207,18 +249,46 @@ mod tests {
     fn overrides_win_and_still_fall_back_when_rows_do_not_fit() {
         let cfg = smollm2();
         let ctx = MixContext::new(&cfg);
-        let o = [Override { pattern: Regex::new("ffn_down").unwrap(), dtype: GgmlDType::Q8_0 }];
-        let c = choose(&ctx, GgufType::Q4_0, "blk.3.ffn_down.weight", &[576, 1536], &o);
+        let o = [Override {
+            pattern: Regex::new("ffn_down").unwrap(),
+            dtype: GgmlDType::Q8_0,
+        }];
+        let c = choose(
+            &ctx,
+            GgufType::Q4_0,
+            "blk.3.ffn_down.weight",
+            &[576, 1536],
+            &o,
+        );
         assert_eq!(c.dtype, GgmlDType::Q8_0);
-        let o = [Override { pattern: Regex::new("attn_q").unwrap(), dtype: GgmlDType::Q6K }];
+        let o = [Override {
+            pattern: Regex::new("attn_q").unwrap(),
+            dtype: GgmlDType::Q6K,
+        }];
         let c = choose(&ctx, GgufType::Q4_0, "blk.3.attn_q.weight", &[576, 576], &o);
-        assert_eq!((c.dtype, c.fallback_from), (GgmlDType::Q8_0, Some(GgmlDType::Q6K)));
+        assert_eq!(
+            (c.dtype, c.fallback_from),
+            (GgmlDType::Q8_0, Some(GgmlDType::Q6K))
+        );
     }
 
     #[test]
     fn norms_stay_f32() {
         let ctx = MixContext::new(&smollm2());
-        let c = choose(&ctx, GgufType::Q4_K_M, "blk.0.attn_norm.weight", &[576], &[]);
-        assert_eq!(c, Choice { dtype: GgmlDType::F32, fallback_from: None, quantized: false });
+        let c = choose(
+            &ctx,
+            GgufType::Q4_K_M,
+            "blk.0.attn_norm.weight",
+            &[576],
+            &[],
+        );
+        assert_eq!(
+            c,
+            Choice {
+                dtype: GgmlDType::F32,
+                fallback_from: None,
+                quantized: false
+            }
+        );
     }
 }

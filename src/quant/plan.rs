@@ -65,16 +65,22 @@ impl Plan {
                 shape: shape.clone(),
                 type_name: ggml_type_name(c.dtype),
                 dtype: c.dtype,
-                bytes: tensor_bytes(c.dtype, elems).expect("choose only returns types whose blocks fit"),
+                bytes: tensor_bytes(c.dtype, elems)
+                    .expect("choose only returns types whose blocks fit"),
                 quantized: c.quantized,
                 fallback_from: c.fallback_from.map(ggml_type_name),
             });
         }
-        let parameters: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let parameters: u64 = planned
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
         let (q_bytes, q_params) = planned
             .iter()
             .filter(|t| t.quantized)
-            .fold((0u64, 0u64), |(b, p), t| (b + t.bytes, p + t.shape.iter().product::<usize>() as u64));
+            .fold((0u64, 0u64), |(b, p), t| {
+                (b + t.bytes, p + t.shape.iter().product::<usize>() as u64)
+            });
         let tensor_bytes: u64 = planned.iter().map(|t| t.bytes).sum();
         let mut type_counts = std::collections::BTreeMap::new();
         for t in planned.iter().filter(|t| t.quantized) {

@@ -18,9 +18,16 @@ pub struct TensorError {
 #[derive(Debug, thiserror::Error)]
 pub enum TensorQuantError {
     #[error("tensor {name}: value {value} at index {index} is not finite")]
-    NotFinite { name: String, index: usize, value: f32 },
+    NotFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error("tensor {name}: {source}")]
-    Candle { name: String, source: candle_core::Error },
+    Candle {
+        name: String,
+        source: candle_core::Error,
+    },
 }
 
 /// Rows dequantized at a time when measuring error.
@@ -34,13 +41,26 @@ pub fn quantize_tensor(
     dtype: GgmlDType,
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
     if let Some((index, &value)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(TensorQuantError::NotFinite { name: name.to_string(), index, value });
+        return Err(TensorQuantError::NotFinite {
+            name: name.to_string(),
+            index,
+            value,
+        });
     }
-    let candle = |source| TensorQuantError::Candle { name: name.to_string(), source };
+    let candle = |source| TensorQuantError::Candle {
+        name: name.to_string(),
+        source,
+    };
     match dtype {
         GgmlDType::F32 => {
             let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok((bytes, TensorError { rel_rmse: 0.0, snr_db: f64::INFINITY }))
+            Ok((
+                bytes,
+                TensorError {
+                    rel_rmse: 0.0,
+                    snr_db: f64::INFINITY,
+                },
+            ))
         }
         GgmlDType::F16 | GgmlDType::BF16 => {
             let mut acc = ErrorAcc::default();
@@ -64,7 +84,10 @@ pub fn quantize_tensor(
             let q = QTensor::quantize(&tensor, dtype).map_err(candle)?;
             let bytes = q.data().map_err(candle)?.into_owned();
             drop(q);
-            let source = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle)?;
+            let source = tensor
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(candle)?;
             drop(tensor);
             let err = measure_error(&source, &bytes, row_len, dtype).map_err(candle)?;
             Ok((bytes, err))
@@ -73,7 +96,12 @@ pub fn quantize_tensor(
 }
 
 /// Dequantizes `bytes` chunk by chunk and compares with `source`.
-pub fn measure_error(source: &[f32], bytes: &[u8], row_len: usize, dtype: GgmlDType) -> candle_core::Result<TensorError> {
+pub fn measure_error(
+    source: &[f32],
+    bytes: &[u8],
+    row_len: usize,
+    dtype: GgmlDType,
+) -> candle_core::Result<TensorError> {
     let row_bytes = row_len / dtype.block_size() * dtype.type_size();
     let rows = source.len() / row_len;
     let mut acc = ErrorAcc::default();
@@ -82,7 +110,10 @@ pub fn measure_error(source: &[f32], bytes: &[u8], row_len: usize, dtype: GgmlDT
         let n = ERROR_CHUNK_ROWS.min(rows - row);
         let chunk = &bytes[row * row_bytes..(row + n) * row_bytes];
         let storage = QStorage::from_data(Cow::Borrowed(chunk), &Device::Cpu, dtype)?;
-        let deq = QTensor::new(storage, (n, row_len))?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let deq = QTensor::new(storage, (n, row_len))?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (a, b) in source[row * row_len..(row + n) * row_len].iter().zip(&deq) {
             acc.add(*a, *b);
         }
@@ -105,8 +136,16 @@ impl ErrorAcc {
     }
 
     fn finish(self) -> TensorError {
-        let rel_rmse = if self.signal > 0.0 { (self.noise / self.signal).sqrt() } else { 0.0 };
-        let snr_db = if self.noise > 0.0 { 10.0 * (self.signal / self.noise).log10() } else { f64::INFINITY };
+        let rel_rmse = if self.signal > 0.0 {
+            (self.noise / self.signal).sqrt()
+        } else {
+            0.0
+        };
+        let snr_db = if self.noise > 0.0 {
+            10.0 * (self.signal / self.noise).log10()
+        } else {
+            f64::INFINITY
+        };
         TensorError { rel_rmse, snr_db }
     }
 }
@@ -116,7 +155,9 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect()
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
+            .collect()
     }
 
     #[test]
@@ -127,7 +168,10 @@ mod tests {
         assert_eq!(b8.len(), 64 * 256 / 32 * 34);
         assert_eq!(b4.len(), 64 * 256 / 32 * 18);
         assert!(e8.rel_rmse < 0.01, "{e8:?}");
-        assert!(e4.rel_rmse > e8.rel_rmse * 4.0 && e4.rel_rmse < 0.15, "{e4:?}");
+        assert!(
+            e4.rel_rmse > e8.rel_rmse * 4.0 && e4.rel_rmse < 0.15,
+            "{e4:?}"
+        );
     }
 
     #[test]

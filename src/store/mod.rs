@@ -25,7 +25,10 @@ pub struct BlobStore {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{limit_name}: body exceeds the limit of {limit} bytes")]
-    TooLarge { limit_name: &'static str, limit: u64 },
+    TooLarge {
+        limit_name: &'static str,
+        limit: u64,
+    },
     #[error("digest mismatch: the body hashes to {actual}, not {expected}")]
     DigestMismatch { expected: String, actual: String },
     #[error("reading the request body: {0}")]
@@ -133,7 +136,10 @@ impl BlobStore {
             }
             for entry in std::fs::read_dir(&shard)? {
                 let path = entry?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
                 if !known.contains(&format!("sha256:{name}")) {
                     std::fs::remove_file(&path)?;
                     removed += 1;

@@ -30,11 +30,19 @@ impl TestApp {
         settings.server.port = 0;
         settings.jobs.progress_interval_ms = 100;
         tweak(&mut settings);
-        let app = Application::build(settings).await.expect("application builds");
+        let app = Application::build(settings)
+            .await
+            .expect("application builds");
         let addr = format!("http://{}", app.local_addr());
         let shutdown = app.shutdown_token();
         let handle = tokio::spawn(app.run_until_stopped());
-        Self { addr, data_dir, client: reqwest::Client::new(), shutdown, handle }
+        Self {
+            addr,
+            data_dir,
+            client: reqwest::Client::new(),
+            shutdown,
+            handle,
+        }
     }
 
     pub async fn spawn() -> Self {
@@ -51,13 +59,24 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(self.url(path)).send().await.expect("request");
+        let r = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(body).send().await.expect("request");
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -67,10 +86,16 @@ impl TestApp {
         let start = Instant::now();
         loop {
             let (_, job) = self.get_json(&format!("/v1/jobs/{id}")).await;
-            if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 return job;
             }
-            assert!(start.elapsed() < timeout, "job {id} did not finish in {timeout:?}: {job}");
+            assert!(
+                start.elapsed() < timeout,
+                "job {id} did not finish in {timeout:?}: {job}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -99,7 +124,9 @@ pub fn stored_files(data_dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![data_dir.join("blobs"), data_dir.join("tmp")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -118,7 +145,9 @@ pub fn stored_files(data_dir: &Path) -> Vec<PathBuf> {
 pub fn fixture() -> PathBuf {
     let root = std::env::var_os("QUANTD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/quantd-fixtures"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/quantd-fixtures")
+        });
     let dir = root.join("smollm2-135m");
     assert!(
         dir.join(".complete").exists(),
@@ -134,7 +163,10 @@ pub fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = fixture().parent().unwrap().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with gguf: set QUANTD_PYTHON or run scripts/test.sh");
+    assert!(
+        venv.exists(),
+        "no Python with gguf: set QUANTD_PYTHON or run scripts/test.sh"
+    );
     venv
 }
 

@@ -22,7 +22,10 @@ pub fn config() -> serde_json::Value {
 
 /// GPT-2's byte → printable-char table.
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -40,8 +43,11 @@ fn bytes_to_unicode() -> Vec<char> {
 }
 
 pub fn tokenizer() -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        bytes_to_unicode().into_iter().enumerate().map(|(i, c)| (c.to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), json!(i)))
+        .collect();
     let mut vocab = vocab;
     vocab.insert("<|endoftext|>".into(), json!(256));
     json!({
@@ -60,10 +66,14 @@ pub fn tokenizer() -> serde_json::Value {
 
 /// Deterministic pseudo-random floats in [-0.1, 0.1).
 fn values(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(n * 4);
     for _ in 0..n {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -77,10 +87,22 @@ pub fn tensor_shapes() -> Vec<(String, Vec<usize>)> {
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         t.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
-        t.push((format!("{p}.self_attn.q_proj.weight"), vec![HEADS * hd, HIDDEN]));
-        t.push((format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * hd, HIDDEN]));
-        t.push((format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * hd, HIDDEN]));
-        t.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * hd]));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![HEADS * hd, HIDDEN],
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![KV_HEADS * hd, HIDDEN],
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![KV_HEADS * hd, HIDDEN],
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![HIDDEN, HEADS * hd],
+        ));
         t.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
         t.push((format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN]));
         t.push((format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN]));
@@ -95,12 +117,23 @@ pub fn write_model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config().to_string()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer().to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), json!({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}).to_string(),
+    )
+    .unwrap();
     let shapes = tensor_shapes();
     let tensors: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = shapes
         .iter()
         .enumerate()
-        .map(|(i, (name, shape))| (name.as_str(), "F32", shape.clone(), values(shape.iter().product(), i as u64)))
+        .map(|(i, (name, shape))| {
+            (
+                name.as_str(),
+                "F32",
+                shape.clone(),
+                values(shape.iter().product(), i as u64),
+            )
+        })
         .collect();
     super::write_safetensors(&dir.join("model.safetensors"), &tensors);
 }

@@ -68,7 +68,7 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
 /// or the size overflows.
 pub fn tensor_bytes(t: GgmlDType, elems: u64) -> Option<u64> {
     let bs = t.block_size() as u64;
-    if elems % bs != 0 {
+    if !elems.is_multiple_of(bs) {
         return None;
     }
     (elems / bs).checked_mul(t.type_size() as u64)

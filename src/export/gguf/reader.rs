@@ -175,7 +175,9 @@ impl GgufFile {
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(GgufError::Unsupported(format!("version {version} (2 and 3 are read)")));
+            return Err(GgufError::Unsupported(format!(
+                "version {version} (2 and 3 are read)"
+            )));
         }
         // Minimum sizes: a tensor info is name length + n_dims + type + offset; a kv is key
         // length + type + one byte.
@@ -194,14 +196,20 @@ impl GgufFile {
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             None => super::ALIGNMENT,
             Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => *a as u64,
-            Some((_, v)) => return invalid(format!("general.alignment {v:?} must be a positive power of two (u32)")),
+            Some((_, v)) => {
+                return invalid(format!(
+                    "general.alignment {v:?} must be a positive power of two (u32)"
+                ))
+            }
         };
         let mut infos = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return invalid(format!("tensor {name:?} has {n_dims} dimensions (1..={MAX_DIMS})"));
+                return invalid(format!(
+                    "tensor {name:?} has {n_dims} dimensions (1..={MAX_DIMS})"
+                ));
             }
             let mut ne = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -214,7 +222,15 @@ impl GgufFile {
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(infos.len());
         for (name, ne, type_id, rel_offset) in infos {
-            tensors.push(check_tensor(name, &ne, type_id, rel_offset, data_offset, alignment, len)?);
+            tensors.push(check_tensor(
+                name,
+                &ne,
+                type_id,
+                rel_offset,
+                data_offset,
+                alignment,
+                len,
+            )?);
         }
         check_disjoint(&mut tensors.iter().collect::<Vec<_>>())?;
         Ok(Self {
@@ -258,7 +274,7 @@ fn check_tensor(
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| GgufError::Invalid(format!("tensor {name:?} shape {ne:?} overflows")))?;
-    if ne[0] % dtype.block_size() as u64 != 0 {
+    if !ne[0].is_multiple_of(dtype.block_size() as u64) {
         return invalid(format!(
             "tensor {name:?}: row length {} is not a multiple of the block size {}",
             ne[0],
@@ -267,8 +283,10 @@ fn check_tensor(
     }
     let size = tensor_bytes(dtype, elems)
         .ok_or_else(|| GgufError::Invalid(format!("tensor {name:?} size overflows")))?;
-    if rel_offset % alignment != 0 {
-        return invalid(format!("tensor {name:?} offset {rel_offset} is not aligned to {alignment}"));
+    if !rel_offset.is_multiple_of(alignment) {
+        return invalid(format!(
+            "tensor {name:?} offset {rel_offset} is not aligned to {alignment}"
+        ));
     }
     let end = data_offset
         .checked_add(rel_offset)
@@ -293,7 +311,10 @@ fn check_disjoint(tensors: &mut [&GgufTensorInfo]) -> Result<(), GgufError> {
     tensors.sort_by_key(|t| t.offset);
     for pair in tensors.windows(2) {
         if pair[0].offset + pair[0].size > pair[1].offset {
-            return invalid(format!("tensors {:?} and {:?} overlap", pair[0].name, pair[1].name));
+            return invalid(format!(
+                "tensors {:?} and {:?} overlap",
+                pair[0].name, pair[1].name
+            ));
         }
     }
     let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();

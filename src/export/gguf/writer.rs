@@ -57,7 +57,10 @@ fn write_value<W: Write>(w: &mut W, v: &Value) -> io::Result<u64> {
             // An empty array still needs an element type; GGUF readers accept any.
             let elem_ty = items.first().map_or(4, value_type);
             if items.iter().any(|i| value_type(i) != elem_ty) {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "GGUF arrays must be homogeneous"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "GGUF arrays must be homogeneous",
+                ));
             }
             w.write_all(&elem_ty.to_le_bytes())?;
             w.write_all(&(items.len() as u64).to_le_bytes())?;
@@ -84,7 +87,11 @@ pub struct TensorDecl<'a> {
 impl<W: Write> GgufWriter<W> {
     /// Writes magic, version, metadata and tensor infos; afterwards call `write_tensor` once
     /// per declared tensor, in order, then `finish`.
-    pub fn begin(mut out: W, metadata: &[(String, Value)], tensors: &[TensorDecl<'_>]) -> io::Result<Self> {
+    pub fn begin(
+        mut out: W,
+        metadata: &[(String, Value)],
+        tensors: &[TensorDecl<'_>],
+    ) -> io::Result<Self> {
         let mut pos = 0u64;
         out.write_all(&GGUF_MAGIC.to_le_bytes())?;
         out.write_all(&3u32.to_le_bytes())?;
@@ -101,7 +108,10 @@ impl<W: Write> GgufWriter<W> {
         for t in tensors {
             let elems = t.shape.iter().map(|&d| d as u64).product();
             let size = tensor_bytes(t.dtype, elems).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not whole blocks", t.name))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: not whole blocks", t.name),
+                )
             })?;
             pos += write_str(&mut out, t.name)?;
             out.write_all(&(t.shape.len() as u32).to_le_bytes())?;
@@ -122,11 +132,9 @@ impl<W: Write> GgufWriter<W> {
 
     /// Writes the next tensor's bytes; its name and size must match the declaration.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
-        let (expected_name, size) = self
-            .pending
-            .front()
-            .cloned()
-            .ok_or_else(|| io::Error::other(format!("{name}: more tensors written than declared")))?;
+        let (expected_name, size) = self.pending.front().cloned().ok_or_else(|| {
+            io::Error::other(format!("{name}: more tensors written than declared"))
+        })?;
         if expected_name != name || size != data.len() as u64 {
             return Err(io::Error::other(format!(
                 "tensor {name} ({} bytes) written where {expected_name} ({size} bytes) was declared",
@@ -144,7 +152,9 @@ impl<W: Write> GgufWriter<W> {
     /// Checks every declared tensor was written and returns the inner writer.
     pub fn finish(self) -> io::Result<W> {
         if let Some((name, _)) = self.pending.front() {
-            return Err(io::Error::other(format!("tensor {name} was declared but never written")));
+            return Err(io::Error::other(format!(
+                "tensor {name} was declared but never written"
+            )));
         }
         Ok(self.out)
     }
@@ -162,14 +172,28 @@ mod tests {
     #[test]
     fn written_file_reads_back_with_metadata_and_aligned_tensors() {
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             ("general.alignment".to_string(), Value::U32(32)),
-            ("tokenizer.ggml.tokens".to_string(), Value::Array(vec![Value::String("a".into()), Value::String("b".into())])),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+            ),
         ];
         let shape = [2usize, 32];
         let decl = [
-            TensorDecl { name: "a.weight", shape: &shape, dtype: GgmlDType::Q8_0 },
-            TensorDecl { name: "b.weight", shape: &[3], dtype: GgmlDType::F32 },
+            TensorDecl {
+                name: "a.weight",
+                shape: &shape,
+                dtype: GgmlDType::Q8_0,
+            },
+            TensorDecl {
+                name: "b.weight",
+                shape: &[3],
+                dtype: GgmlDType::F32,
+            },
         ];
         let mut w = GgufWriter::begin(std::io::Cursor::new(Vec::new()), &meta, &decl).unwrap();
         w.write_tensor("a.weight", &[7u8; 68]).unwrap();
