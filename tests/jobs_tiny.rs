@@ -206,3 +206,63 @@ async fn deleting_variants_and_base_removes_every_file_and_keeps_job_history() {
     assert_eq!((status, job["status"].as_str()), (200, Some("succeeded")));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_model_with_a_nan_weight_fails_its_job_naming_the_tensor_and_keeps_nothing() {
+    let app = TestApp::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path());
+    // Poison one value of the first layer's q_proj (F32, little endian) in place.
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    let at = 8 + header_len + start + 4 * 10;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let mut form = Form::new().text("name", "poisoned");
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        form = form.part(
+            f,
+            Part::bytes(std::fs::read(dir.path().join(f)).unwrap()).file_name(f),
+        );
+    }
+    assert_eq!(
+        app.client
+            .post(app.url("/v1/models"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let files_before = app.stored_files();
+    let (_, job) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "poisoned", "method": "gguf", "params": {"type": "Q8_0"}}),
+        )
+        .await;
+    let done = app
+        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(
+        error.contains("blk.0.attn_q.weight") && error.contains("not finite"),
+        "{error}"
+    );
+    let (status, _) = app.get_json("/v1/models/poisoned:q8_0").await;
+    assert_eq!(status, 404);
+    assert_eq!(app.stored_files(), files_before);
+    let r = app.client.get(app.url("/health")).send().await.unwrap();
+    assert!(
+        r.headers().contains_key("x-request-id"),
+        "responses carry a request id"
+    );
+    app.stop().await;
+}

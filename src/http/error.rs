@@ -96,6 +96,12 @@ impl From<StoreError> for ApiError {
             .with_param("body"),
             StoreError::DigestMismatch { .. } => Self::bad_request("digest", e.to_string()),
             StoreError::Body(_) => Self::bad_request("body", e.to_string()),
+            StoreError::Stalled(_) => Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                e.to_string(),
+            )
+            .with_param("body"),
             StoreError::Io(io) => io.into(),
         }
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -95,6 +96,13 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(health::ready))
         .merge(protected)
         .fallback(health::not_found)
-        .layer(TraceLayer::new_for_http())
+        // Every request gets an `x-request-id` (kept if the client sent one), logged in the
+        // trace span and echoed in the response, so a user's report can be found in the log.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }

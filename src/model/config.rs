@@ -197,7 +197,10 @@ impl ModelConfig {
 
     /// Cross-field checks shared by both sources.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(

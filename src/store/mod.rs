@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
+/// How long an upload may go without receiving a byte.
+pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
@@ -33,6 +36,8 @@ pub enum StoreError {
     DigestMismatch { expected: String, actual: String },
     #[error("reading the request body: {0}")]
     Body(String),
+    #[error("the client sent nothing for {0} seconds")]
+    Stalled(u64),
     #[error("blob store I/O: {0}")]
     Io(#[from] io::Error),
 }
@@ -103,7 +108,12 @@ impl BlobStore {
         let mut file = tokio::fs::File::create(temp.path()).await?;
         let mut hasher = digest::Hasher::default();
         let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
+        loop {
+            // A client that stops sending is cut off instead of holding a temp file forever.
+            let next = tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.next())
+                .await
+                .map_err(|_| StoreError::Stalled(UPLOAD_IDLE_TIMEOUT.as_secs()))?;
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             size += chunk.len() as u64;
             if size > limit {
