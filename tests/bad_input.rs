@@ -6,34 +6,17 @@ mod common;
 use std::path::Path;
 
 use common::{tiny, TestApp};
-use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
 /// Uploads every file of `dir` as multipart fields.
 async fn upload_dir(app: &TestApp, dir: &Path) -> (u16, Value) {
-    let mut form = Form::new();
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .collect();
     entries.sort();
-    for p in entries {
-        let name = p.file_name().unwrap().to_str().unwrap().to_string();
-        form = form.part(
-            name.clone(),
-            Part::bytes(std::fs::read(&p).unwrap()).file_name(name),
-        );
-    }
-    let r = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    app.upload(&entries, None).await
 }
 
 /// Asserts the rejection, that its message mentions `needle`, and that nothing was kept.

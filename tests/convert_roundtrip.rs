@@ -7,7 +7,6 @@ mod common;
 use std::process::Command;
 
 use common::{fixture, TestApp};
-use reqwest::multipart::{Form, Part};
 use safetensors::SafeTensors;
 
 fn f32s(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
@@ -22,20 +21,8 @@ fn f32s(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
 async fn the_fixture_gguf_converts_back_to_exactly_the_reference_hf_tensors() {
     let gguf_path = fixture().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
     let app = TestApp::spawn().await;
-    let form = Form::new().part(
-        "file",
-        Part::bytes(std::fs::read(&gguf_path).unwrap())
-            .file_name("SmolLM2-135M-Instruct.Q4_1.gguf"),
-    );
-    let r = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let model: serde_json::Value = r.json().await.unwrap();
+    let (status, model) = app.upload(&[gguf_path], None).await;
+    assert_eq!(status, 201, "{model}");
     assert_eq!(
         (model["format"].as_str(), model["kind"].as_str()),
         (Some("gguf"), Some("base")),
@@ -159,4 +146,44 @@ fn an_hf_folder_converts_to_a_gguf_that_opens_as_the_same_model() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn llama3_rope_scaling_becomes_a_rope_freqs_tensor_like_llama_cpp_writes() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("tiny");
+    common::tiny::write_model(&dir);
+    let mut cfg = common::tiny::config();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let out = work.path().join("tiny.gguf");
+    let status = Command::new(env!("CARGO_BIN_EXE_quantd"))
+        .arg("convert")
+        .arg(&dir)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let f = quantd::export::gguf::GgufFile::open(&out).unwrap();
+    let rope = f
+        .tensor("rope_freqs.weight")
+        .expect("rope_freqs.weight is written");
+    assert_eq!(
+        (rope.shape.clone(), rope.dtype),
+        (vec![8], candle_core::quantized::GgmlDType::F32)
+    );
+    assert!(
+        f.get("llama.rope.scaling.type").is_none(),
+        "llama.cpp reads llama3 scaling from the tensor only"
+    );
+    // The GGUF opens again as a checkpoint (rope_freqs is an allowed extra) and converts back.
+    let back = work.path().join("back");
+    let status = Command::new(env!("CARGO_BIN_EXE_quantd"))
+        .arg("convert")
+        .arg(&out)
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(status.success());
 }

@@ -6,32 +6,21 @@ mod common;
 use std::time::Duration;
 
 use common::{tiny, TestApp};
-use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
 async fn upload_tiny(app: &TestApp, name: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path());
-    let mut form = Form::new().text("name", name.to_string());
-    for f in [
+    let files: Vec<_> = [
         "config.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "model.safetensors",
-    ] {
-        form = form.part(
-            f,
-            Part::bytes(std::fs::read(dir.path().join(f)).unwrap()).file_name(f),
-        );
-    }
-    let r = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    ]
+    .iter()
+    .map(|f| dir.path().join(f))
+    .collect();
+    assert_eq!(app.upload(&files, Some(name)).await.0, 201);
     name.to_string()
 }
 
@@ -223,23 +212,11 @@ async fn a_model_with_a_nan_weight_fails_its_job_naming_the_tensor_and_keeps_not
     let at = 8 + header_len + start + 4 * 10;
     bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&path, bytes).unwrap();
-    let mut form = Form::new().text("name", "poisoned");
-    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
-        form = form.part(
-            f,
-            Part::bytes(std::fs::read(dir.path().join(f)).unwrap()).file_name(f),
-        );
-    }
-    assert_eq!(
-        app.client
-            .post(app.url("/v1/models"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
+    let files: Vec<_> = ["config.json", "tokenizer.json", "model.safetensors"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    assert_eq!(app.upload(&files, Some("poisoned")).await.0, 201);
     let files_before = app.stored_files();
     let (_, job) = app
         .post_json(

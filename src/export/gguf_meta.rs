@@ -63,7 +63,13 @@ pub fn model_metadata(
         hp("attention.key_length", u(c.head_dim));
         hp("attention.value_length", u(c.head_dim));
     }
-    if let Some(r) = &c.rope_scaling {
+    // llama.cpp's converter writes scaling keys for linear and YaRN only; Llama 3 scaling
+    // travels as the `rope_freqs.weight` tensor instead.
+    if let Some(r) = c
+        .rope_scaling
+        .as_ref()
+        .filter(|r| r.kind == "linear" || r.kind == "yarn")
+    {
         hp("rope.scaling.type", s(&r.kind));
         hp("rope.scaling.factor", Value::F32(r.factor as f32));
         if let Some(orig) = r.original_max_position_embeddings {

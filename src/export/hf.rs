@@ -86,6 +86,10 @@ pub fn write_hf_folder(
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     for t in &ckpt.tensors {
+        // Llama 3 RoPE factors live in config.json's rope_scaling on the HF side.
+        if names::OPTIONAL_TENSORS.contains(&t.name.as_str()) {
+            continue;
+        }
         let hf =
             names::gguf_to_hf(&t.name).ok_or_else(|| HfExportError::Unnamed(t.name.clone()))?;
         let len = t.elem_count() * dtype.size();

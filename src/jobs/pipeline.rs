@@ -1,12 +1,11 @@
 //! The synchronous work of a `gguf` job, shared by the job worker and `quantd quantize` so both
-//! run the same code: read tensors one by one from the checkpoint, quantize a few in parallel
-//! on a bounded rayon pool, stream them into a GGUF in order, check for cancellation between
-//! tensors, and report per-tensor error and size.
+//! run the same code: read tensors one by one from the checkpoint, quantize each one's rows in
+//! parallel on a bounded rayon pool, stream them into a GGUF in order, check for cancellation
+//! between tensors, and report per-tensor error and size.
 
 use std::path::Path;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
@@ -85,42 +84,30 @@ pub fn quantize_gguf(
     hooks.progress("quantizing", 0, total, "tensors");
     let threads = pool.current_num_threads().max(1);
     let mut reports = Vec::with_capacity(plan.tensors.len());
-    // A chunk of `threads` tensors is quantized in parallel, then written in order: memory
-    // holds at most one chunk, and the file is written sequentially.
-    for chunk in plan.tensors.chunks(threads) {
+    // One tensor at a time (memory holds one), its rows quantized in parallel on the pool.
+    for (done, t) in plan.tensors.iter().enumerate() {
         if hooks.cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let results: Vec<Result<(Vec<u8>, TensorReport), PipelineError>> = pool.install(|| {
-            chunk
-                .par_iter()
-                .map(|t| {
-                    let src = ckpt
-                        .tensor(&t.name)
-                        .expect("plan was made from this checkpoint");
-                    let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
-                        name: t.name.clone(),
-                        source,
-                    })?;
-                    let (bytes, err) = quantize_tensor(&t.name, data, &t.shape, t.dtype)?;
-                    let report = TensorReport {
-                        name: t.name.clone(),
-                        type_name: t.type_name,
-                        bytes: bytes.len() as u64,
-                        rel_rmse: err.rel_rmse,
-                        snr_db: err.snr_db.is_finite().then_some(err.snr_db),
-                        fallback_from: t.fallback_from,
-                    };
-                    Ok((bytes, report))
-                })
-                .collect()
+        let src = ckpt
+            .tensor(&t.name)
+            .expect("plan was made from this checkpoint");
+        let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
+            name: t.name.clone(),
+            source,
+        })?;
+        let (bytes, err) = quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?;
+        drop(data);
+        writer.write_tensor(&t.name, &bytes)?;
+        reports.push(TensorReport {
+            name: t.name.clone(),
+            type_name: t.type_name,
+            bytes: bytes.len() as u64,
+            rel_rmse: err.rel_rmse,
+            snr_db: err.snr_db.is_finite().then_some(err.snr_db),
+            fallback_from: t.fallback_from,
         });
-        for r in results {
-            let (bytes, report) = r?;
-            writer.write_tensor(&report.name, &bytes)?;
-            reports.push(report);
-        }
-        hooks.progress("quantizing", reports.len() as u64, total, "tensors");
+        hooks.progress("quantizing", done as u64 + 1, total, "tensors");
     }
     let (digest, size) = writer.finish()?.finish()?;
     Ok((

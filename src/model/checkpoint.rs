@@ -68,6 +68,8 @@ pub struct CheckLimits {
 pub enum SourceDtype {
     Safetensors(StDtype),
     Ggml(GgmlDType),
+    /// Derived from the config (Llama 3 RoPE factors); `file` indexes `Checkpoint::computed`.
+    Computed,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +100,7 @@ pub struct Checkpoint {
     /// GGUF metadata (GGUF sources only).
     pub gguf_metadata: Vec<(String, Value)>,
     maps: Vec<Mmap>,
+    computed: Vec<Vec<f32>>,
 }
 
 /// Names an HF upload may contain besides weights.
@@ -286,6 +289,20 @@ impl Checkpoint {
             }
         }
         let _ = lm_head_seen;
+        let mut computed = Vec::new();
+        if let Some(factors) = config.llama3_rope_factors() {
+            let name = "rope_freqs.weight".to_string();
+            let r = TensorRef {
+                name: name.clone(),
+                shape: vec![factors.len()],
+                dtype: SourceDtype::Computed,
+                file: 0,
+                offset: 0,
+                len: factors.len() as u64 * 4,
+            };
+            computed.push(factors);
+            found.insert(name, r);
+        }
         let tensors = order_and_check(&config, found, "model.safetensors")?;
         Ok(Self {
             format: Format::HfSafetensors,
@@ -298,12 +315,13 @@ impl Checkpoint {
                 .collect(),
             gguf_metadata: Vec::new(),
             maps,
+            computed,
         })
     }
 
     pub fn open_gguf(path: &Path, name: &str) -> Result<Self, CheckpointError> {
         let file = GgufFile::open(path).map_err(|e| invalid(name, e.to_string()))?;
-        let config = config_from_gguf(&file).map_err(|e| match e {
+        let config = super::gguf_config::config_from_gguf(&file).map_err(|e| match e {
             CheckpointError::Invalid { message, .. } => invalid(name, message),
             other => other,
         })?;
@@ -332,6 +350,7 @@ impl Checkpoint {
             side_files: BTreeMap::new(),
             gguf_metadata: file.metadata,
             maps: vec![mmap(path, name)?],
+            computed: Vec::new(),
         })
     }
 
@@ -352,6 +371,9 @@ impl Checkpoint {
     /// is HF). Releases the source pages afterwards so reading a model tensor by tensor keeps
     /// the resident set at one tensor.
     pub fn read_f32(&self, t: &TensorRef) -> candle_core::Result<Vec<f32>> {
+        if t.dtype == SourceDtype::Computed {
+            return Ok(self.computed[t.file].clone());
+        }
         let bytes = self.raw_bytes(t);
         let values = match t.dtype {
             SourceDtype::Safetensors(dtype) => {
@@ -363,6 +385,7 @@ impl Checkpoint {
                     None => v,
                 }
             }
+            SourceDtype::Computed => unreachable!("handled above"),
             SourceDtype::Ggml(dtype) => {
                 let q = QTensor::new(
                     candle_core::quantized::QStorage::from_data(
@@ -488,11 +511,16 @@ fn order_and_check(
     file: &str,
 ) -> Result<Vec<TensorRef>, CheckpointError> {
     let mut ordered = Vec::with_capacity(found.len());
-    for name in names::required_tensors(cfg) {
+    let optional = names::OPTIONAL_TENSORS
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| found.contains_key(n));
+    let optional: Vec<String> = optional.collect();
+    for name in optional.into_iter().chain(names::required_tensors(cfg)) {
         let t = found
             .remove(&name)
             .ok_or_else(|| invalid(file, format!("tensor {name} is missing")))?;
-        let expected = names::expected_shape(cfg, &name).expect("required tensors have shapes");
+        let expected = names::expected_shape(cfg, &name).expect("known tensors have shapes");
         if t.shape != expected {
             return Err(invalid(
                 file,
@@ -527,111 +555,4 @@ pub fn decode_float(bytes: &[u8], dtype: StDtype) -> Vec<f32> {
             .collect(),
         other => unreachable!("non-float dtype {other:?} is refused when the checkpoint is opened"),
     }
-}
-
-fn meta_u64(f: &GgufFile, key: &str) -> Option<u64> {
-    match f.get(key)? {
-        Value::U8(v) => Some(*v as u64),
-        Value::U16(v) => Some(*v as u64),
-        Value::U32(v) => Some(*v as u64),
-        Value::U64(v) => Some(*v),
-        Value::I32(v) if *v >= 0 => Some(*v as u64),
-        Value::I64(v) if *v >= 0 => Some(*v as u64),
-        _ => None,
-    }
-}
-
-fn meta_f64(f: &GgufFile, key: &str) -> Option<f64> {
-    match f.get(key)? {
-        Value::F32(v) => Some(*v as f64),
-        Value::F64(v) => Some(*v),
-        _ => None,
-    }
-}
-
-/// Hyper-parameters from `{arch}.*` keys, as llama.cpp reads them.
-fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
-    let arch_name = match f.get("general.architecture") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(invalid("gguf", "general.architecture is missing")),
-    };
-    let architecture = Architecture::from_model_type(&arch_name)
-        .filter(|a| a.gguf_arch() == arch_name)
-        .ok_or_else(|| ConfigError::UnsupportedArchitecture(arch_name.clone()))?;
-    let need = |key: &str| {
-        meta_u64(f, &format!("{arch_name}.{key}"))
-            .ok_or_else(|| invalid("gguf", format!("{arch_name}.{key} is missing")))
-    };
-    let hidden = need("embedding_length")? as usize;
-    let heads = need("attention.head_count")? as usize;
-    let check = |field: &str, v: usize, max: usize| {
-        if v == 0 || v > max {
-            Err(invalid(
-                "gguf",
-                format!("{arch_name}.{field} = {v} is outside 1..={max}"),
-            ))
-        } else {
-            Ok(v)
-        }
-    };
-    use super::config::*;
-    let vocab = match f.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(a)) => a.len(),
-        _ => meta_u64(f, &format!("{arch_name}.vocab_size")).unwrap_or(0) as usize,
-    };
-    let tensor_has = |n: &str| f.tensors.iter().any(|t| t.name == n);
-    let rope_scaling = match f.get(&format!("{arch_name}.rope.scaling.type")) {
-        Some(Value::String(kind)) if kind != "none" => Some(RopeScaling {
-            kind: kind.clone(),
-            factor: meta_f64(f, &format!("{arch_name}.rope.scaling.factor")).unwrap_or(1.0),
-            original_max_position_embeddings: meta_u64(
-                f,
-                &format!("{arch_name}.rope.scaling.original_context_length"),
-            ),
-        }),
-        _ => None,
-    };
-    let head_dim = meta_u64(f, &format!("{arch_name}.attention.key_length"))
-        .map_or(hidden / heads.max(1), |v| v as usize);
-    let token_id = |key: &str| meta_u64(f, key).map(|v| v as u32);
-    let cfg = ModelConfig {
-        architecture,
-        vocab_size: check("vocab_size", vocab, MAX_VOCAB)?,
-        hidden_size: check("embedding_length", hidden, MAX_HIDDEN)?,
-        intermediate_size: check(
-            "feed_forward_length",
-            need("feed_forward_length")? as usize,
-            MAX_INTERMEDIATE,
-        )?,
-        num_hidden_layers: check("block_count", need("block_count")? as usize, MAX_LAYERS)?,
-        num_attention_heads: check("attention.head_count", heads, MAX_HEADS)?,
-        num_key_value_heads: check(
-            "attention.head_count_kv",
-            meta_u64(f, &format!("{arch_name}.attention.head_count_kv")).unwrap_or(heads as u64)
-                as usize,
-            MAX_HEADS,
-        )?,
-        head_dim,
-        max_position_embeddings: check(
-            "context_length",
-            meta_u64(f, &format!("{arch_name}.context_length")).unwrap_or(4096) as usize,
-            MAX_CONTEXT,
-        )?,
-        rms_norm_eps: meta_f64(f, &format!("{arch_name}.attention.layer_norm_rms_epsilon"))
-            .unwrap_or(1e-6),
-        rope_theta: meta_f64(f, &format!("{arch_name}.rope.freq_base")).unwrap_or(10_000.0),
-        rope_scaling,
-        tie_word_embeddings: !tensor_has("output.weight"),
-        attention_bias: tensor_has("blk.0.attn_q.bias"),
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
-    };
-    cfg.validate()?;
-    if f.get("tokenizer.ggml.model").is_none() {
-        return Err(invalid(
-            "gguf",
-            "tokenizer.ggml.model is missing: the file carries no tokenizer",
-        ));
-    }
-    Ok(cfg)
 }

@@ -51,6 +51,11 @@ pub struct RopeScaling {
     pub kind: String,
     pub factor: f64,
     pub original_max_position_embeddings: Option<u64>,
+    /// Llama 3 scaling only.
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +160,8 @@ impl ModelConfig {
                 original_max_position_embeddings: s
                     .get("original_max_position_embeddings")
                     .and_then(|v| v.as_u64()),
+                low_freq_factor: s.get("low_freq_factor").and_then(|v| v.as_f64()),
+                high_freq_factor: s.get("high_freq_factor").and_then(|v| v.as_f64()),
             }),
             _ => None,
         };
@@ -230,6 +237,34 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Llama 3 RoPE scaling is stored in GGUF as a `rope_freqs.weight` tensor of per-frequency
+    /// factors, computed exactly as llama.cpp's `convert_hf_to_gguf.py` does (in f32).
+    pub fn llama3_rope_factors(&self) -> Option<Vec<f32>> {
+        let r = self.rope_scaling.as_ref().filter(|r| r.kind == "llama3")?;
+        let dim = self.head_dim;
+        let factor = r.factor as f32;
+        let low = r.low_freq_factor.unwrap_or(1.0) as f32;
+        let high = r.high_freq_factor.unwrap_or(4.0) as f32;
+        let old_ctx = r.original_max_position_embeddings.unwrap_or(8192) as f32;
+        let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+        let factors = (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / (self.rope_theta as f32).powf(i as f32 / dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        Some(factors)
+    }
+
     pub fn q_rows(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }
@@ -247,7 +282,8 @@ impl ModelConfig {
         };
         let rope_scaling = self.rope_scaling.as_ref().map(|r| {
             serde_json::json!({"rope_type": r.kind, "factor": r.factor,
-                "original_max_position_embeddings": r.original_max_position_embeddings})
+                "original_max_position_embeddings": r.original_max_position_embeddings,
+                "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor})
         });
         serde_json::json!({
             "architectures": [arch_class],
@@ -309,6 +345,27 @@ mod tests {
         j["hidden_size"] = json!(10_000_000_000u64);
         let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
         assert!(e.contains("hidden_size") && e.contains("65536"), "{e}");
+    }
+
+    #[test]
+    fn llama3_rope_factors_follow_the_reference_formula() {
+        let mut j = smol();
+        j["rope_theta"] = json!(500000.0);
+        j["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let f = ModelConfig::from_hf_json(&j)
+            .unwrap()
+            .llama3_rope_factors()
+            .unwrap();
+        assert_eq!(f.len(), 32);
+        // Short wavelengths keep factor 1, long ones get the full factor, between is smooth.
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[31], 32.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]));
+        assert!(ModelConfig::from_hf_json(&smol())
+            .unwrap()
+            .llama3_rope_factors()
+            .is_none());
     }
 
     #[test]

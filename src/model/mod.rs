@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod gguf_config;
 pub mod names;
 pub mod safetensors;
 pub mod sniff;

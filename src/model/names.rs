@@ -99,6 +99,7 @@ pub fn expected_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
         ("attn_output", "weight") => vec![h, cfg.q_rows()],
         ("ffn_gate" | "ffn_up", "weight") => vec![ff, h],
         ("ffn_down", "weight") => vec![h, ff],
+        ("rope_freqs", "weight") => vec![cfg.head_dim / 2],
         _ => return None,
     };
     if n.layer.is_some_and(|l| l >= cfg.num_hidden_layers) {
@@ -124,6 +125,9 @@ pub fn required_tensors(cfg: &ModelConfig) -> Vec<String> {
     }
     names
 }
+
+/// Tensors a checkpoint may carry beyond [`required_tensors`]: Llama 3 RoPE factors.
+pub const OPTIONAL_TENSORS: &[&str] = &["rope_freqs.weight"];
 
 /// Which head count the Q/K permutation of this tensor uses, if it is permuted at all.
 pub fn qk_permute_heads(cfg: &ModelConfig, gguf_name: &str) -> Option<usize> {

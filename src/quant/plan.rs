@@ -110,13 +110,20 @@ fn ratio_bits(bytes: u64, params: u64) -> f64 {
     }
 }
 
-/// Tensors are quantized `threads` at a time; each in flight holds its f32 source, a copy the
-/// error measurement reads, and its output bytes.
+/// Tensors are quantized one at a time: the largest one's f32 values, its output bytes (held
+/// twice while slices are joined), plus per-thread slice buffers.
 fn peak_memory(tensors: &[PlannedTensor], threads: usize) -> u64 {
-    let mut per: Vec<u64> = tensors
+    let largest = tensors
         .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64 * 8 + t.bytes)
-        .collect();
-    per.sort_unstable_by(|a, b| b.cmp(a));
-    BASELINE_BYTES + per.iter().take(threads.max(1)).sum::<u64>()
+        .map(|t| t.shape.iter().product::<usize>() as u64 * 4 + 2 * t.bytes)
+        .max()
+        .unwrap_or(0);
+    let slice = 256
+        * tensors
+            .iter()
+            .map(|t| *t.shape.last().unwrap_or(&1) as u64)
+            .max()
+            .unwrap_or(0)
+        * 8;
+    BASELINE_BYTES + largest + threads.max(1) as u64 * slice
 }

@@ -81,6 +81,29 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Uploads files as multipart fields named after them, with an optional `name` field.
+    pub async fn upload(&self, paths: &[PathBuf], name: Option<&str>) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new();
+        if let Some(n) = name {
+            form = form.text("name", n.to_string());
+        }
+        for p in paths {
+            let file = p.file_name().unwrap().to_str().unwrap().to_string();
+            let part =
+                reqwest::multipart::Part::bytes(std::fs::read(p).unwrap()).file_name(file.clone());
+            form = form.part(file, part);
+        }
+        let r = self
+            .client
+            .post(self.url("/v1/models"))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Polls a job until it reaches a terminal status (or panics after `timeout`).
     pub async fn wait_job(&self, id: &str, timeout: Duration) -> Value {
         let start = Instant::now();

@@ -55,7 +55,12 @@ impl<'a> GgufVocab<'a> {
             metadata,
             tokens,
             types,
-            merges: meta_strings(metadata, KEY_MERGES)?,
+            // A BPE vocabulary without merges (pure byte-level) is written without the key.
+            merges: if metadata.contains_key(KEY_MERGES) {
+                meta_strings(metadata, KEY_MERGES)?
+            } else {
+                Vec::new()
+            },
             pre,
             add_bos,
             add_eos: meta_bool(metadata, KEY_ADD_EOS)?.unwrap_or(false),
