@@ -76,10 +76,25 @@ impl Settings {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed("QUANTD_").split("__"));
+        figment = figment.merge(Self::env());
         let settings: Settings = figment.extract().map_err(Box::new)?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `QUANTD_*` variables that name a setting (`QUANTD_DATA_DIR`, `QUANTD_SERVER__PORT`, ...).
+    /// Others sharing the prefix (the test suite's `QUANTD_FIXTURES`, say) are not settings and
+    /// are ignored; a typo inside a section (`QUANTD_SERVER__PROT`) is still refused.
+    fn env() -> Env {
+        Env::prefixed("QUANTD_")
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                key == "data_dir"
+                    || ["server__", "auth__", "limits__", "jobs__"]
+                        .iter()
+                        .any(|s| key.starts_with(s))
+            })
+            .split("__")
     }
 
     /// The embedded defaults alone (tests start from these and adjust fields).
@@ -168,6 +183,17 @@ mod tests {
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!(s.server.port, 9123);
             assert_eq!(s.auth.admin_keys, vec!["secret-admin-key".to_string()]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unrelated_variables_with_the_prefix_are_ignored_but_typos_in_sections_are_not() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("QUANTD_FIXTURES", "/somewhere");
+            Settings::load(None).map_err(|e| e.to_string())?;
+            jail.set_env("QUANTD_SERVER__PROT", "1");
+            assert!(Settings::load(None).is_err());
             Ok(())
         });
     }

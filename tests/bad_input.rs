@@ -223,20 +223,8 @@ async fn a_malformed_gguf_is_refused() {
 async fn a_blob_whose_hash_does_not_match_is_discarded() {
     let app = TestApp::spawn().await;
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let r = app
-        .client
-        .put(app.url(&format!("/v1/blobs/{wrong}")))
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_refused(
-        &app,
-        (r.status().as_u16(), r.json().await.unwrap()),
-        400,
-        "mismatch",
-    )
-    .await;
+    let res = app.put_blob(&wrong, "hello").await;
+    assert_refused(&app, res, 400, "mismatch").await;
     let r = app
         .client
         .head(app.url(&format!("/v1/blobs/{wrong}")))
@@ -259,20 +247,8 @@ async fn a_blob_whose_hash_does_not_match_is_discarded() {
 async fn bodies_over_the_limit_get_413_and_leave_nothing() {
     let app = TestApp::spawn_with(|s| s.limits.max_upload_bytes = 10_000).await;
     let digest = format!("sha256:{}", "1".repeat(64));
-    let r = app
-        .client
-        .put(app.url(&format!("/v1/blobs/{digest}")))
-        .body(vec![0u8; 20_000])
-        .send()
-        .await
-        .unwrap();
-    assert_refused(
-        &app,
-        (r.status().as_u16(), r.json().await.unwrap()),
-        413,
-        "limit",
-    )
-    .await;
+    let res = app.put_blob(&digest, vec![0u8; 20_000]).await;
+    assert_refused(&app, res, 413, "limit").await;
     let res = upload_dir(&app, tiny_dir().path()).await;
     assert_refused(&app, res, 413, "max_upload_bytes").await;
     app.stop().await;

@@ -33,14 +33,8 @@ async fn the_fixture_gguf_converts_back_to_exactly_the_reference_hf_tensors() {
     let (_, arts) = app.get_json(&format!("/v1/models/{id}/artifacts")).await;
     let name = arts["data"][0]["name"].as_str().unwrap().to_string();
     let stored = app
-        .client
-        .get(app.url(&format!("/v1/models/{id}/artifacts/{name}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+        .get_bytes(&format!("/v1/models/{id}/artifacts/{name}"))
+        .await;
     let work = tempfile::tempdir().unwrap();
     let downloaded = work.path().join("model.gguf");
     std::fs::write(&downloaded, &stored).unwrap();

@@ -121,16 +121,10 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
         let variant = t.to_ascii_lowercase();
         let name = format!("smollm2-135m-{variant}.gguf");
         let bytes = app
-            .client
-            .get(app.url(&format!(
+            .get_bytes(&format!(
                 "/v1/models/smollm2-135m:{variant}/artifacts/{name}"
-            )))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+            ))
+            .await;
         let path = out_dir.path().join(&name);
         std::fs::write(&path, &bytes).unwrap();
         let summary = check_with_gguf_py(&path, *ftype, types.clone());
@@ -234,15 +228,12 @@ async fn cancelled_jobs_running_or_queued_leave_no_model_and_no_files() {
         files_before,
         "a cancelled job leaves no files"
     );
-    let sse = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{running}/events")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let sse = String::from_utf8(
+        app.get_bytes(&format!("/v1/jobs/{running}/events"))
+            .await
+            .to_vec(),
+    )
+    .unwrap();
     assert!(sse.contains("event: cancelled"), "{sse}");
 
     // A cancelled job can be retried and then succeeds.

@@ -114,15 +114,12 @@ async fn a_gguf_job_plans_runs_and_produces_a_downloadable_model() {
     );
 
     // The SSE stream of a finished job replays its history and ends with `done`.
-    let sse = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}/events")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let sse = String::from_utf8(
+        app.get_bytes(&format!("/v1/jobs/{id}/events"))
+            .await
+            .to_vec(),
+    )
+    .unwrap();
     assert!(
         sse.contains("event: stage") && sse.contains("\"quantizing\""),
         "{sse}"

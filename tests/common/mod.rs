@@ -81,6 +81,31 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// PUT a blob; returns status and JSON body.
+    pub async fn put_blob(&self, digest: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .client
+            .put(self.url(&format!("/v1/blobs/{digest}")))
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET a path and return the body as bytes (artifacts, SSE streams of finished jobs).
+    pub async fn get_bytes(&self, path: &str) -> bytes::Bytes {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .bytes()
+            .await
+            .expect("body")
+    }
+
     /// Uploads files as multipart fields named after them, with an optional `name` field.
     pub async fn upload(&self, paths: &[PathBuf], name: Option<&str>) -> (u16, Value) {
         let mut form = reqwest::multipart::Form::new();
