@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod pipeline;
+mod publish;
 pub mod runner;
 pub mod spec;
 pub mod submit;

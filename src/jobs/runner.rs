@@ -11,19 +11,19 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::pipeline::{self, Hooks, PipelineError};
+use super::publish;
 use super::spec::{JobSpec, MethodSpec};
 use super::submit::plan_for;
 use super::{JobEvent, JobSystem};
 use crate::catalog::{self, CatalogError};
 use crate::db::metrics::MetricRow;
-use crate::db::models::{ModelFileRow, ModelRow};
 use crate::db::{self, jobs::JobRow};
 use crate::export::gguf_meta;
-use crate::export::manifest::{Manifest, ManifestFile};
-use crate::store::{Digest, HashingWriter};
+use crate::quant::Plan;
+use crate::store::{Digest, TempFile};
 
 #[derive(Debug, thiserror::Error)]
-enum RunError {
+pub(super) enum RunError {
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -180,9 +180,54 @@ async fn execute(
         return Err(RunError::Cancelled);
     }
     stage(js, &job.id, "loading").await?;
+    let quantized = quantize(js, job, &spec, cancel.clone()).await?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(RunError::Cancelled);
+    }
+    stage(js, &job.id, "writing").await?;
+    let MethodSpec::Gguf(params) = &spec.method;
+    let output = publish::Output {
+        spec: &spec,
+        job_id: &job.id,
+        temp: quantized.temp,
+        digest: quantized.digest,
+        size: quantized.size,
+        plan: &quantized.plan,
+        report: &quantized.report,
+        params: serde_json::to_value(params).expect("params serialize"),
+        gguf_type: params.gguf_type,
+        architecture: quantized.architecture,
+        metrics: metric_rows(&quantized.report),
+    };
+    let (model_id, done) = publish::publish(js, output).await?;
+    js.events().publish(JobEvent {
+        job_id: job.id.clone(),
+        kind: "done",
+        data: done,
+    });
+    Ok(model_id)
+}
+
+/// What the quantizing stage hands to publishing.
+struct Quantized {
+    temp: TempFile,
+    digest: Digest,
+    size: u64,
+    plan: Plan,
+    report: pipeline::GgufReport,
+    architecture: String,
+}
+
+/// Opens the base model, plans, and runs the pipeline on a blocking thread into a temp file.
+async fn quantize(
+    js: &JobSystem,
+    job: &JobRow,
+    spec: &JobSpec,
+    cancel: Arc<AtomicBool>,
+) -> Result<Quantized, RunError> {
     let ckpt =
         Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
-    let plan = plan_for(&spec, &ckpt, js.settings().job_threads())
+    let plan = plan_for(spec, &ckpt, js.settings().job_threads())
         .map_err(|e| RunError::Failed(e.to_string()))?;
     let MethodSpec::Gguf(params) = &spec.method;
     let source_digest = db::models::files(js.db(), &spec.model)
@@ -210,15 +255,14 @@ async fn execute(
     let hooks = JobHooks {
         js: js.clone(),
         job_id: job.id.clone(),
-        cancel: cancel.clone(),
+        cancel,
         runtime: tokio::runtime::Handle::current(),
         last_write: Mutex::new(None),
         interval: Duration::from_millis(js.settings().jobs.progress_interval_ms),
     };
     let pool = js.pool();
     let out_path = temp.path().to_path_buf();
-    let plan_for_run = plan.clone();
-    let ckpt_for_run = ckpt.clone();
+    let (plan_for_run, ckpt_for_run) = (plan.clone(), ckpt.clone());
     let (digest, size, report) = tokio::task::spawn_blocking(move || {
         pipeline::quantize_gguf(
             &ckpt_for_run,
@@ -236,101 +280,14 @@ async fn execute(
         other => RunError::Failed(other.to_string()),
     })?;
     let architecture = ckpt.config.architecture.name().to_string();
-    drop(ckpt);
-
-    if cancel.load(Ordering::SeqCst) {
-        return Err(RunError::Cancelled);
-    }
-    stage(js, &job.id, "writing").await?;
-    let gguf_name = format!("{}.gguf", spec.output_name.replace(':', "-"));
-    let report_json = serde_json::to_value(&report).expect("report serializes");
-    let manifest = Manifest {
-        model: spec.output_name.clone(),
-        base_model: spec.model.clone(),
-        format: "gguf",
-        method: "gguf".into(),
-        params: params_json,
-        tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
-        job_id: Some(job.id.clone()),
-        files: vec![ManifestFile {
-            name: gguf_name.clone(),
-            sha256: digest.hex().to_string(),
-            size,
-        }],
-        metrics: json!({"bits_per_weight": plan.bits_per_weight, "bits_per_weight_total": plan.bits_per_weight_total,
-                        "file_bytes": size, "type_counts": plan.type_counts, "quantize_seconds": report.wall_seconds}),
-    };
-    let manifest_temp = js.store().temp_file("manifest")?;
-    let mut w = HashingWriter::create(manifest_temp.path())?;
-    std::io::Write::write_all(&mut w, &manifest.to_bytes())?;
-    let (manifest_digest, manifest_size) = w.finish()?;
-
-    let files = vec![
-        ModelFileRow {
-            name: gguf_name,
-            digest: digest.to_string(),
-            size: size as i64,
-        },
-        ModelFileRow {
-            name: "manifest.json".into(),
-            digest: manifest_digest.to_string(),
-            size: manifest_size as i64,
-        },
-    ];
-    let fresh: Vec<Digest> = [&digest, &manifest_digest]
-        .into_iter()
-        .filter(|d| !js.store().path(d).exists())
-        .cloned()
-        .collect();
-    js.store().commit(temp, &digest)?;
-    js.store().commit(manifest_temp, &manifest_digest)?;
-    let row = ModelRow {
-        id: spec.output_name.clone(),
-        kind: "quantized".into(),
-        format: "gguf".into(),
+    Ok(Quantized {
+        temp,
+        digest,
+        size,
+        plan,
+        report,
         architecture,
-        parameters: plan.parameters as i64,
-        size_bytes: size as i64,
-        bits_per_weight: Some(plan.bits_per_weight),
-        base_model: Some(spec.model.clone()),
-        job_id: Some(job.id.clone()),
-        summary:
-            json!({"method": "gguf", "type": params.gguf_type, "type_counts": plan.type_counts,
-                        "bits_per_weight_total": plan.bits_per_weight_total})
-            .to_string(),
-        created_at: db::now(),
-    };
-    let metrics = metric_rows(&report);
-    let committed = async {
-        let mut tx = js.db().begin().await?;
-        for f in &files {
-            db::blobs::insert(&mut *tx, &f.digest, f.size as u64).await?;
-        }
-        db::models::insert(&mut tx, &row, &files).await?;
-        db::metrics::insert_all(&mut tx, &job.id, Some(&row.id), &metrics).await?;
-        db::jobs::complete(&mut tx, &job.id, &row.id, &report_json).await?;
-        let done = json!({"status": "succeeded", "output_model": row.id, "file_bytes": size});
-        db::jobs::add_event(&mut *tx, &job.id, "done", &done).await?;
-        tx.commit().await?;
-        Ok::<_, sqlx::Error>(done)
-    }
-    .await;
-    match committed {
-        Ok(done) => {
-            js.events().publish(JobEvent {
-                job_id: job.id.clone(),
-                kind: "done",
-                data: done,
-            });
-            Ok(row.id)
-        }
-        Err(e) => {
-            for d in fresh {
-                let _ = js.store().remove(&d);
-            }
-            Err(e.into())
-        }
-    }
+    })
 }
 
 fn metric_rows(report: &pipeline::GgufReport) -> Vec<MetricRow> {

@@ -1,0 +1,128 @@
+//! The last stage of a job: the output file and its manifest move into the blob store, and the
+//! output model row, its file rows, the metrics and the job's success are written in one
+//! transaction. If that transaction fails, the blobs this job added are removed again, so a job
+//! either produces a complete model or nothing.
+
+use serde_json::json;
+
+use super::pipeline::GgufReport;
+use super::runner::RunError;
+use super::spec::JobSpec;
+use super::JobSystem;
+use crate::db;
+use crate::db::metrics::MetricRow;
+use crate::db::models::{ModelFileRow, ModelRow};
+use crate::export::manifest::{Manifest, ManifestFile};
+use crate::quant::{GgufType, Plan};
+use crate::store::{Digest, HashingWriter, TempFile};
+
+/// Everything publishing needs from the earlier stages.
+pub(super) struct Output<'a> {
+    pub spec: &'a JobSpec,
+    pub job_id: &'a str,
+    pub temp: TempFile,
+    pub digest: Digest,
+    pub size: u64,
+    pub plan: &'a Plan,
+    pub report: &'a GgufReport,
+    pub params: serde_json::Value,
+    pub gguf_type: GgufType,
+    pub architecture: String,
+    pub metrics: Vec<MetricRow>,
+}
+
+/// Writes `manifest.json` to a temp file; returns it with its digest and size.
+fn write_manifest(
+    js: &JobSystem,
+    o: &Output<'_>,
+    gguf_name: &str,
+) -> std::io::Result<(TempFile, Digest, u64)> {
+    let manifest = Manifest {
+        model: o.spec.output_name.clone(),
+        base_model: o.spec.model.clone(),
+        format: "gguf",
+        method: "gguf".into(),
+        params: o.params.clone(),
+        tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
+        job_id: Some(o.job_id.to_string()),
+        files: vec![ManifestFile {
+            name: gguf_name.to_string(),
+            sha256: o.digest.hex().to_string(),
+            size: o.size,
+        }],
+        metrics: json!({"bits_per_weight": o.plan.bits_per_weight, "bits_per_weight_total": o.plan.bits_per_weight_total,
+                        "file_bytes": o.size, "type_counts": o.plan.type_counts, "quantize_seconds": o.report.wall_seconds}),
+    };
+    let temp = js.store().temp_file("manifest")?;
+    let mut w = HashingWriter::create(temp.path())?;
+    std::io::Write::write_all(&mut w, &manifest.to_bytes())?;
+    let (digest, size) = w.finish()?;
+    Ok((temp, digest, size))
+}
+
+/// Commits the output; returns the new model id and the `done` event's data.
+pub(super) async fn publish(
+    js: &JobSystem,
+    o: Output<'_>,
+) -> Result<(String, serde_json::Value), RunError> {
+    let gguf_name = format!("{}.gguf", o.spec.output_name.replace(':', "-"));
+    let (manifest_temp, manifest_digest, manifest_size) = write_manifest(js, &o, &gguf_name)?;
+    let files = vec![
+        ModelFileRow {
+            name: gguf_name,
+            digest: o.digest.to_string(),
+            size: o.size as i64,
+        },
+        ModelFileRow {
+            name: "manifest.json".into(),
+            digest: manifest_digest.to_string(),
+            size: manifest_size as i64,
+        },
+    ];
+    let fresh: Vec<Digest> = [&o.digest, &manifest_digest]
+        .into_iter()
+        .filter(|d| !js.store().path(d).exists())
+        .cloned()
+        .collect();
+    js.store().commit(o.temp, &o.digest)?;
+    js.store().commit(manifest_temp, &manifest_digest)?;
+    let row = ModelRow {
+        id: o.spec.output_name.clone(),
+        kind: "quantized".into(),
+        format: "gguf".into(),
+        architecture: o.architecture,
+        parameters: o.plan.parameters as i64,
+        size_bytes: o.size as i64,
+        bits_per_weight: Some(o.plan.bits_per_weight),
+        base_model: Some(o.spec.model.clone()),
+        job_id: Some(o.job_id.to_string()),
+        summary: json!({"method": "gguf", "type": o.gguf_type, "type_counts": o.plan.type_counts,
+                        "bits_per_weight_total": o.plan.bits_per_weight_total})
+        .to_string(),
+        created_at: db::now(),
+    };
+    let report = serde_json::to_value(o.report).expect("report serializes");
+    let committed = async {
+        let mut tx = js.db().begin().await?;
+        for f in &files {
+            db::blobs::insert(&mut *tx, &f.digest, f.size as u64).await?;
+        }
+        db::models::insert(&mut tx, &row, &files).await?;
+        db::metrics::insert_all(&mut tx, o.job_id, Some(&row.id), &o.metrics).await?;
+        db::jobs::complete(&mut tx, o.job_id, &row.id, &report).await?;
+        let done = json!({"status": "succeeded", "output_model": row.id, "file_bytes": o.size});
+        db::jobs::add_event(&mut *tx, o.job_id, "done", &done).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(done)
+    }
+    .await;
+    match committed {
+        Ok(done) => Ok((row.id, done)),
+        Err(e) => {
+            for d in fresh {
+                let _ = js.store().remove(&d);
+            }
+            Err(e.into())
+        }
+    }
+}
