@@ -386,6 +386,10 @@ impl Checkpoint {
                 }
             }
             SourceDtype::Computed => unreachable!("handled above"),
+            // Float tensors of a GGUF decode directly; going through candle copies them twice.
+            SourceDtype::Ggml(GgmlDType::F32) => decode_float(bytes, StDtype::F32),
+            SourceDtype::Ggml(GgmlDType::F16) => decode_float(bytes, StDtype::F16),
+            SourceDtype::Ggml(GgmlDType::BF16) => decode_float(bytes, StDtype::BF16),
             SourceDtype::Ggml(dtype) => {
                 let q = QTensor::new(
                     candle_core::quantized::QStorage::from_data(

@@ -2,9 +2,10 @@
 //! (src/llama-quant.cpp) for the file types candle can make, its fallbacks when a row length is
 //! not a multiple of the block size, and user overrides by regex.
 //!
-//! One departure: where llama.cpp falls back from Q2_K/Q3_K to IQ4_NL, which candle cannot
-//! produce, quantd uses Q4_0 (same 4.5 bits per weight; llama.cpp's own choice before IQ4_NL
-//! existed). Every fallback is recorded in the plan.
+//! Q2_K/Q3_K tensors whose rows do not fit fall back to Q4_0, which is what llama.cpp as
+//! shipped in llama-cpp-python 0.3.36 writes for SmolLM2 (checked: identical per-tensor types
+//! for Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 and Q2_K; newer llama.cpp may pick IQ4_NL, which candle
+//! cannot produce). Every fallback is recorded in the plan.
 
 use candle_core::quantized::GgmlDType;
 use regex::Regex;
@@ -237,6 +238,20 @@ mod tests {
     fn q4_0_keeps_tied_embeddings_at_q8_0_like_llama_cpp() {
         let h = histogram(GgufType::Q4_0);
         assert_eq!(h, BTreeMap::from([("Q4_0", 210), ("Q8_0", 1)]));
+    }
+
+    /// Histograms of llama.cpp's own Q6_K and Q2_K files of SmolLM2 (llama-cpp-python 0.3.36,
+    /// `llama_model_quantize` from an F16 GGUF, read with gguf-py).
+    #[test]
+    fn q6_k_and_q2_k_on_smollm2_match_llama_cpp_tensor_counts() {
+        assert_eq!(
+            histogram(GgufType::Q6_K),
+            BTreeMap::from([("Q8_0", 181), ("Q6_K", 30)])
+        );
+        assert_eq!(
+            histogram(GgufType::Q2_K),
+            BTreeMap::from([("Q4_0", 180), ("Q3_K", 30), ("Q8_0", 1)])
+        );
     }
 
     #[test]
