@@ -58,6 +58,8 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_status_created ON jobs (status, created_at);
 CREATE INDEX jobs_model ON jobs (model_id);
+-- At most one queued or running job may produce a given output model.
+CREATE UNIQUE INDEX jobs_active_output ON jobs (output_name) WHERE status IN ('queued', 'running');
 
 CREATE TABLE job_events (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -365,3 +365,45 @@ async fn job_requests_with_bad_fields_name_the_field() {
     assert_eq!(status, 422);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn file_names_with_paths_and_shards_outside_the_index_are_refused() {
+    let app = TestApp::spawn().await;
+    let dir = tiny_dir();
+    let bytes = std::fs::read(dir.path().join("config.json")).unwrap();
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+    );
+    assert_eq!(app.put_blob(&digest, bytes).await.0, 201);
+    let (status, body) = app
+        .post_json(
+            "/v1/models",
+            &json!({"files": {"../config.json": digest, "x\r\n.gguf": digest}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("plain"),
+        "{body}"
+    );
+
+    // An index that names one shard, and a second shard it does not name.
+    let dir = tiny_dir();
+    std::fs::copy(
+        dir.path().join("model.safetensors"),
+        dir.path().join("extra.safetensors"),
+    )
+    .unwrap();
+    let index = json!({"weight_map": {"model.embed_tokens.weight": "model.safetensors"}});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let res = upload_dir(&app, dir.path()).await;
+    assert_eq!(res.1["error"]["param"], "extra.safetensors", "{}", res.1);
+    let (_, models) = app.get_json("/v1/models").await;
+    assert_eq!(models["data"], json!([]));
+    app.stop().await;
+}

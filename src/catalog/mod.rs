@@ -82,7 +82,11 @@ pub async fn create_base_model(
     let limits = check_limits(settings);
     let ckpt = tokio::task::spawn_blocking(move || Checkpoint::open(&by_name, limits))
         .await
-        .expect("checkpoint validation does not panic")?;
+        .map_err(|e| {
+            CatalogError::Io(std::io::Error::other(format!(
+                "checkpoint validation panicked: {e}"
+            )))
+        })??;
     let id = match name {
         Some(n) => n,
         None => default_id(&ckpt, &files),
@@ -127,7 +131,18 @@ pub async fn create_base_model(
     .await;
     if let Err(e) = result {
         for d in committed {
-            let _ = store.remove(&d);
+            // Only if no row refers to it: an identical upload may have committed meanwhile.
+            if matches!(db::blobs::exists(db, d.as_str()).await, Ok(None)) {
+                let _ = store.remove(&d);
+            }
+        }
+        if let sqlx::Error::Database(d) = &e {
+            if d.is_unique_violation() {
+                return Err(CatalogError::Conflict {
+                    param: "name".into(),
+                    message: format!("a model named {id:?} already exists"),
+                });
+            }
         }
         return Err(e.into());
     }
@@ -232,7 +247,11 @@ pub async fn open_checkpoint(
     Ok(
         tokio::task::spawn_blocking(move || Checkpoint::open(&paths, limits))
             .await
-            .expect("checkpoint open does not panic")?,
+            .map_err(|e| {
+                CatalogError::Io(std::io::Error::other(format!(
+                    "opening the checkpoint panicked: {e}"
+                )))
+            })??,
     )
 }
 

@@ -131,10 +131,14 @@ pub async fn claim(db: &Db) -> Result<Option<JobRow>, sqlx::Error> {
     .fetch_optional(&mut *conn)
     .await;
     match claimed {
-        Ok(row) => {
-            sqlx::query("COMMIT").execute(&mut *conn).await?;
-            Ok(row)
-        }
+        Ok(row) => match sqlx::query("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(row),
+            Err(e) => {
+                // Never hand a connection that still holds the write lock back to the pool.
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                Err(e)
+            }
+        },
         Err(e) => {
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
             Err(e)
@@ -187,14 +191,16 @@ pub async fn set_progress(
     Ok(())
 }
 
-/// Ends a running job in a terminal state other than success.
+/// Ends a running job in a terminal state other than success, with its final event, at once.
 pub async fn finish_unsuccessfully(
     db: &Db,
     id: &str,
     status: &str,
     error: Option<&str>,
+    event: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     let t = now();
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
         "UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
     )
@@ -203,9 +209,10 @@ pub async fn finish_unsuccessfully(
     .bind(t)
     .bind(t)
     .bind(id)
-    .execute(db)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    add_event(&mut *tx, id, status, event).await?;
+    tx.commit().await
 }
 
 /// Puts a running job back in the queue without counting the attempt (graceful shutdown).
@@ -224,7 +231,7 @@ pub async fn requeue_interrupted(db: &Db, id: &str) -> Result<(), sqlx::Error> {
 /// Cancels a queued job at once; for a running one, records the request (the worker stops at
 /// the next tensor). Returns the status the job had, or None when it does not exist.
 pub async fn request_cancel(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
     let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -256,7 +263,7 @@ pub async fn request_cancel(db: &Db, id: &str) -> Result<Option<String>, sqlx::E
 
 /// Failed or cancelled back to queued with a fresh attempt budget. Returns the prior status.
 pub async fn retry(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
     let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -270,6 +277,14 @@ pub async fn retry(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
         .bind(now())
         .bind(id)
         .execute(&mut *tx)
+        .await?;
+        // SSE replays history: this marks where the new run's events begin.
+        add_event(
+            &mut *tx,
+            id,
+            "retried",
+            &serde_json::json!({"status": "queued"}),
+        )
         .await?;
     }
     tx.commit().await?;
@@ -317,17 +332,19 @@ pub async fn events(db: &Db, job_id: &str) -> Result<Vec<EventRow>, sqlx::Error>
         .await
 }
 
-/// Marks a job succeeded inside the transaction that also created its output model.
+/// Marks a job succeeded inside the transaction that also created its output model. Returns
+/// false (and changes nothing) when the job was cancelled meanwhile: the caller rolls back.
 pub async fn complete(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     id: &str,
     output_model: &str,
     report: &serde_json::Value,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let t = now();
-    sqlx::query(
+    let updated = sqlx::query(
         "UPDATE jobs SET status = 'succeeded', stage = NULL, output_model = ?, report = ?, \
-         progress_done = progress_total, finished_at = ?, updated_at = ? WHERE id = ?",
+         progress_done = progress_total, finished_at = ?, updated_at = ? \
+         WHERE id = ? AND status = 'running' AND cancel_requested = 0",
     )
     .bind(output_model)
     .bind(report.to_string())
@@ -335,6 +352,7 @@ pub async fn complete(
     .bind(t)
     .bind(id)
     .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
 }

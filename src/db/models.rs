@@ -86,7 +86,7 @@ pub async fn insert(
 /// Deletes a model; returns the digests that no model refers to any more (their blob rows are
 /// deleted too, so the caller can remove the files).
 pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
     let digests: Vec<String> =
         sqlx::query_scalar("SELECT digest FROM model_files WHERE model_id = ?")
             .bind(id)
@@ -100,6 +100,11 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Erro
     if deleted == 0 {
         return Ok(None);
     }
+    // Its measurements go with it, so a later model of the same id starts clean.
+    sqlx::query("DELETE FROM metrics WHERE model_id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     let mut orphans = Vec::new();
     for digest in digests {
         let still_used: i64 =

@@ -291,7 +291,16 @@ pub async fn retry_job(
             ),
         ));
     }
-    match db::jobs::retry(state.jobs.db(), &id).await?.as_deref() {
+    let retried = match db::jobs::retry(state.jobs.db(), &id).await {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(ApiError::conflict(
+                "output_name",
+                format!("another job is already producing {:?}", job.output_name),
+            ));
+        }
+        other => other?,
+    };
+    match retried.as_deref() {
         Some("failed") | Some("cancelled") => {}
         Some(other) => {
             return Err(ApiError::conflict(
@@ -326,12 +335,12 @@ pub async fn job_events(
     let snapshot = json!({"stage": job.stage, "done": job.progress_done, "total": job.progress_total, "unit": job.progress_unit});
     let stream = async_stream::stream! {
         yield Ok(Event::default().event("progress").data(snapshot.to_string()));
-        let mut ended = false;
+        // The job row, read after subscribing, decides whether more can come: history may
+        // hold the final event of an earlier run that was retried since.
         for e in history {
-            ended |= matches!(e.kind.as_str(), "done" | "failed" | "cancelled");
             yield Ok(Event::default().event(e.kind).id(e.id.to_string()).data(e.data));
         }
-        if finished || ended {
+        if finished {
             return;
         }
         let shutdown = state.jobs.shutdown_token().clone();
@@ -347,7 +356,18 @@ pub async fn job_events(
                     if last { break; }
                 }
                 Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Events were dropped for this slow subscriber; the final one may be among
+                    // them, so ask the database.
+                    if let Ok(Some(job)) = db::jobs::get(state.jobs.db(), &id).await {
+                        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
+                            let kind = if job.status == "succeeded" { "done".to_string() } else { job.status.clone() };
+                            let data = json!({"status": job.status, "error": job.error, "output_model": job.output_model});
+                            yield Ok(Event::default().event(kind).data(data.to_string()));
+                            break;
+                        }
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }

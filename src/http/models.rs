@@ -161,8 +161,8 @@ pub async fn create_model(
         receive_multipart(&state, multipart).await?
     } else if content_type.starts_with("application/json") {
         let limit = state.settings().limits.max_json_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
+        let bytes = stalled(axum::body::to_bytes(req.into_body(), limit))
+            .await?
             .map_err(|_| {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,15 +202,16 @@ async fn receive_multipart(
     let mut budget = state.settings().limits.max_upload_bytes;
     let mut name = None;
     let mut files = Vec::new();
-    while let Some(field) = multipart
-        .next_field()
-        .await
+    while let Some(field) = stalled(multipart.next_field())
+        .await?
         .map_err(|e| multipart_error(&e))?
     {
         let field_name = field.name().unwrap_or("").to_string();
         let file_name = field.file_name().map(str::to_string);
         if field_name == "name" && file_name.is_none() {
-            let text = field.text().await.map_err(|e| multipart_error(&e))?;
+            let text = stalled(field.text())
+                .await?
+                .map_err(|e| multipart_error(&e))?;
             if text.len() > MAX_NAME_FIELD {
                 return Err(ApiError::invalid(
                     "name",
@@ -243,6 +244,15 @@ async fn receive_multipart(
         });
     }
     Ok((name, files))
+}
+
+/// Cuts off a client that stops sending (DESIGN §8: slow clients time out).
+async fn stalled<T>(fut: impl std::future::Future<Output = T>) -> Result<T, ApiError> {
+    tokio::time::timeout(crate::store::UPLOAD_IDLE_TIMEOUT, fut)
+        .await
+        .map_err(|_| {
+            crate::store::StoreError::Stalled(crate::store::UPLOAD_IDLE_TIMEOUT.as_secs()).into()
+        })
 }
 
 fn multipart_error(e: &axum::extract::multipart::MultipartError) -> ApiError {

@@ -109,20 +109,34 @@ pub(super) async fn publish(
         }
         db::models::insert(&mut tx, &row, &files).await?;
         db::metrics::insert_all(&mut tx, o.job_id, Some(&row.id), &o.metrics).await?;
-        db::jobs::complete(&mut tx, o.job_id, &row.id, &report).await?;
+        if !db::jobs::complete(&mut tx, o.job_id, &row.id, &report).await? {
+            // Cancelled while the files were being written: the transaction rolls back.
+            return Ok(None);
+        }
         let done = json!({"status": "succeeded", "output_model": row.id, "file_bytes": o.size});
         db::jobs::add_event(&mut *tx, o.job_id, "done", &done).await?;
         tx.commit().await?;
-        Ok::<_, sqlx::Error>(done)
+        Ok::<_, sqlx::Error>(Some(done))
     }
     .await;
     match committed {
-        Ok(done) => Ok((row.id, done)),
-        Err(e) => {
-            for d in fresh {
-                let _ = js.store().remove(&d);
+        Ok(Some(done)) => Ok((row.id, done)),
+        outcome => {
+            remove_unreferenced(js, fresh).await;
+            match outcome {
+                Err(e) => Err(e.into()),
+                _ => Err(RunError::Cancelled),
             }
-            Err(e.into())
+        }
+    }
+}
+
+/// Removes blobs a failed step added, unless a row refers to them by now (another upload or
+/// job with the same bytes may have committed meanwhile).
+pub(crate) async fn remove_unreferenced(js: &JobSystem, fresh: Vec<Digest>) {
+    for d in fresh {
+        if matches!(db::blobs::exists(js.db(), d.as_str()).await, Ok(None)) {
+            let _ = js.store().remove(&d);
         }
     }
 }

@@ -122,9 +122,8 @@ async fn finish(
     status: &'static str,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    db::jobs::finish_unsuccessfully(js.db(), id, status, error).await?;
     let data = json!({"status": status, "error": error});
-    db::jobs::add_event(js.db(), id, status, &data).await?;
+    db::jobs::finish_unsuccessfully(js.db(), id, status, error, &data).await?;
     js.events().publish(JobEvent {
         job_id: id.to_string(),
         kind: status,
@@ -236,19 +235,28 @@ async fn quantize(
         .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
         .map(|f| f.digest);
     let params_json = serde_json::to_value(params).expect("params serialize");
-    let mut metadata = gguf_meta::model_metadata(
-        &ckpt,
-        &spec.output_name,
+    // Loading the tokenizer for the GGUF metadata is compute: keep it off the executor.
+    let (ckpt_meta, name, ftype, quantized, job_id) = (
+        ckpt.clone(),
+        spec.output_name.clone(),
         plan.file_type,
         !params.gguf_type.is_float(),
-    )
+        job.id.clone(),
+    );
+    let params_for_meta = params_json.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        let mut m = gguf_meta::model_metadata(&ckpt_meta, &name, ftype, quantized)?;
+        m.extend(gguf_meta::provenance(
+            "gguf",
+            &params_for_meta,
+            source_digest.as_deref(),
+            Some(&job_id),
+        ));
+        Ok::<_, crate::model::checkpoint::CheckpointError>(m)
+    })
+    .await
+    .map_err(|e| RunError::Failed(format!("metadata thread panicked: {e}")))?
     .map_err(|e| RunError::Failed(e.to_string()))?;
-    metadata.extend(gguf_meta::provenance(
-        "gguf",
-        &params_json,
-        source_digest.as_deref(),
-        Some(&job.id),
-    ));
 
     stage(js, &job.id, "quantizing").await?;
     let temp = js.store().temp_file("job")?;

@@ -133,12 +133,16 @@ pub async fn submit(
     .await;
     if let Err(sqlx::Error::Database(e)) = &inserted {
         if e.is_unique_violation() {
-            // Two requests with the same key raced; the other one won.
+            // Two requests raced: the same idempotency key, or the same output name.
             if let Some(key) = &idempotency_key {
                 if let Some(existing) = db::jobs::by_idempotency_key(db, key).await? {
                     return Ok(Submitted::Existing(existing));
                 }
             }
+            return Err(SubmitError::Conflict {
+                param: "output_name".into(),
+                message: format!("another job is already producing {:?}", spec.output_name),
+            });
         }
     }
     inserted?;

@@ -59,11 +59,41 @@ pub fn spawn_workers(js: &JobSystem, count: usize) -> JoinSet<()> {
     set
 }
 
+/// Runs a job on its own task so that a panic fails that job instead of killing the worker
+/// and leaving the job `running` until the next restart.
+async fn run_isolated(js: &JobSystem, job: crate::db::jobs::JobRow) {
+    let id = job.id.clone();
+    let task = tokio::spawn({
+        let js = js.clone();
+        async move { run_job(&js, job).await }
+    });
+    if let Err(e) = task.await {
+        warn!(job = %id, error = %e, "job task panicked");
+        let data = serde_json::json!({"status": "failed", "error": "internal error (panic); see the server log"});
+        if let Err(e) = db::jobs::finish_unsuccessfully(
+            js.db(),
+            &id,
+            "failed",
+            Some("internal error (panic); see the server log"),
+            &data,
+        )
+        .await
+        {
+            warn!(job = %id, error = %e, "could not record the panicked job");
+        }
+        js.events().publish(super::JobEvent {
+            job_id: id,
+            kind: "failed",
+            data,
+        });
+    }
+}
+
 async fn worker_loop(js: JobSystem, n: usize) {
     info!(worker = n, "job worker started");
     while !js.shutdown_token().is_cancelled() {
         match db::jobs::claim(js.db()).await {
-            Ok(Some(job)) => run_job(&js, job).await,
+            Ok(Some(job)) => run_isolated(&js, job).await,
             Ok(None) => {
                 tokio::select! {
                     _ = js.woken() => {}

@@ -134,7 +134,8 @@ fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
-        && !name.contains(['/', '\\', '\0'])
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
         && name.len() <= 255
 }
 
@@ -158,6 +159,12 @@ impl Checkpoint {
         limits: CheckLimits,
     ) -> Result<Self, CheckpointError> {
         for (name, path) in files {
+            if !is_plain_file_name(name) {
+                return Err(invalid(
+                    name,
+                    "file names must be plain names without paths or control characters",
+                ));
+            }
             let kind = sniff_file(path).map_err(|source| CheckpointError::Io {
                 file: name.clone(),
                 source,
@@ -501,6 +508,12 @@ fn shard_names(
             ));
         }
         shards.insert(shard.to_string());
+    }
+    if let Some(extra) = uploaded.iter().find(|u| !shards.contains(u.as_str())) {
+        return Err(invalid(
+            extra,
+            "this safetensors file is not named by model.safetensors.index.json",
+        ));
     }
     let mut shards: Vec<String> = shards.into_iter().collect();
     shards.sort();

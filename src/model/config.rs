@@ -204,6 +204,20 @@ impl ModelConfig {
 
     /// Cross-field checks shared by both sources.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Q rows (heads x head_dim) size real tensors; cap them like any other dimension.
+        if self
+            .num_attention_heads
+            .checked_mul(self.head_dim)
+            .is_none_or(|rows| rows > MAX_INTERMEDIATE)
+        {
+            return Err(invalid(
+                "head_dim",
+                format!(
+                    "{} heads x head_dim {} exceeds {MAX_INTERMEDIATE}",
+                    self.num_attention_heads, self.head_dim
+                ),
+            ));
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)

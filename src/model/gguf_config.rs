@@ -76,8 +76,14 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
         }),
         _ => None,
     };
-    let head_dim = meta_u64(f, &format!("{arch_name}.attention.key_length"))
-        .map_or(hidden / heads.max(1), |v| v as usize);
+    let head_dim = match meta_u64(f, &format!("{arch_name}.attention.key_length")) {
+        Some(v) => check(
+            "attention.key_length",
+            usize::try_from(v).unwrap_or(usize::MAX),
+            MAX_HIDDEN,
+        )?,
+        None => hidden / heads.max(1),
+    };
     let token_id = |key: &str| meta_u64(f, key).map(|v| v as u32);
     let cfg = ModelConfig {
         architecture,

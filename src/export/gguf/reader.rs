@@ -15,6 +15,9 @@ const MAX_COUNT: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
 /// Arrays nest at most this deep (llama.cpp itself writes no nested arrays).
 const MAX_ARRAY_DEPTH: usize = 2;
+/// Memory the parsed metadata may take (values plus string bytes). A 150k-token vocabulary with
+/// merges needs about 20 MiB; this leaves room while refusing files built to exhaust memory.
+const MAX_METADATA_MEMORY: u64 = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -63,9 +66,21 @@ struct Bounded<R> {
     inner: R,
     pos: u64,
     len: u64,
+    /// What is left of `MAX_METADATA_MEMORY`.
+    budget: u64,
 }
 
 impl<R: Read> Bounded<R> {
+    /// Charges `bytes` of parsed metadata against the budget.
+    fn charge(&mut self, bytes: u64) -> Result<(), GgufError> {
+        self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
+            GgufError::Invalid(format!(
+                "metadata would need more than {MAX_METADATA_MEMORY} bytes of memory"
+            ))
+        })?;
+        Ok(())
+    }
+
     fn remaining(&self) -> u64 {
         self.len - self.pos
     }
@@ -102,6 +117,7 @@ impl<R: Read> Bounded<R> {
 
     fn string(&mut self) -> Result<String, GgufError> {
         let n = self.u64()?;
+        self.charge(n)?;
         if n > self.remaining() {
             return invalid(format!(
                 "string of {n} bytes at byte {} runs past the end of the file",
@@ -115,6 +131,7 @@ impl<R: Read> Bounded<R> {
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value, GgufError> {
+        self.charge(std::mem::size_of::<Value>() as u64)?;
         Ok(match ty {
             0 => Value::U8(self.bytes::<1>()?[0]),
             1 => Value::I8(self.bytes::<1>()?[0] as i8),
@@ -169,7 +186,12 @@ impl GgufFile {
 
     pub fn read<R: Read + Seek>(mut inner: R, len: u64) -> Result<Self, GgufError> {
         inner.seek(SeekFrom::Start(0))?;
-        let mut r = Bounded { inner, pos: 0, len };
+        let mut r = Bounded {
+            inner,
+            pos: 0,
+            len,
+            budget: MAX_METADATA_MEMORY,
+        };
         if r.u32()? != GGUF_MAGIC {
             return invalid("not a GGUF file (bad magic)");
         }
