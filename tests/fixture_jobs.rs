@@ -41,6 +41,20 @@ fn curl_upload(app: &common::UrlOnly, name: &str) -> Value {
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// SHA-256 of every tensor's bytes, tensors in name order (independent of metadata and layout).
+fn tensor_data_digest(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let file = quantd::export::gguf::GgufFile::open(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let mut tensors: Vec<_> = file.tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = sha2::Sha256::new();
+    for t in tensors {
+        h.update(&bytes[t.offset as usize..(t.offset + t.size) as usize]);
+    }
+    hex::encode(h.finalize())
+}
+
 fn check_with_gguf_py(path: &std::path::Path, file_type: u32, types: Value) -> Value {
     let out = Command::new(python())
         .arg(repo_root().join("scripts/interop/check_gguf.py"))
@@ -94,17 +108,31 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
     assert_eq!(model["parameters"], 134_515_008);
     assert_eq!(model["architecture"], "llama");
 
+    // The last column is the SHA-256 of all tensor data (tensors sorted by name) in llama.cpp's
+    // own file for the same type, from `llama_model_quantize` (llama-cpp-python 0.3.36) on an
+    // F16 GGUF of this model: quantd must write exactly llama.cpp's bytes.
     let expectations = [
-        ("Q8_0", 7, json!({"Q8_0": 211})),
+        (
+            "Q8_0",
+            7,
+            json!({"Q8_0": 211}),
+            "5f009ec247233a58f62d23fd6e00b2d90531590e5c25fca86deb9dc9672ef91c",
+        ),
         (
             "Q4_K_M",
             15,
             json!({"Q5_0": 166, "Q4_K": 16, "Q6_K": 14, "Q8_0": 15}),
+            "24658f507c97d7e6125ba3edb0e0856940fc2f99061a17726e760049e90896a2",
         ),
-        ("Q4_0", 2, json!({"Q4_0": 210, "Q8_0": 1})),
+        (
+            "Q4_0",
+            2,
+            json!({"Q4_0": 210, "Q8_0": 1}),
+            "bc5d5d574e5a330a711603563a2bfb39e48eef3c41be152766a29c055a8ca235",
+        ),
     ];
     let mut ids = Vec::new();
-    for (t, _, _) in &expectations {
+    for (t, _, _, _) in &expectations {
         let (status, job) = app
             .post_json(
                 "/v1/jobs",
@@ -115,7 +143,7 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
         ids.push(job["id"].as_str().unwrap().to_string());
     }
     let out_dir = tempfile::tempdir().unwrap();
-    for ((t, ftype, types), id) in expectations.iter().zip(&ids) {
+    for ((t, ftype, types, llama_cpp_digest), id) in expectations.iter().zip(&ids) {
         let job = app.wait_job(id, Duration::from_secs(600)).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         let variant = t.to_ascii_lowercase();
@@ -132,6 +160,11 @@ async fn smollm2_uploaded_with_curl_quantizes_to_files_the_gguf_reader_accepts()
         assert_eq!(summary["merges"], 48900);
         assert_eq!(summary["has_chat_template"], true);
         assert_eq!(summary["tensor_types"]["F32"], 61, "norms stay F32");
+        assert_eq!(
+            tensor_data_digest(&path),
+            *llama_cpp_digest,
+            "{t}: tensor bytes differ from llama.cpp's"
+        );
     }
     // Sizes follow the bits: Q8_0 > Q4_K_M > Q4_0.
     let (_, variants) = app.get_json("/v1/models/smollm2-135m/variants").await;

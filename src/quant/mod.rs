@@ -2,6 +2,7 @@
 //! The first method is `gguf`: GGML block quantization with llama.cpp's per-tensor mixes.
 
 pub mod gguf_types;
+pub mod kquants;
 pub mod mix;
 pub mod plan;
 pub mod tensor_quant;

@@ -9,6 +9,8 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::kquants::{self, QK_K};
+
 /// Error of a quantized tensor against its f32 source.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct TensorError {
@@ -106,11 +108,23 @@ fn quantize_slice(
         }
         _ => {
             let rows = src.len() / row_len;
-            let q = QTensor::quantize(
-                &Tensor::from_slice(src, (rows, row_len), &Device::Cpu)?,
-                dtype,
-            )?;
-            let bytes = q.data()?.into_owned();
+            let bytes = match dtype {
+                GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+                    let mut out = Vec::with_capacity(src.len() / QK_K * dtype.type_size());
+                    match dtype {
+                        GgmlDType::Q4K => kquants::quantize_q4k(src, &mut out),
+                        GgmlDType::Q5K => kquants::quantize_q5k(src, &mut out),
+                        _ => kquants::quantize_q6k(src, &mut out),
+                    }
+                    out
+                }
+                _ => QTensor::quantize(
+                    &Tensor::from_slice(src, (rows, row_len), &Device::Cpu)?,
+                    dtype,
+                )?
+                .data()?
+                .into_owned(),
+            };
             let back = dequantize(&bytes, rows, row_len, dtype)?;
             for (a, b) in src.iter().zip(&back) {
                 acc.add(*a, *b);
@@ -206,14 +220,17 @@ mod tests {
     fn slicing_rows_gives_the_same_bytes_as_quantizing_whole() {
         let (rows, cols) = (SLICE_ROWS * 3 + 17, 256);
         let data = ramp(rows * cols);
-        let whole = QTensor::quantize(
-            &Tensor::from_slice(&data, (rows, cols), &Device::Cpu).unwrap(),
-            GgmlDType::Q4K,
-        )
-        .unwrap();
+        // Q4_K goes through quantd's encoder, Q5_0 through candle's: both must slice cleanly.
+        let mut whole_q4k = Vec::new();
+        kquants::quantize_q4k(&data, &mut whole_q4k);
         let (sliced, _) =
             quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q4K, &pool(2)).unwrap();
-        assert_eq!(sliced, whole.data().unwrap().into_owned());
+        assert_eq!(sliced, whole_q4k);
+        let tensor = Tensor::from_slice(&data, (rows, cols), &Device::Cpu).unwrap();
+        let whole_q5_0 = QTensor::quantize(&tensor, GgmlDType::Q5_0).unwrap();
+        let (sliced, _) =
+            quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q5_0, &pool(2)).unwrap();
+        assert_eq!(sliced, whole_q5_0.data().unwrap().into_owned());
     }
 
     #[test]
