@@ -53,6 +53,16 @@ fn fixture_kv() -> HashMap<String, Value> {
 }
 
 /// Structural equality; GGUF values have no PartialEq and ids must keep their width.
+/// `tokenizer.ggml.token_type` as plain integers.
+fn token_types(kv: &HashMap<String, Value>) -> Vec<i32> {
+    kv[KEY_TYPES]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_i32().unwrap())
+        .collect()
+}
+
 fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Array(x), Value::Array(y)) => {
@@ -188,12 +198,7 @@ fn gpt2_vocab_pads_to_config_size_and_types_added_tokens() {
         .map(|v| v.to_string().unwrap().as_str())
         .collect();
     assert_eq!(tokens, ["a", "b", "ab", "<|sp|>", "hi there", "[PAD5]"]);
-    let types: Vec<i32> = kv[KEY_TYPES]
-        .to_vec()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_i32().unwrap())
-        .collect();
+    let types = token_types(&kv);
     assert_eq!(
         types,
         [NORMAL, NORMAL, NORMAL, CONTROL, USER_DEFINED, UNUSED]
@@ -253,12 +258,7 @@ fn byte_fallback_vocab_converts_as_llama_with_byte_tokens_and_a_bos_template() {
             .collect();
     assert_eq!(kv[KEY_MODEL].to_string().unwrap(), "llama");
     assert_eq!(kv[KEY_PRE].to_string().unwrap(), "default");
-    let types: Vec<i32> = kv[KEY_TYPES]
-        .to_vec()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_i32().unwrap())
-        .collect();
+    let types = token_types(&kv);
     assert_eq!(
         types,
         [
