@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::db::models::{ModelFileRow, ModelRow};
 use crate::db::{self, Db};
 use crate::jobs::spec::is_valid_model_id;
-use crate::model::checkpoint::{CheckLimits, Checkpoint, CheckpointError, Format};
+use crate::model::checkpoint::{is_weights_file, CheckLimits, Checkpoint, CheckpointError};
 use crate::store::{BlobStore, Digest, TempFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +178,7 @@ fn default_id(ckpt: &Checkpoint, files: &[IncomingFile]) -> String {
     }
     let weights = files
         .iter()
-        .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .find(|f| is_weights_file(&f.name))
         .unwrap_or(&files[0]);
     format!("model-{}", &weights.digest.hex()[..12])
 }
@@ -187,7 +187,7 @@ fn base_row(id: &str, ckpt: &Checkpoint, files: &[IncomingFile]) -> ModelRow {
     let params = ckpt.parameter_count();
     let weight_bytes: u64 = files
         .iter()
-        .filter(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .filter(|f| is_weights_file(&f.name))
         .map(|f| f.size)
         .sum();
     let dtypes: HashSet<String> = ckpt
@@ -275,9 +275,4 @@ pub async fn delete_model(db: &Db, store: &BlobStore, id: &str) -> Result<(), Ca
         }
     }
     Ok(())
-}
-
-/// `Format` of a stored model from its row.
-pub fn is_gguf(row: &ModelRow) -> bool {
-    row.format == Format::Gguf.as_str()
 }

@@ -186,11 +186,7 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--override: {e}"))?;
     let threads = args.threads.unwrap_or_else(cpu_count).max(1);
     let ckpt = open_path(&args.input)?;
-    let tensors: Vec<(String, Vec<usize>)> = ckpt
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone()))
-        .collect();
+    let tensors = ckpt.tensor_shapes();
     let plan = Plan::gguf(&ckpt.config, &tensors, gguf_type, &compiled, threads);
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -247,11 +243,7 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 "bf16" => GgufType::BF16,
                 other => bail!("--dtype {other}: must be f32, f16 or bf16"),
             };
-            let tensors: Vec<(String, Vec<usize>)> = ckpt
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.clone()))
-                .collect();
+            let tensors = ckpt.tensor_shapes();
             let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], cpu_count());
             let params = serde_json::json!({"type": t});
             write_gguf(

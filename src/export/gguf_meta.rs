@@ -6,22 +6,6 @@ use super::gguf::Value;
 use crate::model::checkpoint::{Checkpoint, CheckpointError, Format};
 use crate::model::tokenizer_gguf;
 
-fn read_json(ckpt: &Checkpoint, name: &str) -> Result<Option<serde_json::Value>, CheckpointError> {
-    let Some(path) = ckpt.side_files.get(name) else {
-        return Ok(None);
-    };
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
-        file: name.into(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| CheckpointError::Invalid {
-            file: name.into(),
-            message: e.to_string(),
-        })
-}
-
 /// Everything but `quantize.*`: general, hyper-parameters and tokenizer.
 pub fn model_metadata(
     ckpt: &Checkpoint,
@@ -98,9 +82,9 @@ pub fn model_metadata(
                 file: "tokenizer.json".into(),
                 source,
             })?;
-            let config = read_json(ckpt, "config.json")?.unwrap_or_default();
-            let tok_cfg = read_json(ckpt, "tokenizer_config.json")?;
-            let gen_cfg = read_json(ckpt, "generation_config.json")?;
+            let config = ckpt.side_json("config.json")?.unwrap_or_default();
+            let tok_cfg = ckpt.side_json("tokenizer_config.json")?;
+            let gen_cfg = ckpt.side_json("generation_config.json")?;
             let tokenizer =
                 tokenizer_gguf::hf_to_gguf_kv(&tok, tok_cfg.as_ref(), &config, gen_cfg.as_ref())
                     .map_err(|e| CheckpointError::Invalid {

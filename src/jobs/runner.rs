@@ -19,6 +19,7 @@ use crate::catalog::{self, CatalogError};
 use crate::db::metrics::MetricRow;
 use crate::db::{self, jobs::JobRow};
 use crate::export::gguf_meta;
+use crate::model::checkpoint::is_weights_file;
 use crate::quant::Plan;
 use crate::store::{Digest, TempFile};
 
@@ -193,7 +194,7 @@ async fn execute(
         size: quantized.size,
         plan: &quantized.plan,
         report: &quantized.report,
-        params: serde_json::to_value(params).expect("params serialize"),
+        params: quantized.params,
         gguf_type: params.gguf_type,
         architecture: quantized.architecture,
         metrics: metric_rows(&quantized.report),
@@ -215,6 +216,8 @@ struct Quantized {
     plan: Plan,
     report: pipeline::GgufReport,
     architecture: String,
+    /// The method's parameters as recorded in the file and the manifest.
+    params: serde_json::Value,
 }
 
 /// Opens the base model, plans, and runs the pipeline on a blocking thread into a temp file.
@@ -232,7 +235,7 @@ async fn quantize(
     let source_digest = db::models::files(js.db(), &spec.model)
         .await?
         .into_iter()
-        .find(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+        .find(|f| is_weights_file(&f.name))
         .map(|f| f.digest);
     let params_json = serde_json::to_value(params).expect("params serialize");
     // Loading the tokenizer for the GGUF metadata is compute: keep it off the executor.
@@ -295,6 +298,7 @@ async fn quantize(
         plan,
         report,
         architecture,
+        params: params_json,
     })
 }
 

@@ -37,11 +37,7 @@ pub enum Submitted {
 
 /// Computes the plan of `spec` for an opened checkpoint.
 pub fn plan_for(spec: &JobSpec, ckpt: &Checkpoint, threads: usize) -> Result<Plan, SubmitError> {
-    let tensors: Vec<(String, Vec<usize>)> = ckpt
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone()))
-        .collect();
+    let tensors = ckpt.tensor_shapes();
     match &spec.method {
         MethodSpec::Gguf(p) => {
             let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {

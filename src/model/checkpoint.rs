@@ -129,6 +129,11 @@ fn read_json(path: &Path, name: &str, limit: u64) -> Result<serde_json::Value, C
     serde_json::from_slice(&bytes).map_err(|e| invalid(name, format!("invalid JSON: {e}")))
 }
 
+/// Whether an uploaded file holds weights (the rest are configs and tokenizers).
+pub fn is_weights_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".gguf")
+}
+
 /// A shard name from an index must be a plain file name of the same upload.
 fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
@@ -229,7 +234,6 @@ impl Checkpoint {
         let shards = shard_names(files, limits)?;
         let mut maps = Vec::new();
         let mut found: HashMap<String, TensorRef> = HashMap::new();
-        let mut lm_head_seen = false;
         for shard in &shards {
             let path = &files[shard];
             let kind = sniff_file(path).map_err(|source| CheckpointError::Io {
@@ -269,7 +273,6 @@ impl Checkpoint {
                 })?;
                 if gguf == "output.weight" && config.tie_word_embeddings {
                     // Tied checkpoints sometimes store the head anyway; llama.cpp ignores it too.
-                    lm_head_seen = true;
                     continue;
                 }
                 if !t.dtype.is_float() {
@@ -295,7 +298,6 @@ impl Checkpoint {
                 }
             }
         }
-        let _ = lm_head_seen;
         let mut computed = Vec::new();
         if let Some(factors) = config.llama3_rope_factors() {
             let name = "rope_freqs.weight".to_string();
@@ -359,6 +361,23 @@ impl Checkpoint {
             maps: vec![mmap(path, name)?],
             computed: Vec::new(),
         })
+    }
+
+    /// (GGUF name, row-major shape) of every tensor, in write order: what plans are made from.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    }
+
+    /// A side file (config.json, tokenizer_config.json, ...) parsed as JSON, if the checkpoint
+    /// has it. Its size was checked when the checkpoint was opened.
+    pub fn side_json(&self, name: &str) -> Result<Option<serde_json::Value>, CheckpointError> {
+        self.side_files
+            .get(name)
+            .map(|path| read_json(path, name, u64::MAX))
+            .transpose()
     }
 
     pub fn parameter_count(&self) -> u64 {

@@ -158,24 +158,6 @@ impl BlobStore {
         }
         Ok(removed)
     }
-
-    /// Every file under the store (blobs and temp), for tests that check nothing is left over.
-    pub fn all_files(&self) -> io::Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.root.join("blobs"), self.tmp_dir()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir)? {
-                let path = entry?.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else {
-                    out.push(path);
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
 }
 
 /// fsync a directory so a rename inside it survives a power cut.

@@ -1,7 +1,6 @@
 //! Strict GGUF reader: header, metadata and tensor infos, each count and length checked
 //! against what is left of the file before anything is allocated from it.
 
-use std::collections::HashMap;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -267,10 +266,6 @@ impl GgufFile {
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-
-    pub fn metadata_map(&self) -> HashMap<String, Value> {
-        self.metadata.iter().cloned().collect()
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {

@@ -12,7 +12,6 @@ use super::{Value, ALIGNMENT, GGUF_MAGIC};
 pub struct GgufWriter<W: Write> {
     out: W,
     pending: std::collections::VecDeque<(String, u64)>,
-    pos: u64,
 }
 
 fn write_str<W: Write>(w: &mut W, s: &str) -> io::Result<u64> {
@@ -126,8 +125,7 @@ impl<W: Write> GgufWriter<W> {
         }
         let pad = padding(pos);
         out.write_all(&vec![0u8; pad as usize])?;
-        pos += pad;
-        Ok(Self { out, pending, pos })
+        Ok(Self { out, pending })
     }
 
     /// Writes the next tensor's bytes; its name and size must match the declaration.
@@ -145,7 +143,6 @@ impl<W: Write> GgufWriter<W> {
         self.out.write_all(data)?;
         let pad = padding(size);
         self.out.write_all(&vec![0u8; pad as usize])?;
-        self.pos += size + pad;
         Ok(())
     }
 
@@ -157,10 +154,6 @@ impl<W: Write> GgufWriter<W> {
             )));
         }
         Ok(self.out)
-    }
-
-    pub fn bytes_written(&self) -> u64 {
-        self.pos
     }
 }
 
