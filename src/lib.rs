@@ -10,6 +10,7 @@ pub mod export;
 pub mod http;
 pub mod jobs;
 pub mod model;
+pub mod nn;
 pub mod quant;
 pub mod startup;
 pub mod store;

@@ -1,0 +1,263 @@
+//! The Llama-family decoder (llama, mistral, qwen2) on candle: RMSNorm, RoPE, grouped-query
+//! attention with optional q/k/v biases, SwiGLU, tied or separate output head.
+//!
+//! One forward call runs a batch of sequences of any lengths (prompts being prefilled next to
+//! sequences decoding one token): the linear layers see all their rows stacked into one matrix,
+//! so weights stream from memory once per step for the whole batch, while attention runs per
+//! sequence against that sequence's own cache.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Result, Tensor, D};
+
+use super::kv_cache::KvCache;
+use super::linear::QLinear;
+use super::rope::Rope;
+use crate::model::config::ModelConfig;
+
+/// Receives each linear layer's input rows, before the layer runs: `(name, [rows, in])`, the
+/// name being the GGUF tensor name without `.weight` (`blk.3.attn_q`, `output`).
+pub type CaptureHook<'a> = dyn FnMut(&str, &Tensor) + 'a;
+
+pub enum Embedding {
+    Dense(Tensor),
+    /// Rows are dequantized on lookup; the table stays in blocks.
+    Ggml(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => t.index_select(ids, 0),
+            Self::Ggml(q) => q.embedding(ids),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Ggml(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub q: QLinear,
+    pub k: QLinear,
+    pub v: QLinear,
+    pub o: QLinear,
+    pub ffn_norm: Tensor,
+    pub gate: QLinear,
+    pub up: QLinear,
+    pub down: QLinear,
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed: Embedding,
+    pub blocks: Vec<Block>,
+    pub output_norm: Tensor,
+    pub output: QLinear,
+    /// True when `output` shares its storage with the embedding table.
+    pub tied_output: bool,
+    pub rope: Rope,
+}
+
+/// One sequence's share of a batched forward call.
+pub struct SeqStep<'a> {
+    /// New tokens, after whatever `cache` already holds.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Logits for every new position (scoring) instead of only the last (generation).
+    pub all_logits: bool,
+}
+
+impl Llama {
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.output.out_features()
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let norm = |t: &Tensor| t.elem_count() * 4;
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                norm(&b.attn_norm)
+                    + norm(&b.ffn_norm)
+                    + [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                        .iter()
+                        .map(|l| l.storage_bytes())
+                        .sum::<usize>()
+            })
+            .sum();
+        let output = if self.tied_output {
+            0
+        } else {
+            self.output.storage_bytes()
+        };
+        self.embed.bytes() + blocks + norm(&self.output_norm) + output
+    }
+
+    /// Bytes one cached position takes (keys and values, all layers, f32).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.config.num_key_value_heads * self.config.head_dim * 4
+    }
+
+    /// Runs the new tokens of every sequence, appends them to the caches, and returns per
+    /// sequence the logits `[rows, vocab]`: one row (the last position) or one per new token.
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        mut hook: Option<&mut CaptureHook<'_>>,
+    ) -> Result<Vec<Tensor>> {
+        let cfg = &self.config;
+        let (heads, kv_heads, head_dim) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut ids = Vec::new();
+        for s in seqs.iter_mut() {
+            if s.tokens.is_empty() {
+                candle_core::bail!("a sequence in the batch has no new tokens");
+            }
+            let needed = s.cache.len() + s.tokens.len();
+            if needed > self.max_positions() {
+                candle_core::bail!(
+                    "{needed} positions exceed the {} this model was loaded for",
+                    self.max_positions()
+                );
+            }
+            s.cache
+                .reserve(self.blocks.len(), kv_heads, head_dim, needed)?;
+            ids.extend_from_slice(s.tokens);
+        }
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, rows, &Device::Cpu)?;
+        let mut x = self.embed.forward(&ids)?;
+        let eps = cfg.rms_norm_eps as f32;
+        let mut capture = |name: String, t: &Tensor| {
+            if let Some(h) = hook.as_deref_mut() {
+                h(&name, t);
+            }
+        };
+
+        for (li, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            for part in ["attn_q", "attn_k", "attn_v"] {
+                capture(format!("blk.{li}.{part}"), &h);
+            }
+            let q = block.q.forward(&h)?;
+            let k = block.k.forward(&h)?;
+            let v = block.v.forward(&h)?;
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for s in seqs.iter_mut() {
+                let t = s.tokens.len();
+                let start = s.cache.len();
+                let split = |m: &Tensor, n: usize| -> Result<Tensor> {
+                    m.narrow(0, row, t)?
+                        .reshape((1, t, n, head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let q = self.rope.apply(&split(&q, heads)?, start)?;
+                let k = self.rope.apply(&split(&k, kv_heads)?, start)?;
+                let v = split(&v, kv_heads)?;
+                let (k_all, v_all) = s.cache.append(li, &k, &v)?;
+                outs.push(self.attention(&q, &k_all, &v_all, start)?);
+                row += t;
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            capture(format!("blk.{li}.attn_output"), &attn);
+            x = (x + block.o.forward(&attn)?)?;
+
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            capture(format!("blk.{li}.ffn_gate"), &h);
+            capture(format!("blk.{li}.ffn_up"), &h);
+            let act = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
+            capture(format!("blk.{li}.ffn_down"), &act);
+            x = (x + block.down.forward(&act)?)?;
+        }
+
+        // Only the rows whose logits are wanted go through the (large) output layer.
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut row = 0u32;
+        for s in seqs.iter_mut() {
+            let t = s.tokens.len() as u32;
+            if s.all_logits {
+                wanted.extend(row..row + t);
+                counts.push(t as usize);
+            } else {
+                wanted.push(row + t - 1);
+                counts.push(1);
+            }
+            row += t;
+            s.cache.commit(t as usize);
+        }
+        let n = wanted.len();
+        let x = if n == rows {
+            x
+        } else {
+            x.index_select(&Tensor::from_vec(wanted, n, &Device::Cpu)?, 0)?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, eps)?;
+        capture("output".to_string(), &x);
+        let logits = self.output.forward(&x)?;
+        let mut out = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for c in counts {
+            out.push(logits.narrow(0, start, c)?);
+            start += c;
+        }
+        Ok(out)
+    }
+
+    /// Causal attention of `q` (`[1, heads, t, d]`, positions `start..start+t`) over the
+    /// cached keys/values (`[1, kv_heads, start+t, d]`). Query heads sharing a KV head are
+    /// stacked as rows of one matmul so K and V are never copied per head.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, heads, t, d) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        let total = k.dim(2)?;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = (q.reshape((1, kv_heads, group * t, d))? * scale)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if t > 1 {
+            // Row r of a group is query r % t at absolute position start + r % t.
+            let mut mask = vec![0f32; group * t * total];
+            for r in 0..group * t {
+                let pos = start + r % t;
+                for m in &mut mask[r * total + pos + 1..(r + 1) * total] {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (group * t, total), &Device::Cpu)?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        p.matmul(v)?
+            .reshape((1, heads, t, d))?
+            .transpose(1, 2)?
+            .reshape((t, heads * d))
+    }
+}
+
+/// log-softmax over the vocabulary of each row.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::log_softmax(logits, D::Minus1)
+}
