@@ -20,6 +20,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub jobs: JobSettings,
+    pub engine: EngineSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +59,17 @@ pub struct JobSettings {
     pub progress_interval_ms: u64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    pub memory_budget_bytes: u64,
+    pub max_batch: usize,
+    pub queue_depth: usize,
+    pub max_tokens: usize,
+    pub max_context: usize,
+    pub prefill_chunk: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -90,7 +102,7 @@ impl Settings {
             .filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
                 key == "data_dir"
-                    || ["server__", "auth__", "limits__", "jobs__"]
+                    || ["server__", "auth__", "limits__", "jobs__", "engine__"]
                         .iter()
                         .any(|s| key.starts_with(s))
             })
@@ -116,6 +128,16 @@ impl Settings {
         }
         if self.jobs.workers > 64 {
             return invalid("jobs.workers", "must be at most 64");
+        }
+        let e = &self.engine;
+        if e.max_batch == 0 || e.max_batch > 256 {
+            return invalid("engine.max_batch", "must be within 1..=256");
+        }
+        if e.max_tokens == 0 || e.max_context < 2 || e.prefill_chunk == 0 {
+            return invalid(
+                "engine",
+                "max_tokens and prefill_chunk must be at least 1, max_context at least 2",
+            );
         }
         if self.limits.max_json_bytes < 1024 {
             return invalid("limits.max_json_bytes", "must be at least 1024");

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod engine;
 pub mod export;
 pub mod http;
 pub mod jobs;

@@ -52,6 +52,7 @@ impl Application {
             &settings.auth.infer_keys,
         ));
         let state = AppState {
+            engine: crate::engine::Engine::new(settings.engine.clone()),
             jobs,
             keys,
             ready: Arc::new(AtomicBool::new(false)),

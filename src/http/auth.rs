@@ -56,7 +56,9 @@ impl Keys {
 fn required_scope(method: &Method, path: &str) -> Scope {
     let model_read =
         path.starts_with("/v1/models") && (method == Method::GET || method == Method::HEAD);
-    if model_read {
+    let inference = method == Method::POST
+        && (path == "/v1/completions" || path == "/v1/chat/completions");
+    if model_read || inference {
         Scope::Infer
     } else {
         Scope::Admin

@@ -6,6 +6,7 @@ mod auth;
 mod blobs;
 pub mod error;
 mod health;
+mod inference;
 mod jobs;
 pub mod json;
 mod models;
@@ -22,6 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Settings;
+use crate::engine::Engine;
 use crate::jobs::JobSystem;
 
 pub use auth::{Keys, Scope};
@@ -30,6 +32,7 @@ pub use auth::{Keys, Scope};
 #[derive(Clone)]
 pub struct AppState {
     pub jobs: JobSystem,
+    pub engine: Engine,
     pub keys: Arc<Keys>,
     /// Set once recovery finished and workers run.
     pub ready: Arc<AtomicBool>,
@@ -82,10 +85,23 @@ pub fn router(state: AppState) -> Router {
 
     let events = Router::new().route("/v1/jobs/{id}/events", get(jobs::job_events));
 
+    // Generations stream for as long as they run, so no request timeout here.
+    let inference = Router::new()
+        .route("/v1/completions", post(inference::completions::completions))
+        .route(
+            "/v1/chat/completions",
+            post(inference::chat::chat_completions),
+        )
+        .route("/v1/models/{id}/load", post(inference::load_model))
+        .route("/v1/models/{id}/unload", post(inference::unload_model))
+        .route("/v1/engine", get(inference::engine_stats))
+        .layer(DefaultBodyLimit::max(settings.limits.max_json_bytes));
+
     let protected =
         transfer
             .merge(api)
             .merge(events)
+            .merge(inference)
             .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 auth::require_key,

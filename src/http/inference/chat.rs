@@ -1,0 +1,270 @@
+//! `POST /v1/chat/completions`: messages rendered with the model's own chat template, then
+//! generated like a completion; `logprobs` + `top_logprobs`, streaming deltas as OpenAI sends
+//! them (role first, then content, then `finish_reason`, optional usage, `[DONE]`).
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::{
+    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json,
+    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS,
+};
+use crate::engine::chat_template::{self, ChatMessage};
+use crate::engine::{SeqEvent, TokenLogprob};
+use crate::http::error::ApiError;
+use crate::http::AppState;
+
+const MAX_MESSAGES: usize = 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u64>,
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+fn messages(req: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    if req.is_empty() || req.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(
+            "messages",
+            format!("give 1..={MAX_MESSAGES} messages, got {}", req.len()),
+        ));
+    }
+    req.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !["system", "user", "assistant", "developer", "tool"].contains(&m.role.as_str()) {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "role must be system, developer, user, assistant or tool, got {:?}",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => s.push_str(t),
+                            _ => {
+                                return Err(ApiError::bad_request(
+                                    format!("messages[{i}].content[{j}]"),
+                                    "only {\"type\": \"text\", \"text\": ...} parts are supported",
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            let role = if m.role == "developer" { "system" } else { &m.role };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn logprob_entry(e: &TokenLogprob) -> Value {
+    json!({
+        "token": e.text,
+        "logprob": e.logprob,
+        "bytes": e.text.as_bytes(),
+        "top_logprobs": e.top.iter().map(|t| json!({
+            "token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, InferenceError> {
+    let req: ChatRequest = parse_request(&body)?;
+    let fields: SamplingFields = parse_request(&body)?;
+    let v = fields.validate()?;
+    let msgs = messages(&req.messages)?;
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > MAX_LOGPROBS {
+        return Err(ApiError::bad_request(
+            "top_logprobs",
+            format!("top_logprobs must be within 0..={MAX_LOGPROBS}, got {top}"),
+        )
+        .into());
+    }
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::bad_request(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )
+        .into());
+    }
+    let logprobs = req.logprobs.then_some(top as usize);
+    let model = model_for(&state, &req.model).await?;
+    let s = &model.servable;
+    let prompt_text = chat_template::render(
+        s.chat_template.as_deref(),
+        &msgs,
+        s.bos_token.as_deref(),
+        s.eos_token.as_deref(),
+    )
+    .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+    // The template writes the special tokens itself.
+    let ids = s
+        .tokenizer
+        .encode(prompt_text.as_str(), false)
+        .map_err(|e| ApiError::bad_request("messages", format!("cannot tokenize: {e}")))?
+        .get_ids()
+        .to_vec();
+    let (requested, field) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => (Some(m), "max_completion_tokens"),
+        (None, m) => (m, "max_tokens"),
+    };
+    let limit = state.engine.settings().max_tokens;
+    let max_tokens = check_lengths(&model, limit, ids.len(), requested, limit, field)?;
+    let choices = submit(&model, &[ids], &v, max_tokens, logprobs, false)?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let model_id = model.id.clone();
+
+    if req.stream {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(stream(id, created, model_id, choices, include_usage));
+    }
+    let mut out = Vec::new();
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    for choice in choices {
+        let index = choice.index;
+        let f = gather(choice).await?;
+        prompt_tokens = f.prompt_tokens;
+        completion_tokens += f.completion_tokens;
+        let lp = logprobs.map(|_| {
+            json!({"content": f.tokens.iter().map(logprob_entry).collect::<Vec<_>>(), "refusal": null})
+        });
+        out.push(json!({
+            "index": index,
+            "message": {"role": "assistant", "content": f.text, "refusal": null},
+            "logprobs": lp,
+            "finish_reason": f.finish_reason.map(|r| r.as_str()),
+        }));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_id,
+        "choices": out,
+        "usage": usage_json(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+fn stream(
+    id: String,
+    created: u64,
+    model: String,
+    choices: Vec<super::Choice>,
+    include_usage: bool,
+) -> Response {
+    let total = choices.len();
+    let merged = futures::stream::select_all(choices.into_iter().map(|c| {
+        let index = c.index;
+        UnboundedReceiverStream::new(c.events).map(move |e| (index, e))
+    }));
+    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut v = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices,
+        });
+        if include_usage {
+            v["usage"] = usage.unwrap_or(Value::Null);
+        }
+        Event::default().data(v.to_string())
+    };
+    let body = async_stream::stream! {
+        for i in 0..total {
+            yield Ok::<_, Infallible>(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
+        }
+        let mut merged = merged;
+        let mut finished = 0;
+        let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+        while let Some((i, e)) = merged.next().await {
+            match e {
+                SeqEvent::Prompt(_) => {}
+                SeqEvent::Token { text, token } => {
+                    if text.is_empty() && token.is_none() {
+                        continue;
+                    }
+                    let lp = token.as_ref().map(|t| json!({"content": [logprob_entry(t)], "refusal": null}));
+                    yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]), None));
+                }
+                SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
+                    prompt_tokens = p;
+                    completion_tokens += c;
+                    yield Ok(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason.as_str()}]), None));
+                    finished += 1;
+                    if finished == total {
+                        break;
+                    }
+                }
+                SeqEvent::Error(m) => {
+                    tracing::error!(error = %m, "generation failed mid-stream");
+                    let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
+                    yield Ok(Event::default().data(err.to_string()));
+                    return;
+                }
+            }
+        }
+        if include_usage {
+            yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(body).into_response()
+}

@@ -1,0 +1,304 @@
+//! `POST /v1/completions`: prompts as a string, strings, token ids or lists of token ids;
+//! `echo`, `logprobs` (0..=5), `n`, `stop`, streaming with `stream_options.include_usage`.
+//! `echo` + `logprobs` + `max_tokens: 0` scores the prompt, as evaluation harnesses use it.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::{
+    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json,
+    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
+};
+use crate::engine::{SeqEvent, TokenLogprob};
+use crate::http::error::ApiError;
+use crate::http::AppState;
+
+/// OpenAI's default for this endpoint.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: PromptField,
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<u64>,
+    #[serde(default)]
+    echo: bool,
+    best_of: Option<u64>,
+    suffix: Option<String>,
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// The prompts as token ids, with the text `echo` returns for each.
+fn tokenize(
+    model: &crate::engine::LoadedModel,
+    prompt: PromptField,
+) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+    let tok = &model.servable.tokenizer;
+    let vocab = model.servable.llama.vocab_size() as u32;
+    let encode = |text: String| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = tok
+            .encode(text.as_str(), true)
+            .map_err(|e| ApiError::bad_request("prompt", format!("cannot tokenize: {e}")))?
+            .get_ids()
+            .to_vec();
+        Ok((ids, text))
+    };
+    let from_ids = |ids: Vec<u32>| -> Result<(Vec<u32>, String), ApiError> {
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::bad_request(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+            ));
+        }
+        let text = tok.decode(&ids, false).unwrap_or_default();
+        Ok((ids, text))
+    };
+    let prompts: Vec<(Vec<u32>, String)> = match prompt {
+        PromptField::Text(t) => vec![encode(t)?],
+        PromptField::Texts(v) => v.into_iter().map(encode).collect::<Result<_, _>>()?,
+        PromptField::Tokens(ids) => vec![from_ids(ids)?],
+        PromptField::TokenLists(v) => v.into_iter().map(from_ids).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::bad_request(
+            "prompt",
+            format!(
+                "give 1..={MAX_PROMPTS} prompts, got {}",
+                prompts.len()
+            ),
+        ));
+    }
+    Ok(prompts)
+}
+
+/// OpenAI's completions `logprobs` object for these tokens, offsets counted in characters
+/// from `offset`.
+fn logprobs_json(entries: &[TokenLogprob], offset: &mut usize) -> Value {
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for e in entries {
+        text_offset.push(*offset);
+        *offset += e.text.chars().count();
+    }
+    json!({
+        "tokens": entries.iter().map(|e| &e.text).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+        "top_logprobs": entries.iter().map(|e| {
+            if e.logprob.is_none() {
+                Value::Null
+            } else {
+                Value::Object(e.top.iter().map(|t| (t.text.clone(), json!(t.logprob))).collect())
+            }
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, InferenceError> {
+    let req: CompletionRequest = parse_request(&body)?;
+    let fields: SamplingFields = parse_request(&body)?;
+    let v = fields.validate()?;
+    if req.best_of.is_some_and(|b| b > 1) {
+        return Err(ApiError::bad_request("best_of", "best_of > 1 is not supported").into());
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("suffix", "suffix is not supported").into());
+    }
+    let logprobs = match req.logprobs {
+        Some(k) if k > MAX_LOGPROBS => {
+            return Err(ApiError::bad_request(
+                "logprobs",
+                format!("logprobs must be within 0..={MAX_LOGPROBS}, got {k}"),
+            )
+            .into())
+        }
+        other => other.map(|k| k as usize),
+    };
+    let model = model_for(&state, &req.model).await?;
+    let prompts = tokenize(&model, req.prompt)?;
+    let limit = state.engine.settings().max_tokens;
+    let mut max_tokens = 0;
+    for (ids, _) in &prompts {
+        max_tokens = check_lengths(
+            &model,
+            limit,
+            ids.len(),
+            req.max_tokens,
+            DEFAULT_MAX_TOKENS,
+            "max_tokens",
+        )?;
+    }
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.0.clone()).collect();
+    let prompt_logprobs = req.echo && logprobs.is_some();
+    let choices = submit(&model, &ids, &v, max_tokens, logprobs, prompt_logprobs)?;
+    let echo_texts: Vec<Option<String>> = prompts
+        .iter()
+        .flat_map(|(_, text)| std::iter::repeat_n(req.echo.then(|| text.clone()), v.n))
+        .collect();
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let model_id = model.id.clone();
+
+    if req.stream {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(stream(
+            id,
+            created,
+            model_id,
+            choices,
+            echo_texts,
+            logprobs.is_some(),
+            include_usage,
+        ));
+    }
+
+    let mut out = Vec::with_capacity(choices.len());
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let mut counted_prompts = std::collections::HashSet::new();
+    for (choice, echo) in choices.into_iter().zip(echo_texts) {
+        let index = choice.index;
+        let f = gather(choice).await?;
+        // Usage counts each prompt once, as OpenAI does for n > 1.
+        if counted_prompts.insert(index / v.n) {
+            prompt_tokens += f.prompt_tokens;
+        }
+        completion_tokens += f.completion_tokens;
+        let text = match &echo {
+            Some(p) => format!("{p}{}", f.text),
+            None => f.text,
+        };
+        let lp = logprobs.map(|_| {
+            let mut offset = 0;
+            let mut entries = if echo.is_some() { f.prompt } else { Vec::new() };
+            entries.extend(f.tokens);
+            logprobs_json(&entries, &mut offset)
+        });
+        out.push(json!({
+            "index": index,
+            "text": text,
+            "logprobs": lp,
+            "finish_reason": f.finish_reason.map(|r| r.as_str()),
+        }));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model_id,
+        "choices": out,
+        "usage": usage_json(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    id: String,
+    created: u64,
+    model: String,
+    choices: Vec<super::Choice>,
+    echo_texts: Vec<Option<String>>,
+    want_logprobs: bool,
+    include_usage: bool,
+) -> Response {
+    let total = choices.len();
+    let merged = futures::stream::select_all(choices.into_iter().map(|c| {
+        let index = c.index;
+        UnboundedReceiverStream::new(c.events).map(move |e| (index, e))
+    }));
+    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut v = json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices,
+        });
+        if include_usage {
+            v["usage"] = usage.unwrap_or(Value::Null);
+        }
+        Event::default().data(v.to_string())
+    };
+    let body = async_stream::stream! {
+        let mut merged = merged;
+        let mut offsets = vec![0usize; total];
+        let mut echoed = vec![false; total];
+        let mut finished = 0;
+        let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+        while let Some((i, e)) = merged.next().await {
+            match e {
+                SeqEvent::Prompt(p) => {
+                    let text = echo_texts[i].clone().unwrap_or_default();
+                    echoed[i] = true;
+                    let lp = logprobs_json(&p, &mut offsets[i]);
+                    yield Ok::<_, Infallible>(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]), None));
+                }
+                SeqEvent::Token { text, token } => {
+                    let mut text = text;
+                    if !echoed[i] {
+                        echoed[i] = true;
+                        if let Some(p) = &echo_texts[i] {
+                            offsets[i] += p.chars().count();
+                            text = format!("{p}{text}");
+                        }
+                    }
+                    if text.is_empty() && token.is_none() {
+                        continue;
+                    }
+                    let lp = if want_logprobs {
+                        logprobs_json(token.as_slice(), &mut offsets[i])
+                    } else {
+                        Value::Null
+                    };
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]), None));
+                }
+                SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
+                    prompt_tokens += p;
+                    completion_tokens += c;
+                    let text = if echoed[i] { String::new() } else { echo_texts[i].clone().unwrap_or_default() };
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish_reason.as_str()}]), None));
+                    finished += 1;
+                    if finished == total {
+                        break;
+                    }
+                }
+                SeqEvent::Error(m) => {
+                    tracing::error!(error = %m, "generation failed mid-stream");
+                    let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
+                    yield Ok(Event::default().data(err.to_string()));
+                    return;
+                }
+            }
+        }
+        if include_usage {
+            yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(body).into_response()
+}

@@ -1,0 +1,373 @@
+//! OpenAI-compatible inference (DESIGN §2 "Inference", §7): `/v1/completions` and
+//! `/v1/chat/completions`. This module holds what both share: loading the model through the
+//! engine, validating the sampling fields (each error names the field and the limit),
+//! submitting one engine sequence per choice, and gathering their events into choices.
+
+pub mod chat;
+pub mod completions;
+mod manage;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::catalog::{self, CatalogError};
+use crate::engine::{
+    EngineError, FinishReason, GenerateRequest, LoadedModel, SamplingParams, SeqEvent,
+    TokenLogprob,
+};
+use crate::model::servable;
+
+pub use manage::{engine_stats, load_model, unload_model};
+
+/// Most choices one request may ask for (DESIGN §7).
+pub const MAX_N: u64 = 4;
+pub const MAX_STOP: usize = 4;
+pub const MAX_STOP_LEN: usize = 256;
+pub const MAX_LOGPROBS: u64 = 5;
+/// Completions prompts given as a list run as that many sequences.
+pub const MAX_PROMPTS: usize = 16;
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match &e {
+            EngineError::NotFound(_) => ApiError::not_found("model", e.to_string()),
+            EngineError::Unservable { .. } => ApiError::bad_request("model", e.to_string()),
+            EngineError::Overloaded { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                e.to_string(),
+            ),
+            EngineError::Internal(_) => ApiError::internal("running inference", e),
+        }
+    }
+}
+
+/// `ApiError` plus `Retry-After` on 429.
+pub struct InferenceError(pub ApiError);
+
+impl From<ApiError> for InferenceError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<EngineError> for InferenceError {
+    fn from(e: EngineError) -> Self {
+        Self(e.into())
+    }
+}
+
+impl IntoResponse for InferenceError {
+    fn into_response(self) -> Response {
+        let retry = self.0.status == StatusCode::TOO_MANY_REQUESTS;
+        let mut r = self.0.into_response();
+        if retry {
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// Request JSON with OpenAI's status for bad fields (400, not 422).
+pub fn parse_request<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    super::json::parse(bytes).map_err(|mut e| {
+        if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+            e.status = StatusCode::BAD_REQUEST;
+        }
+        e
+    })
+}
+
+/// The loaded model, loading it from the catalog on first use.
+pub async fn model_for(state: &AppState, id: &str) -> Result<Arc<LoadedModel>, ApiError> {
+    let engine = state.engine.clone();
+    let max_context = engine.settings().max_context;
+    let jobs = state.jobs.clone();
+    let owned = id.to_string();
+    Ok(engine
+        .get_or_load(id, move || async move {
+            let ckpt = catalog::open_checkpoint(jobs.db(), jobs.store(), jobs.settings(), &owned)
+                .await
+                .map_err(|e| match e {
+                    CatalogError::NotFound(id) => EngineError::NotFound(id),
+                    other => EngineError::Unservable {
+                        id: owned.clone(),
+                        message: other.to_string(),
+                    },
+                })?;
+            let id = owned.clone();
+            tokio::task::spawn_blocking(move || servable::load(&ckpt, max_context))
+                .await
+                .map_err(|e| EngineError::Internal(format!("loading panicked: {e}")))?
+                .map_err(|e| EngineError::Unservable {
+                    id,
+                    message: e.to_string(),
+                })
+        })
+        .await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub n: Option<u64>,
+    pub stop: Option<StopField>,
+}
+
+fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
+        Some(x) => Err(ApiError::bad_request(
+            param,
+            format!("{param} must be within [{lo}, {hi}], got {x}"),
+        )),
+    }
+}
+
+pub struct Validated {
+    pub sampling: SamplingParams,
+    pub n: usize,
+    pub stop: Vec<String>,
+}
+
+impl SamplingFields {
+    pub fn validate(&self) -> Result<Validated, ApiError> {
+        let top_p = in_range("top_p", self.top_p, 0.0, 1.0, 1.0)?;
+        if top_p == 0.0 {
+            return Err(ApiError::bad_request("top_p", "top_p must be greater than 0"));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::bad_request(
+                    "top_k",
+                    format!("top_k must be -1 (off) or a positive integer, got {k}"),
+                ))
+            }
+        };
+        let repetition_penalty =
+            in_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, 1.0)?;
+        if repetition_penalty == 0.0 {
+            return Err(ApiError::bad_request(
+                "repetition_penalty",
+                "repetition_penalty must be greater than 0",
+            ));
+        }
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > MAX_N {
+            return Err(ApiError::bad_request(
+                "n",
+                format!("n must be within 1..={MAX_N}, got {n}"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP {
+            return Err(ApiError::bad_request(
+                "stop",
+                format!("at most {MAX_STOP} stop strings, got {}", stop.len()),
+            ));
+        }
+        if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+            return Err(ApiError::bad_request(
+                "stop",
+                format!(
+                    "stop strings must be 1..={MAX_STOP_LEN} bytes, got {} bytes",
+                    s.len()
+                ),
+            ));
+        }
+        Ok(Validated {
+            sampling: SamplingParams {
+                temperature: in_range("temperature", self.temperature, 0.0, 2.0, 1.0)?,
+                top_p,
+                top_k,
+                min_p: in_range("min_p", self.min_p, 0.0, 1.0, 0.0)?,
+                presence_penalty: in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?,
+                frequency_penalty: in_range(
+                    "frequency_penalty",
+                    self.frequency_penalty,
+                    -2.0,
+                    2.0,
+                    0.0,
+                )?,
+                repetition_penalty,
+                seed: self.seed.map(|s| s as u64),
+            },
+            n: n as usize,
+            stop,
+        })
+    }
+}
+
+/// Checks `max_tokens` against the configured limit and the context left after the prompt.
+/// `requested: None` takes `default` (or everything the context leaves, when that is less).
+pub fn check_lengths(
+    model: &LoadedModel,
+    limit: usize,
+    prompt_len: usize,
+    requested: Option<u64>,
+    default: usize,
+    field: &str,
+) -> Result<usize, ApiError> {
+    let context = model.max_positions();
+    if prompt_len == 0 {
+        return Err(ApiError::bad_request("prompt", "the prompt is empty"));
+    }
+    if prompt_len >= context {
+        return Err(ApiError::bad_request(
+            "prompt",
+            format!(
+                "the prompt has {prompt_len} tokens; this model's context is {context} tokens"
+            ),
+        ));
+    }
+    let room = context - prompt_len;
+    let max_tokens = match requested {
+        Some(m) if m > limit as u64 => {
+            return Err(ApiError::bad_request(
+                field,
+                format!("{field} must be at most {limit}, got {m}"),
+            ))
+        }
+        Some(m) if m as usize > room => {
+            return Err(ApiError::bad_request(
+                field,
+                format!(
+                    "{field} ({m}) plus the prompt ({prompt_len} tokens) exceeds the context of {context} tokens"
+                ),
+            ))
+        }
+        Some(m) => m as usize,
+        None => default.min(room).min(limit),
+    };
+    Ok(max_tokens)
+}
+
+/// One engine sequence's events.
+pub struct Choice {
+    pub index: usize,
+    pub events: UnboundedReceiver<SeqEvent>,
+}
+
+/// Submits one sequence per (prompt, n); on a full queue the ones already queued are dropped
+/// with their receivers, so the engine discards them.
+pub fn submit(
+    model: &LoadedModel,
+    prompts: &[Vec<u32>],
+    v: &Validated,
+    max_tokens: usize,
+    logprobs: Option<usize>,
+    prompt_logprobs: bool,
+) -> Result<Vec<Choice>, EngineError> {
+    let mut choices = Vec::with_capacity(prompts.len() * v.n);
+    for prompt in prompts {
+        for i in 0..v.n {
+            let (tx, rx) = unbounded_channel();
+            let mut sampling = v.sampling.clone();
+            // n choices from one seed must still differ.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            model.submit(GenerateRequest {
+                prompt: prompt.clone(),
+                sampling,
+                max_tokens,
+                stop: v.stop.clone(),
+                logprobs,
+                prompt_logprobs,
+                events: tx,
+            })?;
+            choices.push(Choice {
+                index: choices.len(),
+                events: rx,
+            });
+        }
+    }
+    Ok(choices)
+}
+
+/// A choice gathered to its end (non-streaming responses).
+#[derive(Default)]
+pub struct Finished {
+    pub text: String,
+    pub tokens: Vec<TokenLogprob>,
+    pub prompt: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+pub async fn gather(mut choice: Choice) -> Result<Finished, ApiError> {
+    let mut out = Finished::default();
+    while let Some(e) = choice.events.recv().await {
+        match e {
+            SeqEvent::Prompt(p) => out.prompt = p,
+            SeqEvent::Token { text, token } => {
+                out.text.push_str(&text);
+                out.tokens.extend(token);
+            }
+            SeqEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                out.finish_reason = Some(finish_reason);
+                out.prompt_tokens = prompt_tokens;
+                out.completion_tokens = completion_tokens;
+                return Ok(out);
+            }
+            SeqEvent::Error(m) => return Err(ApiError::internal("generating", m)),
+        }
+    }
+    Err(ApiError::internal(
+        "generating",
+        "the engine stopped before the sequence finished",
+    ))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn usage_json(prompt: usize, completion: usize) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
