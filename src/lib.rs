@@ -10,6 +10,7 @@ pub mod engine;
 pub mod export;
 pub mod http;
 pub mod jobs;
+pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod quant;

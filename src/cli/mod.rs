@@ -1,6 +1,7 @@
 //! The command line: `serve`, `quantize` (offline, the job code path with a progress bar),
 //! `convert` (GGUF ⇄ HF safetensors) and `migrate`.
 
+mod bench;
 mod offline;
 
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     Quantize(offline::QuantizeArgs),
     /// Convert between GGUF and HF safetensors (direction from the input).
     Convert(offline::ConvertArgs),
+    /// Measure inference speed (prompt processing, decoding, concurrent streams).
+    Bench(bench::BenchArgs),
     /// Create or upgrade the database under data_dir, then exit.
     Migrate {
         #[arg(long)]
@@ -55,6 +58,7 @@ pub fn main() -> ExitCode {
         } => serve(config, allow_unauthenticated),
         Command::Quantize(args) => offline::quantize(args),
         Command::Convert(args) => offline::convert(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Migrate { config } => migrate(config),
     };
     match result {

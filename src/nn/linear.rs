@@ -27,7 +27,8 @@ pub const GEMM_MIN_ROWS: usize = 32;
 enum Weight {
     /// `[out, in]` in f32, f16 or bf16.
     Dense(Tensor),
-    Ggml(Arc<QTensor>, QMatMul),
+    /// Blocks, candle's matmul for them, and quantd's own kernel where it has a faster one.
+    Ggml(Arc<QTensor>, QMatMul, Option<Arc<dyn LinearKernel>>),
     Custom(Arc<dyn LinearKernel>),
 }
 
@@ -54,7 +55,7 @@ impl QLinear {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(q.dequantize(&candle_core::Device::Cpu)?)
             }
-            _ => Weight::Ggml(q.clone(), QMatMul::from_arc(q)?),
+            _ => Weight::Ggml(q.clone(), QMatMul::from_arc(q.clone())?, crate::kernels::for_ggml(&q)),
         };
         Ok(Self {
             weight,
@@ -87,11 +88,13 @@ impl QLinear {
                         .to_dtype(DType::F32)?
                 }
             }
-            Weight::Ggml(q, mm) => {
+            Weight::Ggml(q, mm, fast) => {
                 if x.dim(0)? >= GEMM_MIN_ROWS {
                     // Transient: the f32 copy lives for this call only.
                     let w = q.dequantize(&candle_core::Device::Cpu)?;
                     x.matmul(&w.t()?)?
+                } else if let Some(k) = fast {
+                    k.forward(x)?
                 } else {
                     mm.forward(x)?
                 }
@@ -108,7 +111,7 @@ impl QLinear {
         let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
         bias + match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Ggml(q, _) => q.storage_size_in_bytes(),
+            Weight::Ggml(q, _, _) => q.storage_size_in_bytes(),
             Weight::Custom(k) => k.storage_bytes(),
         }
     }
@@ -117,7 +120,7 @@ impl QLinear {
     pub fn kind(&self) -> String {
         match &self.weight {
             Weight::Dense(w) => format!("{:?}", w.dtype()).to_lowercase(),
-            Weight::Ggml(q, _) => format!("{:?}", q.dtype()).to_lowercase(),
+            Weight::Ggml(q, _, _) => format!("{:?}", q.dtype()).to_lowercase(),
             Weight::Custom(k) => k.kind(),
         }
     }

@@ -1,0 +1,210 @@
+//! `quantd bench`: inference speed of one checkpoint, measured the way llama-bench does, so
+//! `scripts/bench/serve_vs_llama_cpp.py` can put it beside llama.cpp in the same run:
+//! pp = one prompt of N tokens from an empty cache, tg = M tokens decoded one at a time at
+//! batch 1, plus the aggregate rate of K concurrent greedy streams through the engine's own
+//! scheduler (continuous batching) against one stream through the same path.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+
+use super::offline::open_path;
+use crate::config::Settings;
+use crate::engine::{Engine, GenerateRequest, SamplingParams, SeqEvent};
+use crate::model::servable::{self, Servable};
+use crate::nn::{KvCache, SeqStep};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// An HF folder or a .gguf file.
+    pub input: PathBuf,
+    /// Prompt-processing length (pp).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded at batch 1 (tg).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions of each measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Concurrent streams for the aggregate measurement (0 skips it).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Deterministic token ids spread over the vocabulary (speed does not depend on them).
+fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 17) % (vocab - 1) + 1) as u32)
+        .collect()
+}
+
+fn prompt_processing(model: &Servable, n: usize, salt: usize) -> anyhow::Result<f64> {
+    let prompt = tokens(n, model.llama.vocab_size(), salt);
+    let mut cache = KvCache::new();
+    let start = Instant::now();
+    model.llama.forward(
+        &mut [SeqStep {
+            tokens: &prompt,
+            cache: &mut cache,
+            all_logits: false,
+        }],
+        None,
+    )?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn text_generation(model: &Servable, n: usize) -> anyhow::Result<f64> {
+    let mut cache = KvCache::new();
+    let mut token = 1u32;
+    let start = Instant::now();
+    for _ in 0..n {
+        let logits = model.llama.forward(
+            &mut [SeqStep {
+                tokens: &[token],
+                cache: &mut cache,
+                all_logits: false,
+            }],
+            None,
+        )?;
+        let row = logits[0].squeeze(0)?.to_vec1::<f32>()?;
+        token = crate::engine::sampling::argmax(&row);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Tokens/s of `streams` greedy sequences of `n` tokens each, all through the scheduler.
+async fn through_engine(engine: &Engine, streams: usize, n: usize) -> anyhow::Result<f64> {
+    let model = engine
+        .get("bench")
+        .ok_or_else(|| anyhow::anyhow!("bench model not loaded"))?;
+    let vocab = model.servable.llama.vocab_size();
+    let start = Instant::now();
+    let mut receivers = Vec::new();
+    for s in 0..streams {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        model.submit(GenerateRequest {
+            prompt: tokens(8, vocab, s + 1),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            max_tokens: n,
+            stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: false,
+            events: tx,
+        })?;
+        receivers.push(rx);
+    }
+    let mut generated = 0;
+    for mut rx in receivers {
+        while let Some(e) = rx.recv().await {
+            match e {
+                SeqEvent::Done {
+                    completion_tokens, ..
+                } => {
+                    generated += completion_tokens;
+                    break;
+                }
+                SeqEvent::Error(m) => anyhow::bail!(m),
+                _ => {}
+            }
+        }
+    }
+    Ok(generated as f64 / start.elapsed().as_secs_f64())
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
+    let ckpt = open_path(&args.input)?;
+    let started = Instant::now();
+    let max_positions = args.prompt_tokens.max(args.gen_tokens + 16) + 1;
+    let model = servable::load(&ckpt, max_positions)?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let weight_bytes = model.llama.weight_bytes();
+
+    // Warm-up: page in the weights and the kernels' scratch buffers.
+    prompt_processing(&model, args.prompt_tokens.min(64), 99)?;
+    text_generation(&model, 4)?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for r in 0..args.repeat {
+        pp.push(prompt_processing(&model, args.prompt_tokens, r)?);
+        tg.push(text_generation(&model, args.gen_tokens)?);
+    }
+
+    let mut single = Vec::new();
+    let mut multi = Vec::new();
+    if args.concurrency > 0 {
+        let mut settings = Settings::defaults().engine;
+        settings.max_batch = settings.max_batch.max(args.concurrency);
+        settings.max_context = max_positions;
+        let engine = Engine::new(settings);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(engine.get_or_load("bench", || async move { Ok(model) }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for _ in 0..args.repeat {
+            single.push(rt.block_on(through_engine(&engine, 1, args.gen_tokens))?);
+            multi.push(rt.block_on(through_engine(&engine, args.concurrency, args.gen_tokens))?);
+        }
+    }
+
+    let report = json!({
+        "input": args.input,
+        "weight_bytes": weight_bytes,
+        "load_secs": load_secs,
+        "threads": candle_core::utils::get_num_threads(),
+        "simd": crate::telemetry::SimdReport::detect(),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "pp_tok_s": pp,
+        "tg_tok_s": tg,
+        "pp_median": median(pp.clone()),
+        "tg_median": median(tg.clone()),
+        "concurrency": args.concurrency,
+        "engine_single_tok_s": single,
+        "engine_concurrent_tok_s": multi,
+        "engine_single_median": if single.is_empty() { None } else { Some(median(single.clone())) },
+        "engine_concurrent_median": if multi.is_empty() { None } else { Some(median(multi.clone())) },
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{}: {:.1} MiB of weights, loaded in {:.2} s",
+            args.input.display(),
+            weight_bytes as f64 / (1 << 20) as f64,
+            load_secs
+        );
+        println!(
+            "pp{}: {:.1} tok/s   tg{}: {:.1} tok/s   (medians of {})",
+            args.prompt_tokens,
+            median(pp),
+            args.gen_tokens,
+            median(tg),
+            args.repeat
+        );
+        if !single.is_empty() {
+            let (s, m) = (median(single), median(multi));
+            println!(
+                "engine: 1 stream {s:.1} tok/s, {} streams {m:.1} tok/s aggregate ({:.2}x)",
+                args.concurrency,
+                m / s
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! quantd's own CPU kernels (DESIGN §1 `kernels/`), plugged into `nn::QLinear` through
+//! `LinearKernel`. Today: AVX2 matmuls for the GGML block types candle leaves scalar.
+
+pub mod legacy_blocks;
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+
+use crate::nn::LinearKernel;
+
+/// A faster kernel than candle's for these GGML blocks, if quantd has one.
+pub fn for_ggml(weight: &Arc<QTensor>) -> Option<Arc<dyn LinearKernel>> {
+    legacy_blocks::LegacyBlockMatmul::new(weight.clone())
+        .map(|k| Arc::new(k) as Arc<dyn LinearKernel>)
+}
