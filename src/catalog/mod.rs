@@ -242,7 +242,12 @@ pub async fn open_checkpoint(
     if db::models::get(db, id).await?.is_none() {
         return Err(CatalogError::NotFound(id.to_string()));
     }
-    let paths = model_paths(db, store, id).await?;
+    let mut paths = model_paths(db, store, id).await?;
+    // A quantized variant stores its GGUF next to a manifest and other artifacts; the GGUF
+    // alone is the model. (Uploads never mix a GGUF with other files: that is refused.)
+    if paths.keys().filter(|n| n.ends_with(".gguf")).count() == 1 {
+        paths.retain(|n, _| n.ends_with(".gguf"));
+    }
     let limits = check_limits(settings);
     Ok(
         tokio::task::spawn_blocking(move || Checkpoint::open(&paths, limits))

@@ -103,6 +103,7 @@ async fn through_engine(engine: &Engine, streams: usize, n: usize) -> anyhow::Re
             stop: Vec::new(),
             logprobs: None,
             prompt_logprobs: false,
+            ignore_eos: true,
             events: tx,
         })?;
         receivers.push(rx);

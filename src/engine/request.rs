@@ -15,6 +15,8 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Also score the prompt (for `echo` with `logprobs`).
     pub prompt_logprobs: bool,
+    /// Keep going past end-of-sequence tokens (vLLM's `ignore_eos`, for benchmarks).
+    pub ignore_eos: bool,
     /// Closed by the receiver when the client goes away; the engine then drops the sequence.
     pub events: UnboundedSender<SeqEvent>,
 }

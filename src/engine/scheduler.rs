@@ -270,7 +270,7 @@ fn emit_next_token(model: &Servable, s: &mut Seq, mut logits: Vec<f32>, stats: &
     let entry = lp
         .as_ref()
         .map(|lp| logprob_entry(model, lp, token, s.req.logprobs.unwrap_or(0)));
-    if model.stop_token_ids.contains(&token) {
+    if !s.req.ignore_eos && model.stop_token_ids.contains(&token) {
         if entry.is_some() {
             s.send(SeqEvent::Token {
                 text: String::new(),

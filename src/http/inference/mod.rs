@@ -140,6 +140,9 @@ pub struct SamplingFields {
     pub seed: Option<i64>,
     pub n: Option<u64>,
     pub stop: Option<StopField>,
+    /// vLLM's extension: generate through end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
@@ -157,6 +160,7 @@ pub struct Validated {
     pub sampling: SamplingParams,
     pub n: usize,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 impl SamplingFields {
@@ -229,6 +233,7 @@ impl SamplingFields {
             },
             n: n as usize,
             stop,
+            ignore_eos: self.ignore_eos,
         })
     }
 }
@@ -307,6 +312,7 @@ pub fn submit(
                 stop: v.stop.clone(),
                 logprobs,
                 prompt_logprobs,
+                ignore_eos: v.ignore_eos,
                 events: tx,
             })?;
             choices.push(Choice {
