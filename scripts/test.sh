@@ -22,5 +22,8 @@ FIXTURE=$(bash "$FETCH" "$QUANTD_FIXTURES/smollm2-135m")
 # fetch-smollm2.sh leaves a venv with numpy, gguf and safetensors beside the fixture.
 export QUANTD_PYTHON=${QUANTD_PYTHON:-$(dirname "$FIXTURE")/.venv/bin/python}
 "$QUANTD_PYTHON" -c 'import gguf, numpy' >/dev/null
+# The official OpenAI client drives the server in tests/openai_client.rs.
+"$QUANTD_PYTHON" -c 'import openai' 2>/dev/null ||
+  "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3'
 
 cargo test --locked --all-targets "$@"

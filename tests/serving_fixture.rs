@@ -267,7 +267,9 @@ async fn eight_concurrent_streams_complete_and_a_disconnected_one_stops() {
     let generated = stats["generated_tokens"].as_u64().unwrap()
         - before["generated_tokens"].as_u64().unwrap();
     eprintln!("client read {seen} events; the engine generated {generated} tokens");
-    assert!(generated < 64, "generated {generated} tokens after the client left");
+    // The server notices the closed connection at its next write: one token, maybe two in
+    // flight, never the thousands still allowed by max_tokens.
+    assert!(generated <= seen as u64 + 2, "generated {generated} tokens, the client read {seen}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = engine_stats(&app, "smol").await;
     assert_eq!(after["generated_tokens"], stats["generated_tokens"]);
