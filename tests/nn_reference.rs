@@ -94,7 +94,10 @@ fn smollm2_f32_logits_match_candle_transformers_llama() {
             max_diff = max_diff.max((x - y).abs());
         }
     }
-    eprintln!("max |quantd - candle-transformers| over {} positions: {max_diff:e}", prompt.len());
+    eprintln!(
+        "max |quantd - candle-transformers| over {} positions: {max_diff:e}",
+        prompt.len()
+    );
     assert!(max_diff <= 1e-3, "max abs diff {max_diff}");
     // Sanity: the logits are real (not all zero) and differ between positions.
     assert!(ours[0].iter().any(|v| v.abs() > 1.0));

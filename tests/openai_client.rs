@@ -23,7 +23,12 @@ async fn the_openai_python_client_works_against_the_server() {
         })
         .fold(
             reqwest::multipart::Form::new().text("name", "smol"),
-            |f, (name, bytes)| f.part(name.clone(), reqwest::multipart::Part::bytes(bytes).file_name(name)),
+            |f, (name, bytes)| {
+                f.part(
+                    name.clone(),
+                    reqwest::multipart::Part::bytes(bytes).file_name(name),
+                )
+            },
         );
     let r = app
         .client
@@ -39,7 +44,14 @@ async fn the_openai_python_client_works_against_the_server() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(common::python())
             .arg(common::repo_root().join("scripts/interop/openai_client_check.py"))
-            .args(["--base-url", &base, "--api-key", "infer-key-0001", "--model", "smol"])
+            .args([
+                "--base-url",
+                &base,
+                "--api-key",
+                "infer-key-0001",
+                "--model",
+                "smol",
+            ])
             .output()
             .expect("python runs")
     })

@@ -82,7 +82,9 @@ async fn greedy_paris_on_the_base_model_and_its_q8_0_and_q4_k_m_variants() {
     }
     // The listing says which are loaded; unloading frees the slot.
     let (_, list) = app.get_json("/v1/models").await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 3);
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    assert!(data.iter().all(|m| m["loaded"] == true), "{list}");
     let (status, r) = app.post_json("/v1/models/smol/unload", &json!({})).await;
     assert_eq!((status, &r["was_loaded"]), (200, &json!(true)), "{r}");
     assert!(engine_stats(&app, "smol").await.is_null());
@@ -154,8 +156,8 @@ async fn echo_logprobs_with_max_tokens_0_equal_the_engines_own_scoring() {
     assert!(lp["top_logprobs"][0].is_null());
     assert_eq!(lp["top_logprobs"][1].as_object().unwrap().len(), 1);
 
-    let tok = tokenizers::Tokenizer::from_file(common::fixture().join("hf-f32/tokenizer.json"))
-        .unwrap();
+    let tok =
+        tokenizers::Tokenizer::from_file(common::fixture().join("hf-f32/tokenizer.json")).unwrap();
     let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
     assert_eq!(ids.len(), tokens.len());
     let want = reference_prompt_logprobs(&ids);
@@ -243,8 +245,10 @@ async fn eight_concurrent_streams_complete_and_a_disconnected_one_stops() {
     let resp = app
         .client
         .post(app.url("/v1/completions"))
-        .json(&json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 3000,
-                      "ignore_eos": true, "stream": true}))
+        .json(
+            &json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 3000,
+                      "ignore_eos": true, "stream": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -252,7 +256,10 @@ async fn eight_concurrent_streams_complete_and_a_disconnected_one_stops() {
     let mut seen = 0;
     while seen < 3 {
         let part = body.next().await.unwrap().unwrap();
-        seen += std::str::from_utf8(&part).unwrap().matches("data: ").count();
+        seen += std::str::from_utf8(&part)
+            .unwrap()
+            .matches("data: ")
+            .count();
     }
     drop(body);
     let start = Instant::now();
@@ -261,15 +268,21 @@ async fn eight_concurrent_streams_complete_and_a_disconnected_one_stops() {
         if s["cancelled"].as_u64() > before["cancelled"].as_u64() && s["active"] == 0 {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "never cancelled: {s}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never cancelled: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let generated = stats["generated_tokens"].as_u64().unwrap()
-        - before["generated_tokens"].as_u64().unwrap();
+    let generated =
+        stats["generated_tokens"].as_u64().unwrap() - before["generated_tokens"].as_u64().unwrap();
     eprintln!("client read {seen} events; the engine generated {generated} tokens");
     // The server notices the closed connection at its next write: one token, maybe two in
     // flight, never the thousands still allowed by max_tokens.
-    assert!(generated <= seen as u64 + 2, "generated {generated} tokens, the client read {seen}");
+    assert!(
+        generated <= seen as u64 + 2,
+        "generated {generated} tokens, the client read {seen}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = engine_stats(&app, "smol").await;
     assert_eq!(after["generated_tokens"], stats["generated_tokens"]);
@@ -307,7 +320,11 @@ async fn requests_beyond_capacity_get_429_and_the_engine_keeps_serving() {
     for (_, _, body) in &served {
         assert_eq!(body["usage"]["completion_tokens"], 200);
     }
-    let (status, _) = complete(&app, json!({"model": "smol", "prompt": "Hi", "max_tokens": 2})).await;
+    let (status, _) = complete(
+        &app,
+        json!({"model": "smol", "prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -316,17 +333,72 @@ async fn bad_requests_name_the_field_and_the_engine_keeps_serving() {
     let app = app_with_base(|_| {}).await;
     let long_prompt: Vec<u32> = vec![100; 9000];
     let cases = vec![
-        (json!({"model": "smol", "prompt": "Hi", "max_tokens": 5000}), 400, "max_tokens", "4096"),
-        (json!({"model": "smol", "prompt": long_prompt, "max_tokens": 1}), 400, "prompt", "8192"),
-        (json!({"model": "smol", "prompt": "Hi", "n": 5}), 400, "n", "1..=4"),
-        (json!({"model": "smol", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}), 400, "stop", "at most 4"),
-        (json!({"model": "nope", "prompt": "Hi"}), 404, "model", "nope"),
-        (json!({"model": "smol", "prompt": "Hi", "temperature": "hot"}), 400, "temperature", "invalid type"),
-        (json!({"model": "smol", "prompt": "Hi", "max_tokens": -1}), 400, "max_tokens", "invalid value"),
-        (json!({"model": "smol", "prompt": {"a": 1}}), 400, "prompt", "prompt"),
-        (json!({"model": "smol", "prompt": "Hi", "logprobs": 9}), 400, "logprobs", "0..=5"),
-        (json!({"model": "smol", "prompt": "Hi", "temperature": 3}), 400, "temperature", "[0, 2]"),
-        (json!({"model": "smol", "prompt": [999999]}), 400, "prompt", "vocabulary"),
+        (
+            json!({"model": "smol", "prompt": "Hi", "max_tokens": 5000}),
+            400,
+            "max_tokens",
+            "4096",
+        ),
+        (
+            json!({"model": "smol", "prompt": long_prompt, "max_tokens": 1}),
+            400,
+            "prompt",
+            "8192",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "n": 5}),
+            400,
+            "n",
+            "1..=4",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            "stop",
+            "at most 4",
+        ),
+        (
+            json!({"model": "nope", "prompt": "Hi"}),
+            404,
+            "model",
+            "nope",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "temperature": "hot"}),
+            400,
+            "temperature",
+            "invalid type",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "max_tokens": -1}),
+            400,
+            "max_tokens",
+            "invalid value",
+        ),
+        (
+            json!({"model": "smol", "prompt": {"a": 1}}),
+            400,
+            "prompt",
+            "prompt",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "logprobs": 9}),
+            400,
+            "logprobs",
+            "0..=5",
+        ),
+        (
+            json!({"model": "smol", "prompt": "Hi", "temperature": 3}),
+            400,
+            "temperature",
+            "[0, 2]",
+        ),
+        (
+            json!({"model": "smol", "prompt": [999999]}),
+            400,
+            "prompt",
+            "vocabulary",
+        ),
         (json!({"prompt": "Hi"}), 400, "model", "missing"),
     ];
     for (body, status, param, needle) in cases {
@@ -339,9 +411,18 @@ async fn bad_requests_name_the_field_and_the_engine_keeps_serving() {
     let chat_cases = vec![
         (json!({"model": "smol", "messages": "hi"}), "messages"),
         (json!({"model": "smol", "messages": []}), "messages"),
-        (json!({"model": "smol", "messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 99999}), "max_completion_tokens"),
-        (json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 6}), "top_logprobs"),
+        (
+            json!({"model": "smol", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 99999}),
+            "max_completion_tokens",
+        ),
+        (
+            json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 6}),
+            "top_logprobs",
+        ),
     ];
     for (body, param) in chat_cases {
         let (got, r) = app.post_json("/v1/chat/completions", &body).await;

@@ -26,9 +26,12 @@ pub fn render(
 ) -> Result<String, TemplateError> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", |fmt: String| -> String {
         // Templates use it for "today's date" lines; UTC is as good as any zone here.
         let secs = std::time::SystemTime::now()
@@ -40,7 +43,9 @@ pub fn render(
     let source = template.unwrap_or(FALLBACK);
     env.add_template("chat", source)
         .map_err(|e| TemplateError(e.to_string()))?;
-    let t = env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+    let t = env
+        .get_template("chat")
+        .map_err(|e| TemplateError(e.to_string()))?;
     t.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => true,
@@ -53,8 +58,18 @@ pub fn render(
 /// `%d %B %Y`-style formatting of a UTC timestamp (the directives templates use).
 fn format_date(fmt: &str, secs: u64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;
@@ -98,7 +113,10 @@ mod tests {
     #[test]
     fn python_string_methods_and_raise_exception_work() {
         let t = "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user'] %}{{ raise_exception('bad role') }}{% endif %}[{{ m.content.strip() }}]{% endfor %}";
-        assert_eq!(render(Some(t), &user("  x "), Some("<s>"), None).unwrap(), "<s>[x]");
+        assert_eq!(
+            render(Some(t), &user("  x "), Some("<s>"), None).unwrap(),
+            "<s>[x]"
+        );
         let bad = vec![ChatMessage {
             role: "tool".into(),
             content: "x".into(),

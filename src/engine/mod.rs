@@ -84,9 +84,9 @@ impl LoadedModel {
                             capacity: self.capacity,
                         })
                     }
-                    TrySendError::Disconnected(_) => {
-                        Err(EngineError::Internal("the engine thread has stopped".into()))
-                    }
+                    TrySendError::Disconnected(_) => Err(EngineError::Internal(
+                        "the engine thread has stopped".into(),
+                    )),
                 }
             }
         }
@@ -159,14 +159,24 @@ impl Engine {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<LoadedModel>> {
-        let m = self.inner.models.lock().expect("registry lock").get(id).cloned()?;
+        let m = self
+            .inner
+            .models
+            .lock()
+            .expect("registry lock")
+            .get(id)
+            .cloned()?;
         self.touch(&m);
         Some(m)
     }
 
     /// The loaded model `id`, loading it with `open` (which runs the blocking work itself) if
     /// needed, then unloading the least recently used others until the budget holds.
-    pub async fn get_or_load<F, Fut>(&self, id: &str, open: F) -> Result<Arc<LoadedModel>, EngineError>
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        id: &str,
+        open: F,
+    ) -> Result<Arc<LoadedModel>, EngineError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Servable, EngineError>>,

@@ -234,9 +234,10 @@ fn step(model: &Servable, active: &mut Vec<Seq>, stats: &Stats, cfg: &SchedulerC
         i += 1;
         keep
     });
-    stats
-        .completed
-        .fetch_add(done.iter().filter(|d| **d).count() as u64, Ordering::Relaxed);
+    stats.completed.fetch_add(
+        done.iter().filter(|d| **d).count() as u64,
+        Ordering::Relaxed,
+    );
 }
 
 /// Prompt logprobs of a prefill chunk: row r (position p) predicts prompt token p + 1.

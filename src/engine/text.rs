@@ -30,8 +30,7 @@ impl IncrementalDecoder {
         let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
         let prefix = decode(&self.tokens[self.prefix_offset..self.read_offset]);
         let full = decode(&self.tokens[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix)
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();

@@ -56,8 +56,8 @@ impl Keys {
 fn required_scope(method: &Method, path: &str) -> Scope {
     let model_read =
         path.starts_with("/v1/models") && (method == Method::GET || method == Method::HEAD);
-    let inference = method == Method::POST
-        && (path == "/v1/completions" || path == "/v1/chat/completions");
+    let inference =
+        method == Method::POST && (path == "/v1/completions" || path == "/v1/chat/completions");
     if model_read || inference {
         Scope::Infer
     } else {

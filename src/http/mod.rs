@@ -97,15 +97,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/engine", get(inference::engine_stats))
         .layer(DefaultBodyLimit::max(settings.limits.max_json_bytes));
 
-    let protected =
-        transfer
-            .merge(api)
-            .merge(events)
-            .merge(inference)
-            .route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                auth::require_key,
-            ));
+    let protected = transfer
+        .merge(api)
+        .merge(events)
+        .merge(inference)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
 
     Router::new()
         .route("/health", get(health::health))

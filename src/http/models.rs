@@ -41,9 +41,16 @@ pub fn model_json(row: &ModelRow) -> Value {
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let rows = db::models::list(state.jobs.db()).await?;
-    Ok(Json(
-        json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()}),
-    ))
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut v = model_json(row);
+            // Every stored model can be served; these are in memory right now.
+            v["loaded"] = json!(state.engine.is_loaded(&row.id));
+            v
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 async fn existing(state: &AppState, id: &str) -> Result<ModelRow, ApiError> {

@@ -94,12 +94,12 @@ fn dot_scalar(kind: Kind, w: &[u8], a: &[ActBlock]) -> f32 {
             ),
         };
         let mut sum = 0i32;
-        for j in 0..QK / 2 {
+        for (j, &q) in qs.iter().enumerate() {
             let hi_lo = ((qh >> j) & 1) << 4;
             let hi_hi = ((qh >> (j + 16)) & 1) << 4;
             let (mut lo, mut hi) = (
-                (qs[j] & 0x0f) as i32 | hi_lo as i32,
-                (qs[j] >> 4) as i32 | hi_hi as i32,
+                (q & 0x0f) as i32 | hi_lo as i32,
+                (q >> 4) as i32 | hi_hi as i32,
             );
             if kind == Kind::Q5_0 {
                 lo -= 16;
@@ -167,7 +167,8 @@ mod avx2 {
             let q = match kind {
                 Kind::Q5_0 => {
                     let mut qx = bytes_from_nibbles_32(blk.add(6));
-                    let hi = _mm256_andnot_si256(bytes_from_bits_32(blk.add(2)), _mm256_set1_epi8(-16));
+                    let hi =
+                        _mm256_andnot_si256(bytes_from_bits_32(blk.add(2)), _mm256_set1_epi8(-16));
                     qx = _mm256_or_si256(qx, hi);
                     // Signed × signed through the sign trick.
                     let ax = _mm256_sign_epi8(qx, qx);
@@ -177,7 +178,8 @@ mod avx2 {
                 Kind::Q5_1 => {
                     offsets += read_f16(std::slice::from_raw_parts(blk.add(2), 2)) * act.s;
                     let qx = bytes_from_nibbles_32(blk.add(8));
-                    let hi = _mm256_and_si256(bytes_from_bits_32(blk.add(4)), _mm256_set1_epi8(0x10));
+                    let hi =
+                        _mm256_and_si256(bytes_from_bits_32(blk.add(4)), _mm256_set1_epi8(0x10));
                     mul_sum_us8(_mm256_or_si256(qx, hi), qy)
                 }
                 Kind::Q4_1 => {
@@ -319,10 +321,23 @@ mod tests {
             let got = fast.forward(&x).unwrap();
             let reference = slow.forward(&x).unwrap();
             let diff = |a: &Tensor, b: &Tensor| {
-                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
             };
             // 8-bit activations: error well under 1% of the outputs' scale (~2).
-            assert!(diff(&got, &want) < 0.03, "{dtype:?} vs dense: {}", diff(&got, &want));
+            assert!(
+                diff(&got, &want) < 0.03,
+                "{dtype:?} vs dense: {}",
+                diff(&got, &want)
+            );
             assert!(diff(&got, &reference) < 1e-4, "{dtype:?} simd vs scalar");
         }
     }

@@ -5,7 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod gguf_config;
 pub mod names;
-pub mod servable;
 pub mod safetensors;
+pub mod servable;
 pub mod sniff;
 pub mod tokenizer_gguf;

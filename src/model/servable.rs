@@ -114,8 +114,8 @@ fn tokenizer_files(ckpt: &Checkpoint) -> Result<(Vec<u8>, Json), LoadError> {
     }
     let metadata: HashMap<String, Value> = ckpt.gguf_metadata.iter().cloned().collect();
     let files = tokenizer_gguf::gguf_to_hf(&metadata).map_err(|e| tok_err(e.to_string()))?;
-    let config = serde_json::from_slice(&files.tokenizer_config_json)
-        .map_err(|e| tok_err(e.to_string()))?;
+    let config =
+        serde_json::from_slice(&files.tokenizer_config_json).map_err(|e| tok_err(e.to_string()))?;
     Ok((files.tokenizer_json, config))
 }
 

@@ -71,7 +71,10 @@ impl KvCache {
         let t = k.dim(2)?;
         ck.slice_set(k, 2, self.len)?;
         cv.slice_set(v, 2, self.len)?;
-        Ok((ck.narrow(2, 0, self.len + t)?, cv.narrow(2, 0, self.len + t)?))
+        Ok((
+            ck.narrow(2, 0, self.len + t)?,
+            cv.narrow(2, 0, self.len + t)?,
+        ))
     }
 
     /// Marks `t` more positions as processed (after every layer appended them).

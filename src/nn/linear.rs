@@ -55,7 +55,11 @@ impl QLinear {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(q.dequantize(&candle_core::Device::Cpu)?)
             }
-            _ => Weight::Ggml(q.clone(), QMatMul::from_arc(q.clone())?, crate::kernels::for_ggml(&q)),
+            _ => Weight::Ggml(
+                q.clone(),
+                QMatMul::from_arc(q.clone())?,
+                crate::kernels::for_ggml(&q),
+            ),
         };
         Ok(Self {
             weight,
@@ -135,7 +139,9 @@ mod tests {
         let mut s = seed;
         let v: Vec<f32> = (0..rows * cols)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect();

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json,
-    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS,
+    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json, InferenceError,
+    SamplingFields, StreamOptions, MAX_LOGPROBS,
 };
 use crate::engine::chat_template::{self, ChatMessage};
 use crate::engine::{SeqEvent, TokenLogprob};
@@ -80,26 +80,29 @@ fn messages(req: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
                     ),
                 ));
             }
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
-                            _ => {
-                                return Err(ApiError::bad_request(
+            let content =
+                match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut s = String::new();
+                        for (j, p) in parts.iter().enumerate() {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => s.push_str(t),
+                                _ => return Err(ApiError::bad_request(
                                     format!("messages[{i}].content[{j}]"),
                                     "only {\"type\": \"text\", \"text\": ...} parts are supported",
-                                ))
+                                )),
                             }
                         }
+                        s
                     }
-                    s
-                }
+                };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
             };
-            let role = if m.role == "developer" { "system" } else { &m.role };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
@@ -136,11 +139,9 @@ pub async fn chat_completions(
         .into());
     }
     if req.top_logprobs.is_some() && !req.logprobs {
-        return Err(ApiError::bad_request(
-            "top_logprobs",
-            "top_logprobs needs logprobs: true",
-        )
-        .into());
+        return Err(
+            ApiError::bad_request("top_logprobs", "top_logprobs needs logprobs: true").into(),
+        );
     }
     let logprobs = req.logprobs.then_some(top as usize);
     let model = model_for(&state, &req.model).await?;

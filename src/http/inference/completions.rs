@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json,
-    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
+    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json, InferenceError,
+    SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
 };
 use crate::engine::{SeqEvent, TokenLogprob};
 use crate::http::error::ApiError;
@@ -85,10 +85,7 @@ fn tokenize(
     if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
         return Err(ApiError::bad_request(
             "prompt",
-            format!(
-                "give 1..={MAX_PROMPTS} prompts, got {}",
-                prompts.len()
-            ),
+            format!("give 1..={MAX_PROMPTS} prompts, got {}", prompts.len()),
         ));
     }
     Ok(prompts)

@@ -18,8 +18,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::catalog::{self, CatalogError};
 use crate::engine::{
-    EngineError, FinishReason, GenerateRequest, LoadedModel, SamplingParams, SeqEvent,
-    TokenLogprob,
+    EngineError, FinishReason, GenerateRequest, LoadedModel, SamplingParams, SeqEvent, TokenLogprob,
 };
 use crate::model::servable;
 
@@ -167,7 +166,10 @@ impl SamplingFields {
     pub fn validate(&self) -> Result<Validated, ApiError> {
         let top_p = in_range("top_p", self.top_p, 0.0, 1.0, 1.0)?;
         if top_p == 0.0 {
-            return Err(ApiError::bad_request("top_p", "top_p must be greater than 0"));
+            return Err(ApiError::bad_request(
+                "top_p",
+                "top_p must be greater than 0",
+            ));
         }
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
@@ -179,8 +181,13 @@ impl SamplingFields {
                 ))
             }
         };
-        let repetition_penalty =
-            in_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, 1.0)?;
+        let repetition_penalty = in_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.0,
+            10.0,
+            1.0,
+        )?;
         if repetition_penalty == 0.0 {
             return Err(ApiError::bad_request(
                 "repetition_penalty",
@@ -220,7 +227,13 @@ impl SamplingFields {
                 top_p,
                 top_k,
                 min_p: in_range("min_p", self.min_p, 0.0, 1.0, 0.0)?,
-                presence_penalty: in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?,
+                presence_penalty: in_range(
+                    "presence_penalty",
+                    self.presence_penalty,
+                    -2.0,
+                    2.0,
+                    0.0,
+                )?,
                 frequency_penalty: in_range(
                     "frequency_penalty",
                     self.frequency_penalty,
@@ -255,9 +268,7 @@ pub fn check_lengths(
     if prompt_len >= context {
         return Err(ApiError::bad_request(
             "prompt",
-            format!(
-                "the prompt has {prompt_len} tokens; this model's context is {context} tokens"
-            ),
+            format!("the prompt has {prompt_len} tokens; this model's context is {context} tokens"),
         ));
     }
     let room = context - prompt_len;
