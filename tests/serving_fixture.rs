@@ -49,7 +49,7 @@ async fn engine_stats(app: &common::TestApp, model: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_paris_on_the_base_model_and_its_q8_0_and_q4_k_m_variants() {
+async fn greedy_paris_on_the_base_model_its_q8_0_and_q4_k_m_variants_and_llama_cpps_q4_1_file() {
     let app = app_with_base(|_| {}).await;
     let mut models = vec!["smol".to_string()];
     for t in ["Q8_0", "Q4_K_M"] {
@@ -66,6 +66,11 @@ async fn greedy_paris_on_the_base_model_and_its_q8_0_and_q4_k_m_variants() {
         assert_eq!(job["status"], "succeeded", "{job}");
         models.push(job["output_model"].as_str().unwrap().to_string());
     }
+    // llama.cpp's own file (Q4_1, from the fixture) serves too, straight from its blocks.
+    let gguf = common::fixture().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (status, body) = app.upload(&[gguf], Some("smol-llama-cpp-q4_1")).await;
+    assert_eq!(status, 201, "{body}");
+    models.push("smol-llama-cpp-q4_1".to_string());
     for m in &models {
         let (status, r) = complete(
             &app,
@@ -83,7 +88,7 @@ async fn greedy_paris_on_the_base_model_and_its_q8_0_and_q4_k_m_variants() {
     // The listing says which are loaded; unloading frees the slot.
     let (_, list) = app.get_json("/v1/models").await;
     let data = list["data"].as_array().unwrap();
-    assert_eq!(data.len(), 3);
+    assert_eq!(data.len(), 4);
     assert!(data.iter().all(|m| m["loaded"] == true), "{list}");
     let (status, r) = app.post_json("/v1/models/smol/unload", &json!({})).await;
     assert_eq!((status, &r["was_loaded"]), (200, &json!(true)), "{r}");

@@ -180,6 +180,56 @@ async fn the_context_length_bounds_prompt_plus_max_tokens() {
     assert!(used <= 256, "{r}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_recently_used_model_is_unloaded_when_over_the_memory_budget() {
+    let app = common::TestApp::spawn_with(|s| {
+        // Room for one tiny model (about 360 KB of weights), not two.
+        s.engine.memory_budget_bytes = 500_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path());
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for name in ["first", "second"] {
+        let (status, body) = app.upload(&files, Some(name)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let loaded = |list: &Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["loaded"] == true)
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, r) = app.post_json("/v1/models/first/load", &json!({})).await;
+    assert_eq!(status, 200, "{r}");
+    let bytes = r["weight_bytes"].as_u64().unwrap();
+    assert!(bytes < 500_000 && bytes * 2 > 500_000, "{r}");
+    assert_eq!(loaded(&app.get_json("/v1/models").await.1), vec!["first"]);
+    let (status, _) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "second", "prompt": "a", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(loaded(&app.get_json("/v1/models").await.1), vec!["second"]);
+    // Asking for the first again loads it back (and unloads the second).
+    let (status, _) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "first", "prompt": "a", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(loaded(&app.get_json("/v1/models").await.1), vec!["first"]);
+}
+
 #[test]
 fn capture_hooks_see_every_linear_input_once_per_forward() {
     let dir = tempfile::tempdir().unwrap();
