@@ -133,6 +133,9 @@ impl Settings {
         if e.max_batch == 0 || e.max_batch > 256 {
             return invalid("engine.max_batch", "must be within 1..=256");
         }
+        if e.queue_depth == 0 {
+            return invalid("engine.queue_depth", "must be at least 1");
+        }
         if e.max_tokens == 0 || e.max_context < 2 || e.prefill_chunk == 0 {
             return invalid(
                 "engine",

@@ -166,6 +166,24 @@ async fn the_context_length_bounds_prompt_plus_max_tokens() {
         r["error"]["message"].as_str().unwrap().contains("256"),
         "{r}"
     );
+    // More sequences than the model could ever hold at once is a 400, not an endless 429.
+    let (status, r) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": vec!["a"; 16], "n": 4, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!((status, &r["error"]["param"]), (400, &json!("n")), "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("capacity of 24"), "{r}");
+    // Scoring a prompt that fills the whole context is allowed with max_tokens 0.
+    let (status, r) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": vec![65; 256], "max_tokens": 0, "echo": true, "logprobs": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().len(), 256);
     // Without max_tokens, chat takes what the context leaves and stops at its end.
     let (status, r) = app
         .post_json(

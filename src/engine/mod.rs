@@ -31,6 +31,8 @@ pub enum EngineError {
     Unservable { id: String, message: String },
     #[error("model {id:?} is at capacity ({capacity} sequences running or queued); retry shortly")]
     Overloaded { id: String, capacity: usize },
+    #[error("{wanted} sequences (prompts × n) exceed this model's capacity of {capacity}")]
+    TooMany { wanted: usize, capacity: usize },
     #[error("engine: {0}")]
     Internal(String),
 }
@@ -94,6 +96,11 @@ impl LoadedModel {
 
     pub fn max_positions(&self) -> usize {
         self.servable.llama.max_positions()
+    }
+
+    /// Sequences that may run or wait at once (`max_batch + queue_depth`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn stats(&self) -> ModelStats {

@@ -93,7 +93,8 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature <= 0.0 || p.top_k == 1 {
+        // Temperatures this small are greedy in effect, and dividing by them overflows.
+        if p.temperature < 1e-5 || p.top_k == 1 {
             return argmax(logits);
         }
         // Candidates sorted by probability, cut by top-k, then min-p and top-p.
@@ -111,13 +112,17 @@ impl Sampler {
             cand.truncate(p.top_k);
         }
         cand.sort_unstable_by(by_weight);
-        let total: f32 = cand.iter().map(|c| c.1).sum();
+        if cand.is_empty() || !cand[0].1.is_finite() {
+            // Non-finite logits (a broken model): fall back to the plain maximum.
+            return argmax(logits);
+        }
         if p.min_p > 0.0 {
             // The most likely candidate is first; keep those at least min_p times as likely.
             let floor = cand[0].1 * p.min_p;
             cand.retain(|c| c.1 >= floor);
         }
         if p.top_p < 1.0 {
+            let total: f32 = cand.iter().map(|c| c.1).sum();
             let mut acc = 0.0;
             let mut keep = cand.len();
             for (i, c) in cand.iter().enumerate() {
@@ -141,10 +146,11 @@ impl Sampler {
     }
 }
 
+/// Index of the largest value (NaNs never win).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
+        if x > v[best] || v[best].is_nan() {
             best = i;
         }
     }
@@ -252,6 +258,37 @@ mod tests {
         let mut l = [1.0f32, 4.0, -1.0];
         assert_eq!(s.sample(&mut l), 1);
         assert_eq!(l, [1.0, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn tiny_temperatures_and_non_finite_logits_do_not_panic() {
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1e-30;
+                p.min_p = 0.1;
+            }),
+            &[],
+        );
+        assert_eq!(s.sample(&mut [0.0, 5.0, 1.0]), 1);
+        let mut s = Sampler::new(params(|p| p.min_p = 0.1), &[]);
+        assert!(s.sample(&mut [f32::NAN, f32::NAN]) < 2);
+        s.sample(&mut [f32::INFINITY, 0.0, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn top_p_after_min_p_uses_the_remaining_mass() {
+        // min_p drops the tail; top_p 0.5 must still cut to the single top token.
+        let logits = [2.0f32, 1.9, -5.0, -5.0];
+        let mut s = Sampler::new(
+            params(|p| {
+                p.min_p = 0.01;
+                p.top_p = 0.5;
+            }),
+            &[],
+        );
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut logits.clone()), 0);
+        }
     }
 
     #[test]

@@ -69,8 +69,18 @@ impl Seq {
         let _ = self.req.events.send(e);
     }
 
-    fn finish(&mut self, reason: FinishReason) {
-        let rest = self.stop.flush();
+    fn finish(&mut self, model: &Servable, reason: FinishReason) {
+        let mut reason = reason;
+        // A trailing partial character still in the decoder goes out (lossily) too.
+        let tail = self.decoder.flush(&model.tokenizer);
+        let mut rest = match self.stop.push(&tail) {
+            StopCheck::Continue(t) => t,
+            StopCheck::Stopped(t) => {
+                reason = FinishReason::Stop;
+                t
+            }
+        };
+        rest.push_str(&self.stop.flush());
         if !rest.is_empty() {
             self.send(SeqEvent::Token {
                 text: rest,
@@ -144,8 +154,29 @@ pub fn run(
             }
             continue;
         }
-        step(&model, &mut active, &stats, &cfg);
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(&model, &mut active, &stats, &cfg)
+        }));
+        if stepped.is_err() {
+            // Weights are read-only and the caches belong to the failed sequences, so the
+            // engine can go on serving once they are gone.
+            fail_all(
+                &mut active,
+                &stats,
+                "inference failed: the engine step panicked",
+            );
+        }
+        stats.active.store(active.len(), Ordering::Relaxed);
     }
+}
+
+/// Ends every active sequence with an error event.
+fn fail_all(active: &mut Vec<Seq>, stats: &Stats, message: &str) {
+    for s in active.iter() {
+        s.send(SeqEvent::Error(message.to_string()));
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    active.clear();
 }
 
 /// One batched forward over every active sequence, then sampling and events.
@@ -189,13 +220,7 @@ fn step(model: &Servable, active: &mut Vec<Seq>, stats: &Stats, cfg: &SchedulerC
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "engine step failed");
-            for (s, input) in active.iter().zip(&inputs) {
-                if input.is_some() {
-                    s.send(SeqEvent::Error(format!("inference failed: {e}")));
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            active.retain(|_| false);
+            fail_all(active, stats, &format!("inference failed: {e}"));
             return;
         }
     };
@@ -220,7 +245,7 @@ fn step(model: &Servable, active: &mut Vec<Seq>, stats: &Stats, cfg: &SchedulerC
                 s.send(SeqEvent::Prompt(scored));
             }
             if s.req.max_tokens == 0 {
-                s.finish(FinishReason::Length);
+                s.finish(model, FinishReason::Length);
                 done[i] = true;
                 continue;
             }
@@ -278,21 +303,21 @@ fn emit_next_token(model: &Servable, s: &mut Seq, mut logits: Vec<f32>, stats: &
                 token: entry,
             });
         }
-        s.finish(FinishReason::Stop);
+        s.finish(model, FinishReason::Stop);
         return true;
     }
     let piece = s.decoder.push(&model.tokenizer, token);
     match s.stop.push(&piece) {
         StopCheck::Stopped(text) => {
             s.send(SeqEvent::Token { text, token: entry });
-            s.finish(FinishReason::Stop);
+            s.finish(model, FinishReason::Stop);
             true
         }
         StopCheck::Continue(text) => {
             s.send(SeqEvent::Token { text, token: entry });
             let full = s.cache.len() + 1 >= model.llama.max_positions();
             if s.generated >= s.req.max_tokens || full {
-                s.finish(FinishReason::Length);
+                s.finish(model, FinishReason::Length);
                 true
             } else {
                 s.next_input = token;

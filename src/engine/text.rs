@@ -27,22 +27,37 @@ impl IncrementalDecoder {
     /// The text the new token completes (often empty mid-character).
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
         self.tokens.push(token);
+        self.take(tokenizer, false)
+    }
+
+    /// Whatever is still held (a trailing partial character comes out as U+FFFD).
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> String {
+        self.take(tokenizer, true)
+    }
+
+    fn take(&mut self, tokenizer: &Tokenizer, last: bool) -> String {
         let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
         let prefix = decode(&self.tokens[self.prefix_offset..self.read_offset]);
         let full = decode(&self.tokens[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
-            let piece = full[prefix.len()..].to_string();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.tokens.len();
-            piece
-        } else if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            // The window re-segmented differently; emit the whole new window's text.
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.tokens.len();
-            full
-        } else {
-            String::new()
+        if full.ends_with('\u{FFFD}') && !last {
+            return String::new();
         }
+        // Only what follows the text already sent: the windows usually share all of `prefix`,
+        // but not when `prefix` ended in half a character that `full` completes.
+        let mut common = prefix
+            .bytes()
+            .zip(full.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        while !full.is_char_boundary(common) {
+            common -= 1;
+        }
+        if full.len() <= common {
+            return String::new();
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
+        full[common..].to_string()
     }
 }
 

@@ -35,18 +35,21 @@ impl KvCache {
             .sum()
     }
 
-    /// Makes room for `needed` positions in every layer.
+    /// Makes room for `needed` positions in every layer, never more than `max` positions.
     pub(crate) fn reserve(
         &mut self,
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
         needed: usize,
+        max: usize,
     ) -> Result<()> {
         if needed <= self.capacity && self.layers.len() == layers {
             return Ok(());
         }
-        let capacity = needed.max(self.capacity * 2).div_ceil(CHUNK) * CHUNK;
+        let capacity = (needed.max(self.capacity * 2).div_ceil(CHUNK) * CHUNK)
+            .min(max)
+            .max(needed);
         let mut grown = Vec::with_capacity(layers);
         for i in 0..layers {
             let k = Tensor::zeros((1, kv_heads, capacity, head_dim), DType::F32, &Device::Cpu)?;

@@ -136,8 +136,13 @@ impl Llama {
                     self.max_positions()
                 );
             }
-            s.cache
-                .reserve(self.blocks.len(), kv_heads, head_dim, needed)?;
+            s.cache.reserve(
+                self.blocks.len(),
+                kv_heads,
+                head_dim,
+                needed,
+                self.max_positions(),
+            )?;
             ids.extend_from_slice(s.tokens);
         }
         let rows = ids.len();

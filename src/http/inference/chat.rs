@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json, InferenceError,
-    SamplingFields, StreamOptions, MAX_LOGPROBS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
+    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS,
 };
 use crate::engine::chat_template::{self, ChatMessage};
 use crate::engine::{SeqEvent, TokenLogprob};
@@ -160,6 +160,7 @@ pub async fn chat_completions(
         .map_err(|e| ApiError::bad_request("messages", format!("cannot tokenize: {e}")))?
         .get_ids()
         .to_vec();
+    check_vocab(&model, &ids, "messages")?;
     let (requested, field) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
@@ -261,6 +262,13 @@ fn stream(
                     return;
                 }
             }
+        }
+        if finished < total {
+            // The engine went away mid-generation: say so instead of a clean end.
+            let err = json!({"error": {"message": "the engine stopped before the generation finished",
+                                       "type": "server_error", "param": null, "code": null}});
+            yield Ok(Event::default().data(err.to_string()));
+            return;
         }
         if include_usage {
             yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    check_lengths, gather, model_for, now_secs, parse_request, submit, usage_json, InferenceError,
-    SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
+    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
 };
 use crate::engine::{SeqEvent, TokenLogprob};
 use crate::http::error::ApiError;
@@ -57,7 +57,6 @@ fn tokenize(
     prompt: PromptField,
 ) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
     let tok = &model.servable.tokenizer;
-    let vocab = model.servable.llama.vocab_size() as u32;
     let encode = |text: String| -> Result<(Vec<u32>, String), ApiError> {
         let ids = tok
             .encode(text.as_str(), true)
@@ -67,12 +66,6 @@ fn tokenize(
         Ok((ids, text))
     };
     let from_ids = |ids: Vec<u32>| -> Result<(Vec<u32>, String), ApiError> {
-        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-            return Err(ApiError::bad_request(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary (0..{vocab})"),
-            ));
-        }
         let text = tok.decode(&ids, false).unwrap_or_default();
         Ok((ids, text))
     };
@@ -103,10 +96,15 @@ fn logprobs_json(entries: &[TokenLogprob], offset: &mut usize) -> Value {
         "tokens": entries.iter().map(|e| &e.text).collect::<Vec<_>>(),
         "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
         "top_logprobs": entries.iter().map(|e| {
-            if e.logprob.is_none() {
-                Value::Null
-            } else {
-                Value::Object(e.top.iter().map(|t| (t.text.clone(), json!(t.logprob))).collect())
+            match e.logprob {
+                None => Value::Null,
+                // As OpenAI: the top alternatives plus the chosen token itself.
+                Some(lp) => {
+                    let mut m: serde_json::Map<String, Value> =
+                        e.top.iter().map(|t| (t.text.clone(), json!(t.logprob))).collect();
+                    m.entry(e.text.clone()).or_insert(json!(lp));
+                    Value::Object(m)
+                }
             }
         }).collect::<Vec<_>>(),
         "text_offset": text_offset,
@@ -139,16 +137,18 @@ pub async fn completions(
     let model = model_for(&state, &req.model).await?;
     let prompts = tokenize(&model, req.prompt)?;
     let limit = state.engine.settings().max_tokens;
-    let mut max_tokens = 0;
+    // One max_tokens for all prompts: what the tightest one allows.
+    let mut max_tokens = usize::MAX;
     for (ids, _) in &prompts {
-        max_tokens = check_lengths(
+        check_vocab(&model, ids, "prompt")?;
+        max_tokens = max_tokens.min(check_lengths(
             &model,
             limit,
             ids.len(),
             req.max_tokens,
             DEFAULT_MAX_TOKENS,
             "max_tokens",
-        )?;
+        )?);
     }
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.0.clone()).collect();
     let prompt_logprobs = req.echo && logprobs.is_some();
@@ -174,6 +174,7 @@ pub async fn completions(
             echo_texts,
             logprobs.is_some(),
             include_usage,
+            v.n,
         ));
     }
 
@@ -225,6 +226,7 @@ fn stream(
     echo_texts: Vec<Option<String>>,
     want_logprobs: bool,
     include_usage: bool,
+    n: usize,
 ) -> Response {
     let total = choices.len();
     let merged = futures::stream::select_all(choices.into_iter().map(|c| {
@@ -275,7 +277,10 @@ fn stream(
                     yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]), None));
                 }
                 SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
-                    prompt_tokens += p;
+                    // Each prompt counts once, whatever n is.
+                    if i % n == 0 {
+                        prompt_tokens += p;
+                    }
                     completion_tokens += c;
                     let text = if echoed[i] { String::new() } else { echo_texts[i].clone().unwrap_or_default() };
                     yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish_reason.as_str()}]), None));
@@ -291,6 +296,13 @@ fn stream(
                     return;
                 }
             }
+        }
+        if finished < total {
+            // The engine went away mid-generation: say so instead of a clean end.
+            let err = json!({"error": {"message": "the engine stopped before the generation finished",
+                                       "type": "server_error", "param": null, "code": null}});
+            yield Ok(Event::default().data(err.to_string()));
+            return;
         }
         if include_usage {
             yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));

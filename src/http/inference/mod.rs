@@ -37,6 +37,7 @@ impl From<EngineError> for ApiError {
         match &e {
             EngineError::NotFound(_) => ApiError::not_found("model", e.to_string()),
             EngineError::Unservable { .. } => ApiError::bad_request("model", e.to_string()),
+            EngineError::TooMany { .. } => ApiError::bad_request("n", e.to_string()),
             EngineError::Overloaded { .. } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -265,6 +266,10 @@ pub fn check_lengths(
     if prompt_len == 0 {
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
+    // Scoring a whole context window (echo, max_tokens 0) needs no room after the prompt.
+    if prompt_len == context && requested == Some(0) {
+        return Ok(0);
+    }
     if prompt_len >= context {
         return Err(ApiError::bad_request(
             "prompt",
@@ -293,6 +298,19 @@ pub fn check_lengths(
     Ok(max_tokens)
 }
 
+/// Refuses token ids the model has no embedding for (a tokenizer with added tokens beyond the
+/// embedding table would otherwise fail the whole batch).
+pub fn check_vocab(model: &LoadedModel, ids: &[u32], field: &str) -> Result<(), ApiError> {
+    let vocab = model.servable.llama.vocab_size() as u32;
+    match ids.iter().find(|&&t| t >= vocab) {
+        Some(bad) => Err(ApiError::bad_request(
+            field,
+            format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// One engine sequence's events.
 pub struct Choice {
     pub index: usize,
@@ -309,7 +327,14 @@ pub fn submit(
     logprobs: Option<usize>,
     prompt_logprobs: bool,
 ) -> Result<Vec<Choice>, EngineError> {
-    let mut choices = Vec::with_capacity(prompts.len() * v.n);
+    let wanted = prompts.len() * v.n;
+    if wanted > model.capacity() {
+        return Err(EngineError::TooMany {
+            wanted,
+            capacity: model.capacity(),
+        });
+    }
+    let mut choices = Vec::with_capacity(wanted);
     for prompt in prompts {
         for i in 0..v.n {
             let (tx, rx) = unbounded_channel();
