@@ -174,7 +174,13 @@ async fn the_context_length_bounds_prompt_plus_max_tokens() {
         )
         .await;
     assert_eq!((status, &r["error"]["param"]), (400, &json!("n")), "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("capacity of 24"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("capacity of 24"),
+        "{r}"
+    );
     // Scoring a prompt that fills the whole context is allowed with max_tokens 0.
     let (status, r) = app
         .post_json(
@@ -183,7 +189,13 @@ async fn the_context_length_bounds_prompt_plus_max_tokens() {
         )
         .await;
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().len(), 256);
+    assert_eq!(
+        r["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        256
+    );
     // Without max_tokens, chat takes what the context leaves and stops at its end.
     let (status, r) = app
         .post_json(
