@@ -128,4 +128,30 @@ fn smollm2_f32_logits_match_candle_transformers_llama() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(diff <= 1e-3, "chunked prefill diff {diff}");
+
+    // Pure decoding, one token per step (the engine's single-token attention path), matches
+    // at every position.
+    let mut cache = KvCache::new();
+    let mut max_diff = 0f32;
+    for (pos, tok) in prompt.iter().enumerate() {
+        let row = llama
+            .forward(
+                &mut [SeqStep {
+                    tokens: std::slice::from_ref(tok),
+                    cache: &mut cache,
+                    all_logits: false,
+                }],
+                None,
+            )
+            .unwrap()
+            .remove(0)
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        for (x, y) in row.iter().zip(&want[pos]) {
+            max_diff = max_diff.max((x - y).abs());
+        }
+    }
+    eprintln!("token-by-token decoding: max diff {max_diff:e}");
+    assert!(max_diff <= 1e-3, "token-by-token diff {max_diff}");
 }

@@ -163,29 +163,55 @@ impl Llama {
             let q = block.q.forward(&h)?;
             let k = block.k.forward(&h)?;
             let v = block.v.forward(&h)?;
-            let mut outs = Vec::with_capacity(seqs.len());
+            let (q_rows, k_rows, v_rows) = (
+                q.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let (hq, hk) = (heads * head_dim, kv_heads * head_dim);
+            let mut attn = vec![0f32; rows * hq];
             let mut row = 0;
             for s in seqs.iter_mut() {
                 let t = s.tokens.len();
                 let start = s.cache.len();
-                let split = |m: &Tensor, n: usize| -> Result<Tensor> {
-                    m.narrow(0, row, t)?
-                        .reshape((1, t, n, head_dim))?
-                        .transpose(1, 2)?
-                        .contiguous()
-                };
-                let q = self.rope.apply(&split(&q, heads)?, start)?;
-                let k = self.rope.apply(&split(&k, kv_heads)?, start)?;
-                let v = split(&v, kv_heads)?;
-                let (k_all, v_all) = s.cache.append(li, &k, &v)?;
-                outs.push(self.attention(&q, &k_all, &v_all, start)?);
+                let out = &mut attn[row * hq..(row + t) * hq];
+                if t == 1 {
+                    self.decode_attention(
+                        li,
+                        s.cache,
+                        &q_rows[row * hq..(row + 1) * hq],
+                        &k_rows[row * hk..(row + 1) * hk],
+                        &v_rows[row * hk..(row + 1) * hk],
+                        out,
+                    );
+                } else {
+                    let split = |m: &Tensor, n: usize| -> Result<Tensor> {
+                        m.narrow(0, row, t)?
+                            .reshape((1, t, n, head_dim))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    let q = self.rope.apply(&split(&q, heads)?, start)?;
+                    let k = self.rope.apply(&split(&k, kv_heads)?, start)?;
+                    let v = split(&v, kv_heads)?;
+                    s.cache.write(
+                        li,
+                        &k.flatten_all()?.to_vec1::<f32>()?,
+                        &v.flatten_all()?.to_vec1::<f32>()?,
+                        t,
+                    );
+                    let (k_all, v_all) = if start == 0 {
+                        (k, v)
+                    } else {
+                        let (k_old, v_old) = s.cache.history(li)?;
+                        (Tensor::cat(&[k_old, k], 2)?, Tensor::cat(&[v_old, v], 2)?)
+                    };
+                    let o = self.attention(&q, &k_all, &v_all, start)?;
+                    out.copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
+                }
                 row += t;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            let attn = Tensor::from_vec(attn, (rows, hq), &Device::Cpu)?;
             capture(format!("blk.{li}.attn_output"), &attn);
             x = (x + block.o.forward(&attn)?)?;
 
@@ -231,6 +257,63 @@ impl Llama {
         Ok(out)
     }
 
+    /// One new position of one sequence, on plain values: RoPE, cache write, and attention
+    /// over every cached position, head by head. Decoding runs this once per layer per
+    /// sequence, where a tensor-op version would pay a dozen dispatches for a few microseconds
+    /// of arithmetic.
+    fn decode_attention(
+        &self,
+        layer: usize,
+        cache: &mut KvCache,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) {
+        let cfg = &self.config;
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let pos = cache.len();
+        let mut q = q.to_vec();
+        let mut k = k.to_vec();
+        self.rope.rotate(&mut q, pos);
+        self.rope.rotate(&mut k, pos);
+        cache.write(layer, &k, v, 1);
+        let (keys, values, head_stride) = cache.layer(layer);
+        let n = pos + 1;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut scores = vec![0f32; n];
+        for h in 0..heads {
+            let g = h / group;
+            let qh = &q[h * d..(h + 1) * d];
+            let kh = &keys[g * head_stride..g * head_stride + n * d];
+            let mut max = f32::NEG_INFINITY;
+            for (s, kj) in scores.iter_mut().zip(kh.chunks_exact(d)) {
+                *s = dot(qh, kj) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[h * d..(h + 1) * d];
+            o.fill(0.0);
+            let vh = &values[g * head_stride..g * head_stride + n * d];
+            let inv = 1.0 / sum;
+            for (s, vj) in scores.iter().zip(vh.chunks_exact(d)) {
+                let p = s * inv;
+                for (o, x) in o.iter_mut().zip(vj) {
+                    *o += p * x;
+                }
+            }
+        }
+    }
+
     /// Causal attention of `q` (`[1, heads, t, d]`, positions `start..start+t`) over the
     /// cached keys/values (`[1, kv_heads, start+t, d]`). Query heads sharing a KV head are
     /// stacked as rows of one matmul so K and V are never copied per head.
@@ -260,6 +343,24 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((t, heads * d))
     }
+}
+
+/// Dot product with eight independent sums, which the compiler turns into SIMD lanes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// log-softmax over the vocabulary of each row.

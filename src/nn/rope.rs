@@ -18,6 +18,10 @@ pub enum RopeLayout {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain values, for single-token decoding.
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
+    half: usize,
     layout: RopeLayout,
     max_positions: usize,
 }
@@ -54,8 +58,11 @@ impl Rope {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu)?,
+            cos: Tensor::from_slice(&cos, (max_positions, half), &Device::Cpu)?,
+            sin: Tensor::from_slice(&sin, (max_positions, half), &Device::Cpu)?,
+            cos_values: cos,
+            sin_values: sin,
+            half,
             layout,
             max_positions,
         })
@@ -63,6 +70,25 @@ impl Rope {
 
     pub fn max_positions(&self) -> usize {
         self.max_positions
+    }
+
+    /// Rotates one position's heads in place: `x` is `[heads][head_dim]` at position `pos`
+    /// (the caller checked `pos` against the table).
+    pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        let half = self.half;
+        let cos = &self.cos_values[pos * half..(pos + 1) * half];
+        let sin = &self.sin_values[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(2 * half) {
+            for i in 0..half {
+                let (a, b) = match self.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
     }
 
     /// `x`: `[1, heads, t, head_dim]` contiguous, for positions `start..start + t`.
