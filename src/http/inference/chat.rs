@@ -145,21 +145,26 @@ pub async fn chat_completions(
     }
     let logprobs = req.logprobs.then_some(top as usize);
     let model = model_for(&state, &req.model).await?;
-    let s = &model.servable;
-    let prompt_text = chat_template::render(
-        s.chat_template.as_deref(),
-        &msgs,
-        s.bos_token.as_deref(),
-        s.eos_token.as_deref(),
-    )
-    .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
-    // The template writes the special tokens itself.
-    let ids = s
-        .tokenizer
-        .encode(prompt_text.as_str(), false)
-        .map_err(|e| ApiError::bad_request("messages", format!("cannot tokenize: {e}")))?
-        .get_ids()
-        .to_vec();
+    let ids = super::blocking({
+        let model = model.clone();
+        move || {
+            let s = &model.servable;
+            let prompt_text = chat_template::render(
+                s.chat_template.as_deref(),
+                &msgs,
+                s.bos_token.as_deref(),
+                s.eos_token.as_deref(),
+            )
+            .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+            // The template writes the special tokens itself.
+            Ok(s.tokenizer
+                .encode(prompt_text.as_str(), false)
+                .map_err(|e| ApiError::bad_request("messages", format!("cannot tokenize: {e}")))?
+                .get_ids()
+                .to_vec())
+        }
+    })
+    .await?;
     check_vocab(&model, &ids, "messages")?;
     let (requested, field) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),

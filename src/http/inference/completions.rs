@@ -135,7 +135,11 @@ pub async fn completions(
         other => other.map(|k| k as usize),
     };
     let model = model_for(&state, &req.model).await?;
-    let prompts = tokenize(&model, req.prompt)?;
+    let prompts = super::blocking({
+        let model = model.clone();
+        move || tokenize(&model, req.prompt)
+    })
+    .await?;
     let limit = state.engine.settings().max_tokens;
     // One max_tokens for all prompts: what the tightest one allows.
     let mut max_tokens = usize::MAX;

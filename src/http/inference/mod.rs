@@ -399,6 +399,16 @@ pub async fn gather(mut choice: Choice) -> Result<Finished, ApiError> {
     ))
 }
 
+/// Tokenizing and template rendering run off the async executor (long prompts take
+/// milliseconds).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("preparing the prompt", e))?
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
