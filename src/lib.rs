@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod engine;
+pub mod eval;
 pub mod export;
 pub mod http;
 pub mod jobs;

@@ -2,6 +2,7 @@
 //! `convert` (GGUF ⇄ HF safetensors) and `migrate`.
 
 mod bench;
+mod eval;
 mod offline;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Command {
     Quantize(offline::QuantizeArgs),
     /// Convert between GGUF and HF safetensors (direction from the input).
     Convert(offline::ConvertArgs),
+    /// Perplexity of a model on a text, and KL divergence / top-1 against a reference.
+    Eval(eval::EvalArgs),
     /// Measure inference speed (prompt processing, decoding, concurrent streams).
     Bench(bench::BenchArgs),
     /// Create or upgrade the database under data_dir, then exit.
@@ -59,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Quantize(args) => offline::quantize(args),
         Command::Convert(args) => offline::convert(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Eval(args) => eval::eval(args),
         Command::Migrate { config } => migrate(config),
     };
     match result {
