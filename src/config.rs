@@ -48,6 +48,7 @@ pub struct LimitSettings {
     pub max_safetensors_header_bytes: u64,
     pub max_tokenizer_bytes: u64,
     pub max_small_json_bytes: u64,
+    pub max_dataset_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

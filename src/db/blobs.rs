@@ -26,6 +26,21 @@ pub async fn insert<'e, E: Executor<'e, Database = Sqlite>>(
     Ok(())
 }
 
+/// Whether a model file or a dataset still uses this blob.
+pub async fn referenced(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    digest: &str,
+) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM model_files WHERE digest = ?1) \
+              + (SELECT COUNT(*) FROM datasets WHERE digest = ?1)",
+    )
+    .bind(digest)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(n > 0)
+}
+
 pub async fn all_digests(db: &Db) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT digest FROM blobs")
         .fetch_all(db)

@@ -2,6 +2,7 @@
 //! file of queries per table. Nothing above this module writes SQL.
 
 pub mod blobs;
+pub mod datasets;
 pub mod jobs;
 pub mod metrics;
 pub mod models;

@@ -107,12 +107,7 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Erro
         .await?;
     let mut orphans = Vec::new();
     for digest in digests {
-        let still_used: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM model_files WHERE digest = ?")
-                .bind(&digest)
-                .fetch_one(&mut *tx)
-                .await?;
-        if still_used == 0 {
+        if !super::blobs::referenced(&mut tx, &digest).await? {
             sqlx::query("DELETE FROM blobs WHERE digest = ?")
                 .bind(&digest)
                 .execute(&mut *tx)

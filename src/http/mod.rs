@@ -4,6 +4,7 @@
 
 mod auth;
 mod blobs;
+mod datasets;
 pub mod error;
 mod health;
 mod inference;
@@ -85,6 +86,17 @@ pub fn router(state: AppState) -> Router {
 
     let events = Router::new().route("/v1/jobs/{id}/events", get(jobs::job_events));
 
+    let datasets = Router::new()
+        .route(
+            "/v1/datasets",
+            post(datasets::create_dataset).get(datasets::list_datasets),
+        )
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get_dataset).delete(datasets::delete_dataset),
+        )
+        .layer(DefaultBodyLimit::max(settings.limits.max_dataset_bytes));
+
     // Generations stream for as long as they run, so no request timeout here.
     let inference = Router::new()
         .route("/v1/completions", post(inference::completions::completions))
@@ -101,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(events)
         .merge(inference)
+        .merge(datasets)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
