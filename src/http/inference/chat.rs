@@ -2,24 +2,20 @@
 //! generated like a completion; `logprobs` + `top_logprobs`, streaming deltas as OpenAI sends
 //! them (role first, then content, then `finish_reason`, optional usage, `[DONE]`).
 
-use std::convert::Infallible;
-
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
     check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
     InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS,
 };
 use crate::engine::chat_template::{self, ChatMessage};
-use crate::engine::{SeqEvent, TokenLogprob};
+use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::error::ApiError;
 use crate::http::AppState;
 
@@ -182,7 +178,14 @@ pub async fn chat_completions(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        return Ok(stream(id, created, model_id, choices, include_usage));
+        let meta = StreamMeta {
+            id,
+            created,
+            model: model_id,
+            include_usage,
+            n: v.n,
+        };
+        return Ok(sse(meta, choices, ChatChunks));
     }
     let mut out = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -212,73 +215,33 @@ pub async fn chat_completions(
     .into_response())
 }
 
-fn stream(
-    id: String,
-    created: u64,
-    model: String,
-    choices: Vec<super::Choice>,
-    include_usage: bool,
-) -> Response {
-    let total = choices.len();
-    let merged = futures::stream::select_all(choices.into_iter().map(|c| {
-        let index = c.index;
-        UnboundedReceiverStream::new(c.events).map(move |e| (index, e))
-    }));
-    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
-        let mut v = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices,
-        });
-        if include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
+/// Chat chunks: the assistant role first, then content deltas with their logprobs.
+struct ChatChunks;
+
+impl ChunkShape for ChatChunks {
+    const OBJECT: &'static str = "chat.completion.chunk";
+
+    fn opening(&mut self, i: usize) -> Option<Value> {
+        Some(
+            json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+        )
+    }
+
+    fn prompt(&mut self, _: usize, _: &[TokenLogprob]) -> Option<Value> {
+        None
+    }
+
+    fn token(&mut self, i: usize, text: String, token: Option<TokenLogprob>) -> Option<Value> {
+        if text.is_empty() && token.is_none() {
+            return None;
         }
-        Event::default().data(v.to_string())
-    };
-    let body = async_stream::stream! {
-        for i in 0..total {
-            yield Ok::<_, Infallible>(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
-        }
-        let mut merged = merged;
-        let mut finished = 0;
-        let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
-        while let Some((i, e)) = merged.next().await {
-            match e {
-                SeqEvent::Prompt(_) => {}
-                SeqEvent::Token { text, token } => {
-                    if text.is_empty() && token.is_none() {
-                        continue;
-                    }
-                    let lp = token.as_ref().map(|t| json!({"content": [logprob_entry(t)], "refusal": null}));
-                    yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]), None));
-                }
-                SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
-                    prompt_tokens = p;
-                    completion_tokens += c;
-                    yield Ok(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason.as_str()}]), None));
-                    finished += 1;
-                    if finished == total {
-                        break;
-                    }
-                }
-                SeqEvent::Error(m) => {
-                    tracing::error!(error = %m, "generation failed mid-stream");
-                    let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
-                    yield Ok(Event::default().data(err.to_string()));
-                    return;
-                }
-            }
-        }
-        if finished < total {
-            // The engine went away mid-generation: say so instead of a clean end.
-            let err = json!({"error": {"message": "the engine stopped before the generation finished",
-                                       "type": "server_error", "param": null, "code": null}});
-            yield Ok(Event::default().data(err.to_string()));
-            return;
-        }
-        if include_usage {
-            yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));
-        }
-        yield Ok(Event::default().data("[DONE]"));
-    };
-    Sse::new(body).into_response()
+        let lp = token
+            .as_ref()
+            .map(|t| json!({"content": [logprob_entry(t)], "refusal": null}));
+        Some(json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}))
+    }
+
+    fn done(&mut self, i: usize, reason: FinishReason) -> Value {
+        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()})
+    }
 }

@@ -2,23 +2,19 @@
 //! `echo`, `logprobs` (0..=5), `n`, `stop`, streaming with `stream_options.include_usage`.
 //! `echo` + `logprobs` + `max_tokens: 0` scores the prompt, as evaluation harnesses use it.
 
-use std::convert::Infallible;
-
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
     check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
     InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
 };
-use crate::engine::{SeqEvent, TokenLogprob};
+use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::error::ApiError;
 use crate::http::AppState;
 
@@ -170,16 +166,21 @@ pub async fn completions(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        return Ok(stream(
+        let total = choices.len();
+        let shape = CompletionChunks {
+            echo_texts,
+            want_logprobs: logprobs.is_some(),
+            offsets: vec![0; total],
+            echoed: vec![false; total],
+        };
+        let meta = StreamMeta {
             id,
             created,
-            model_id,
-            choices,
-            echo_texts,
-            logprobs.is_some(),
+            model: model_id,
             include_usage,
-            v.n,
-        ));
+            n: v.n,
+        };
+        return Ok(sse(meta, choices, shape));
     }
 
     let mut out = Vec::with_capacity(choices.len());
@@ -221,97 +222,51 @@ pub async fn completions(
     .into_response())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stream(
-    id: String,
-    created: u64,
-    model: String,
-    choices: Vec<super::Choice>,
+/// Completion chunks: `text` plus its logprobs; the echoed prompt goes first.
+struct CompletionChunks {
     echo_texts: Vec<Option<String>>,
     want_logprobs: bool,
-    include_usage: bool,
-    n: usize,
-) -> Response {
-    let total = choices.len();
-    let merged = futures::stream::select_all(choices.into_iter().map(|c| {
-        let index = c.index;
-        UnboundedReceiverStream::new(c.events).map(move |e| (index, e))
-    }));
-    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
-        let mut v = json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices,
-        });
-        if include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
+    /// Characters sent so far per choice (`text_offset`).
+    offsets: Vec<usize>,
+    echoed: Vec<bool>,
+}
+
+impl CompletionChunks {
+    /// The echoed prompt, the first time a choice says anything.
+    fn take_echo(&mut self, i: usize) -> String {
+        if std::mem::replace(&mut self.echoed[i], true) {
+            return String::new();
         }
-        Event::default().data(v.to_string())
-    };
-    let body = async_stream::stream! {
-        let mut merged = merged;
-        let mut offsets = vec![0usize; total];
-        let mut echoed = vec![false; total];
-        let mut finished = 0;
-        let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
-        while let Some((i, e)) = merged.next().await {
-            match e {
-                SeqEvent::Prompt(p) => {
-                    let text = echo_texts[i].clone().unwrap_or_default();
-                    echoed[i] = true;
-                    let lp = logprobs_json(&p, &mut offsets[i]);
-                    yield Ok::<_, Infallible>(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]), None));
-                }
-                SeqEvent::Token { text, token } => {
-                    let mut text = text;
-                    if !echoed[i] {
-                        echoed[i] = true;
-                        if let Some(p) = &echo_texts[i] {
-                            offsets[i] += p.chars().count();
-                            text = format!("{p}{text}");
-                        }
-                    }
-                    if text.is_empty() && token.is_none() {
-                        continue;
-                    }
-                    let lp = if want_logprobs {
-                        logprobs_json(token.as_slice(), &mut offsets[i])
-                    } else {
-                        Value::Null
-                    };
-                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]), None));
-                }
-                SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
-                    // Each prompt counts once, whatever n is.
-                    if i % n == 0 {
-                        prompt_tokens += p;
-                    }
-                    completion_tokens += c;
-                    let text = if echoed[i] { String::new() } else { echo_texts[i].clone().unwrap_or_default() };
-                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish_reason.as_str()}]), None));
-                    finished += 1;
-                    if finished == total {
-                        break;
-                    }
-                }
-                SeqEvent::Error(m) => {
-                    tracing::error!(error = %m, "generation failed mid-stream");
-                    let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
-                    yield Ok(Event::default().data(err.to_string()));
-                    return;
-                }
-            }
+        self.echo_texts[i].clone().unwrap_or_default()
+    }
+}
+
+impl ChunkShape for CompletionChunks {
+    const OBJECT: &'static str = "text_completion";
+
+    fn prompt(&mut self, i: usize, scored: &[TokenLogprob]) -> Option<Value> {
+        let text = self.take_echo(i);
+        let lp = logprobs_json(scored, &mut self.offsets[i]);
+        Some(json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}))
+    }
+
+    fn token(&mut self, i: usize, text: String, token: Option<TokenLogprob>) -> Option<Value> {
+        let echo = self.take_echo(i);
+        self.offsets[i] += echo.chars().count();
+        let text = format!("{echo}{text}");
+        if text.is_empty() && token.is_none() {
+            return None;
         }
-        if finished < total {
-            // The engine went away mid-generation: say so instead of a clean end.
-            let err = json!({"error": {"message": "the engine stopped before the generation finished",
-                                       "type": "server_error", "param": null, "code": null}});
-            yield Ok(Event::default().data(err.to_string()));
-            return;
-        }
-        if include_usage {
-            yield Ok(chunk(json!([]), Some(usage_json(prompt_tokens, completion_tokens))));
-        }
-        yield Ok(Event::default().data("[DONE]"));
-    };
-    Sse::new(body).into_response()
+        let lp = if self.want_logprobs {
+            logprobs_json(token.as_slice(), &mut self.offsets[i])
+        } else {
+            Value::Null
+        };
+        Some(json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}))
+    }
+
+    fn done(&mut self, i: usize, reason: FinishReason) -> Value {
+        let text = self.take_echo(i);
+        json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason.as_str()})
+    }
 }

@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod completions;
 mod manage;
+mod stream;
 
 use std::sync::Arc;
 
