@@ -294,19 +294,7 @@ impl LinearKernel for LegacyBlockMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut s = seed;
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
+    use crate::nn::test_support::{max_abs_diff as diff, random};
 
     #[test]
     fn kernels_match_the_dequantized_weights_for_every_type() {
@@ -320,18 +308,6 @@ mod tests {
             let slow = LegacyBlockMatmul::new(q).unwrap().scalar();
             let got = fast.forward(&x).unwrap();
             let reference = slow.forward(&x).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
             // 8-bit activations: error well under 1% of the outputs' scale (~2).
             assert!(
                 diff(&got, &want) < 0.03,

@@ -133,33 +133,8 @@ impl QLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_support::{max_abs_diff, random};
     use candle_core::Device;
-
-    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut s = seed;
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn ggml_block_path_and_gemm_path_agree_with_dense_dequantized_weights() {

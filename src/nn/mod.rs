@@ -11,3 +11,36 @@ pub mod rope;
 pub use kv_cache::KvCache;
 pub use linear::{LinearKernel, QLinear};
 pub use llama::{CaptureHook, Llama, SeqStep};
+
+/// Deterministic random matrices and a difference measure for kernel tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{Device, Tensor};
+
+    /// Values in [-0.5, 0.5) from a fixed linear congruential sequence.
+    pub fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut s = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
