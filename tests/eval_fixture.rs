@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
+use common::models::{open_dir, reference_llama};
 use quantd::eval::{evaluate, EvalSpec};
-use quantd::model::checkpoint::{CheckLimits, Checkpoint};
 use quantd::model::servable;
 
 fn eval_text() -> PathBuf {
@@ -36,16 +34,8 @@ fn log_softmax_at(logits: &[f32], target: u32) -> f64 {
 /// The same windows and scored positions, computed with candle-transformers: each window's
 /// first half as one prompt, then one token at a time.
 fn reference_perplexity(ids: &[u32], ctx: usize) -> f64 {
-    let dir = common::fixture().join("hf-f32");
     let dev = Device::Cpu;
-    let cfg: reference::LlamaConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)
-            .unwrap()
-    };
-    let model = reference::Llama::load(vb, &cfg).unwrap();
+    let (model, cfg) = reference_llama(&common::fixture().join("hf-f32"));
     let first = ctx / 2;
     let (mut nll, mut n) = (0f64, 0usize);
     for window in ids.chunks_exact(ctx) {
@@ -75,22 +65,7 @@ fn reference_perplexity(ids: &[u32], ctx: usize) -> f64 {
 fn perplexity_matches_candle_transformers_on_the_eval_text() {
     let ctx = 512;
     let ids = tokens(2 * ctx);
-    let files: BTreeMap<String, PathBuf> = std::fs::read_dir(common::fixture().join("hf-f32"))
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (p.file_name().unwrap().to_string_lossy().into_owned(), p)
-        })
-        .collect();
-    let ckpt = Checkpoint::open(
-        &files,
-        CheckLimits {
-            max_safetensors_header: 100_000_000,
-            max_tokenizer: 64 << 20,
-            max_small_json: 4 << 20,
-        },
-    )
-    .unwrap();
+    let ckpt = open_dir(&common::fixture().join("hf-f32"));
     let llama = servable::load_llama(&ckpt, ctx).unwrap();
     let spec = EvalSpec {
         ctx,

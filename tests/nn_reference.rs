@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
-use quantd::model::checkpoint::{CheckLimits, Checkpoint};
+use common::models::{logits, open_dir, reference_llama};
 use quantd::model::servable;
-use quantd::nn::{KvCache, SeqStep};
+use quantd::nn::KvCache;
 
 const PROMPT_TEXT: &str = "The capital of France is Paris. The Eiffel Tower";
 
@@ -21,37 +18,11 @@ fn prompt(dir: &std::path::Path) -> Vec<u32> {
     tok.encode(PROMPT_TEXT, true).unwrap().get_ids().to_vec()
 }
 
-fn open(dir: &std::path::Path) -> Checkpoint {
-    let files: BTreeMap<String, std::path::PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), e.path())
-        })
-        .collect();
-    Checkpoint::open(
-        &files,
-        CheckLimits {
-            max_safetensors_header: 100_000_000,
-            max_tokenizer: 64 << 20,
-            max_small_json: 4 << 20,
-        },
-    )
-    .unwrap()
-}
-
 /// Reference logits for every position, feeding one token at a time through its KV cache
 /// (its forward returns only the last position).
 fn reference_logits(dir: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f32>> {
     let dev = Device::Cpu;
-    let cfg: reference::LlamaConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)
-            .unwrap()
-    };
-    let model = reference::Llama::load(vb, &cfg).unwrap();
+    let (model, cfg) = reference_llama(dir);
     let mut cache = reference::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
     prompt
         .iter()
@@ -64,36 +35,30 @@ fn reference_logits(dir: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn smollm2_f32_logits_match_candle_transformers_llama() {
     let dir = common::fixture().join("hf-f32");
-    let ckpt = open(&dir);
+    let ckpt = open_dir(&dir);
     let prompt = prompt(&dir);
     assert!(prompt.len() > 8);
     let llama = servable::load_llama(&ckpt, 512).unwrap();
-    let mut cache = KvCache::new();
     // The whole prompt in one prefill, all positions' logits.
-    let ours = llama
-        .forward(
-            &mut [SeqStep {
-                tokens: &prompt,
-                cache: &mut cache,
-                all_logits: true,
-            }],
-            None,
-        )
-        .unwrap()
-        .remove(0)
-        .to_vec2::<f32>()
-        .unwrap();
+    let ours = logits(&llama, &prompt, &mut KvCache::new(), true);
     let want = reference_logits(&dir, &prompt);
-    let mut max_diff = 0f32;
-    for (a, b) in ours.iter().zip(&want) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            max_diff = max_diff.max((x - y).abs());
-        }
-    }
+    assert_eq!(ours.len(), want.len());
+    let max_diff = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0f32, f32::max);
     eprintln!(
         "max |quantd - candle-transformers| over {} positions: {max_diff:e}",
         prompt.len()
@@ -107,26 +72,9 @@ fn smollm2_f32_logits_match_candle_transformers_llama() {
     let mut cache = KvCache::new();
     let mut last = Vec::new();
     for chunk in [&prompt[..5], &prompt[5..6], &prompt[6..]] {
-        last = llama
-            .forward(
-                &mut [SeqStep {
-                    tokens: chunk,
-                    cache: &mut cache,
-                    all_logits: false,
-                }],
-                None,
-            )
-            .unwrap()
-            .remove(0)
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
+        last = logits(&llama, chunk, &mut cache, false).remove(0);
     }
-    let diff = last
-        .iter()
-        .zip(want.last().unwrap())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&last, want.last().unwrap());
     assert!(diff <= 1e-3, "chunked prefill diff {diff}");
 
     // Pure decoding, one token per step (the engine's single-token attention path), matches
@@ -134,23 +82,8 @@ fn smollm2_f32_logits_match_candle_transformers_llama() {
     let mut cache = KvCache::new();
     let mut max_diff = 0f32;
     for (pos, tok) in prompt.iter().enumerate() {
-        let row = llama
-            .forward(
-                &mut [SeqStep {
-                    tokens: std::slice::from_ref(tok),
-                    cache: &mut cache,
-                    all_logits: false,
-                }],
-                None,
-            )
-            .unwrap()
-            .remove(0)
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
-        for (x, y) in row.iter().zip(&want[pos]) {
-            max_diff = max_diff.max((x - y).abs());
-        }
+        let row = logits(&llama, std::slice::from_ref(tok), &mut cache, false).remove(0);
+        max_diff = max_diff.max(max_abs_diff(&row, &want[pos]));
     }
     eprintln!("token-by-token decoding: max diff {max_diff:e}");
     assert!(max_diff <= 1e-3, "token-by-token diff {max_diff}");

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::models::{logits, open_dir};
 use futures::StreamExt;
-use quantd::model::checkpoint::{CheckLimits, Checkpoint};
+use quantd::engine::sampling::log_softmax;
 use quantd::model::servable;
-use quantd::nn::{KvCache, SeqStep};
+use quantd::nn::KvCache;
 use serde_json::{json, Value};
 
 const FRANCE: &str = "The capital of France is";
@@ -98,38 +99,12 @@ async fn greedy_paris_on_the_base_model_its_q8_0_and_q4_k_m_variants_and_llama_c
 /// The engine's own log-probabilities of each prompt token given its prefix, computed in one
 /// forward pass of the same checkpoint (what perplexity uses).
 fn reference_prompt_logprobs(ids: &[u32]) -> Vec<f32> {
-    let dir = common::fixture().join("hf-f32");
-    let files: BTreeMap<String, PathBuf> = hf_f32_files()
-        .into_iter()
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
-        .collect();
-    let ckpt = Checkpoint::open(
-        &files,
-        CheckLimits {
-            max_safetensors_header: 100_000_000,
-            max_tokenizer: 64 << 20,
-            max_small_json: 4 << 20,
-        },
-    )
-    .unwrap();
-    let _ = dir;
+    let ckpt = open_dir(&common::fixture().join("hf-f32"));
     let llama = servable::load_llama(&ckpt, 1024).unwrap();
-    let mut cache = KvCache::new();
-    let logits = llama
-        .forward(
-            &mut [SeqStep {
-                tokens: ids,
-                cache: &mut cache,
-                all_logits: true,
-            }],
-            None,
-        )
-        .unwrap()
-        .remove(0);
-    let lp = quantd::nn::llama::log_softmax(&logits)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let lp: Vec<Vec<f32>> = logits(&llama, ids, &mut KvCache::new(), true)
+        .iter()
+        .map(|row| log_softmax(row))
+        .collect();
     (1..ids.len()).map(|i| lp[i - 1][ids[i] as usize]).collect()
 }
 

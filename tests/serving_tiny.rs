@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use common::tiny;
 use futures::StreamExt;
-use quantd::model::checkpoint::{CheckLimits, Checkpoint};
 use quantd::model::servable;
 use quantd::nn::{KvCache, SeqStep};
 use serde_json::{json, Value};
@@ -264,22 +263,7 @@ async fn the_least_recently_used_model_is_unloaded_when_over_the_memory_budget()
 fn capture_hooks_see_every_linear_input_once_per_forward() {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path());
-    let files: BTreeMap<String, std::path::PathBuf> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (p.file_name().unwrap().to_string_lossy().into_owned(), p)
-        })
-        .collect();
-    let ckpt = Checkpoint::open(
-        &files,
-        CheckLimits {
-            max_safetensors_header: 1 << 20,
-            max_tokenizer: 1 << 20,
-            max_small_json: 1 << 20,
-        },
-    )
-    .unwrap();
+    let ckpt = common::models::open_dir(dir.path());
     let llama = servable::load_llama(&ckpt, 64).unwrap();
     let mut seen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut hook = |name: &str, x: &candle_core::Tensor| {

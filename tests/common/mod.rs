@@ -3,6 +3,7 @@
 //! inputs.
 #![allow(dead_code)]
 
+pub mod models;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
