@@ -79,15 +79,10 @@ pub async fn create_dataset(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let limit = state.settings().limits.max_dataset_bytes;
     let body = body.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "invalid_request_error",
-            format!(
-                "request body: {} (limits.max_dataset_bytes = {limit})",
-                e.body_text()
-            ),
-        )
-        .with_param("body")
+        let mut err = ApiError::body(e);
+        err.message
+            .push_str(&format!(" (limits.max_dataset_bytes = {limit})"));
+        err
     })?;
     let content_type = headers
         .get(header::CONTENT_TYPE)

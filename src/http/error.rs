@@ -56,6 +56,16 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict_error", message).with_param(param)
     }
 
+    /// A request body that could not be read (too large, cut off), as param `body`.
+    pub fn body(e: axum::extract::rejection::BytesRejection) -> Self {
+        Self::new(
+            e.status(),
+            "invalid_request_error",
+            format!("request body: {}", e.body_text()),
+        )
+        .with_param("body")
+    }
+
     pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "{context}");
         Self::new(

@@ -28,14 +28,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ValidJson<T> {
             )
             .with_param("content-type"));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(
-                e.status(),
-                "invalid_request_error",
-                format!("request body: {}", e.body_text()),
-            )
-            .with_param("body")
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(ApiError::body)?;
         parse(&bytes).map(ValidJson)
     }
 }

@@ -31,14 +31,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by the buffers.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) * 4)
-            .sum()
-    }
-
     /// Makes room for `needed` positions in every layer, never more than `max` positions.
     pub(crate) fn reserve(
         &mut self,
@@ -112,10 +104,5 @@ impl KvCache {
     /// Marks `t` more positions as processed (after every layer wrote them).
     pub(crate) fn commit(&mut self, t: usize) {
         self.len += t;
-    }
-
-    /// Forgets everything after `len` positions (to re-score a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
 }

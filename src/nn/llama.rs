@@ -163,11 +163,17 @@ impl Llama {
             let q = block.q.forward(&h)?;
             let k = block.k.forward(&h)?;
             let v = block.v.forward(&h)?;
-            let (q_rows, k_rows, v_rows) = (
-                q.flatten_all()?.to_vec1::<f32>()?,
-                k.flatten_all()?.to_vec1::<f32>()?,
-                v.flatten_all()?.to_vec1::<f32>()?,
-            );
+            // Plain copies of the projections only when a sequence decodes a single token;
+            // prompt chunks read the tensors directly.
+            let (q_rows, k_rows, v_rows) = if seqs.iter().any(|s| s.tokens.len() == 1) {
+                (
+                    q.flatten_all()?.to_vec1::<f32>()?,
+                    k.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                )
+            } else {
+                Default::default()
+            };
             let (hq, hk) = (heads * head_dim, kv_heads * head_dim);
             let mut attn = vec![0f32; rows * hq];
             let mut row = 0;
