@@ -7,16 +7,7 @@ mod common;
 use serde_json::{json, Value};
 
 async fn post(app: &common::TestApp, content_type: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = app
-        .client
-        .post(app.url("/v1/datasets"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    app.post_body("/v1/datasets", content_type, body).await
 }
 
 #[tokio::test]

@@ -69,10 +69,13 @@ fn perplexity_matches_candle_transformers_on_the_eval_text() {
     let llama = servable::load_llama(&ckpt, ctx).unwrap();
     let spec = EvalSpec {
         ctx,
-        max_tokens: None,
+        max_scored: None,
         bos: None,
     };
-    let ours = evaluate(&llama, Some(&llama), &ids, &spec, |_, _| {}).unwrap();
+    let ours = evaluate(&llama, Some(&llama), &ids, &spec, |_, _| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
     assert_eq!(
         ours.scored_tokens,
         2 * 255,
@@ -101,7 +104,7 @@ fn eval_json(tokens: usize) -> serde_json::Value {
         .arg(common::fixture().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .arg("--text")
         .arg(eval_text())
-        .args(["--ctx", "256", "--tokens", &tokens.to_string(), "--json"])
+        .args(["--ctx", "256", "--max-tokens", &tokens.to_string(), "--json"])
         .output()
         .expect("quantd eval runs");
     assert!(
@@ -115,10 +118,12 @@ fn eval_json(tokens: usize) -> serde_json::Value {
 
 #[test]
 fn eval_memory_does_not_grow_with_the_tokens_scored() {
-    let small = eval_json(512);
-    let large = eval_json(4096);
+    // ctx 256 scores 127 tokens per window.
+    let small = eval_json(2 * 127);
+    let large = eval_json(16 * 127);
     assert_eq!(small["windows"], 2);
     assert_eq!(large["windows"], 16);
+    assert_eq!(large["scored_tokens"], 16 * 127);
     let (a, b) = (
         small["peak_rss_bytes"].as_u64().unwrap(),
         large["peak_rss_bytes"].as_u64().unwrap(),

@@ -8,26 +8,10 @@ use std::time::Duration;
 use common::{tiny, TestApp};
 use serde_json::{json, Value};
 
-async fn upload_tiny(app: &TestApp, name: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    tiny::write_model(dir.path());
-    let files: Vec<_> = [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ]
-    .iter()
-    .map(|f| dir.path().join(f))
-    .collect();
-    assert_eq!(app.upload(&files, Some(name)).await.0, 201);
-    name.to_string()
-}
-
 #[tokio::test]
 async fn a_gguf_job_plans_runs_and_produces_a_downloadable_model() {
     let app = TestApp::spawn().await;
-    let model = upload_tiny(&app, "tiny").await;
+    let model = tiny::upload(&app, "tiny").await;
     let req = json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}});
 
     let (status, dry) = app
@@ -141,7 +125,7 @@ async fn a_gguf_job_plans_runs_and_produces_a_downloadable_model() {
 #[tokio::test]
 async fn an_idempotency_key_returns_the_first_job_and_refuses_a_different_request() {
     let app = TestApp::spawn_with(|s| s.jobs.workers = 1).await;
-    let model = upload_tiny(&app, "tiny").await;
+    let model = tiny::upload(&app, "tiny").await;
     let req = json!({"model": model, "method": "gguf", "params": {"type": "Q4_0"}, "idempotency_key": "k-1"});
     let (s1, j1) = app.post_json("/v1/jobs", &req).await;
     let (s2, j2) = app.post_json("/v1/jobs", &req).await;
@@ -161,7 +145,7 @@ async fn an_idempotency_key_returns_the_first_job_and_refuses_a_different_reques
 #[tokio::test]
 async fn deleting_variants_and_base_removes_every_file_and_keeps_job_history() {
     let app = TestApp::spawn().await;
-    let model = upload_tiny(&app, "tiny").await;
+    let model = tiny::upload(&app, "tiny").await;
     let mut ids = Vec::new();
     for t in ["Q2_K", "Q3_K_S"] {
         let (_, job) = app

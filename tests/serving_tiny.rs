@@ -275,7 +275,7 @@ fn capture_hooks_see_every_linear_input_once_per_forward() {
             &mut [SeqStep {
                 tokens: &[1, 2, 3],
                 cache: &mut cache,
-                all_logits: false,
+                logits: quantd::nn::Logits::Last,
             }],
             Some(&mut hook),
         )

@@ -13,8 +13,8 @@ use serde_json::json;
 use super::offline::open_path;
 use crate::config::Settings;
 use crate::engine::{Engine, GenerateRequest, SamplingParams, SeqEvent};
-use crate::model::servable::{self, Servable};
-use crate::nn::{KvCache, SeqStep};
+use crate::model::servable;
+use crate::eval::speed::{median, prompt_processing, synthetic_tokens, text_generation};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -37,52 +37,6 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Deterministic token ids spread over the vocabulary (speed does not depend on them).
-fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 7919 + salt * 104_729 + 17) % (vocab - 1) + 1) as u32)
-        .collect()
-}
-
-fn prompt_processing(model: &Servable, n: usize, salt: usize) -> anyhow::Result<f64> {
-    let prompt = tokens(n, model.llama.vocab_size(), salt);
-    let mut cache = KvCache::new();
-    let start = Instant::now();
-    model.llama.forward(
-        &mut [SeqStep {
-            tokens: &prompt,
-            cache: &mut cache,
-            all_logits: false,
-        }],
-        None,
-    )?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
-}
-
-fn text_generation(model: &Servable, n: usize) -> anyhow::Result<f64> {
-    let mut cache = KvCache::new();
-    let mut token = 1u32;
-    let start = Instant::now();
-    for _ in 0..n {
-        let logits = model.llama.forward(
-            &mut [SeqStep {
-                tokens: &[token],
-                cache: &mut cache,
-                all_logits: false,
-            }],
-            None,
-        )?;
-        let row = logits[0].squeeze(0)?.to_vec1::<f32>()?;
-        token = crate::engine::sampling::argmax(&row);
-    }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
-}
-
 /// Tokens/s of `streams` greedy sequences of `n` tokens each, all through the scheduler.
 async fn through_engine(engine: &Engine, streams: usize, n: usize) -> anyhow::Result<f64> {
     let model = engine
@@ -94,7 +48,7 @@ async fn through_engine(engine: &Engine, streams: usize, n: usize) -> anyhow::Re
     for s in 0..streams {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         model.submit(GenerateRequest {
-            prompt: tokens(8, vocab, s + 1),
+            prompt: synthetic_tokens(8, vocab, s + 1),
             sampling: SamplingParams {
                 temperature: 0.0,
                 ..Default::default()
@@ -136,13 +90,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let weight_bytes = model.llama.weight_bytes();
 
     // Warm-up: page in the weights and the kernels' scratch buffers.
-    prompt_processing(&model, args.prompt_tokens.min(64), 99)?;
-    text_generation(&model, 4)?;
+    prompt_processing(&model.llama, args.prompt_tokens.min(64), 99)?;
+    text_generation(&model.llama, 4)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for r in 0..args.repeat {
-        pp.push(prompt_processing(&model, args.prompt_tokens, r)?);
-        tg.push(text_generation(&model, args.gen_tokens)?);
+        pp.push(prompt_processing(&model.llama, args.prompt_tokens, r)?);
+        tg.push(text_generation(&model.llama, args.gen_tokens)?);
     }
 
     let mut single = Vec::new();

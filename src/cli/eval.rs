@@ -2,6 +2,7 @@
 //! with `--reference`, KL divergence from that model, top-1 agreement and Δppl (DESIGN §5),
 //! with a progress bar.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::offline::open_path;
-use crate::eval::{evaluate, EvalSpec};
+use crate::eval::{eval_tokens, evaluate, EvalSpec, EvalTokens};
 use crate::model::servable;
 
 #[derive(Debug, Args)]
@@ -25,9 +26,9 @@ pub struct EvalArgs {
     /// Window length in tokens; the second half of each window is scored.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
-    /// Use only the first N tokens of the text.
+    /// Score at most N tokens (DESIGN §5 `max_tokens`; e.g. 16384 takes 65 windows of 512).
     #[arg(long)]
-    pub tokens: Option<usize>,
+    pub max_tokens: Option<usize>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -50,28 +51,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let tok = &model.tokenizer;
-    let encode = |special| -> anyhow::Result<Vec<u32>> {
-        Ok(tok
-            .encode(text.as_str(), special)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-            .get_ids()
-            .to_vec())
-    };
-    // Whole text, no special tokens; a BOS goes at each window's start only if the tokenizer
-    // adds one itself.
-    let tokens = encode(false)?;
-    let with_special = tok
-        .encode("a", true)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    let plain = tok
-        .encode("a", false)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    let bos =
-        (with_special.get_ids().len() > plain.get_ids().len()).then(|| with_special.get_ids()[0]);
+    let EvalTokens { ids: tokens, bos } =
+        eval_tokens(&model.tokenizer, &text).map_err(anyhow::Error::msg)?;
     let spec = EvalSpec {
         ctx: args.ctx,
-        max_tokens: args.tokens,
+        max_scored: args.max_tokens,
         bos,
     };
     let windows = spec.windows(tokens.len());
@@ -86,7 +70,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         reference.as_ref().map(|r| &r.llama),
         &tokens,
         &spec,
-        |done, _| bar.set_position(done as u64),
+        |done, _| {
+            bar.set_position(done as u64);
+            ControlFlow::Continue(())
+        },
     )?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();

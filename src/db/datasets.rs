@@ -83,3 +83,17 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Option<String>>, sqlx::E
     tx.commit().await?;
     Ok(Some(orphan))
 }
+
+/// Whether a queued or running job evaluates or calibrates on the dataset.
+pub async fn in_use_by_job(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
+         AND (json_extract(spec, '$.eval.dataset') = ? \
+              OR json_extract(spec, '$.calibration.dataset') = ?)",
+    )
+    .bind(id)
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    Ok(n > 0)
+}

@@ -197,15 +197,18 @@ pub async fn finish_unsuccessfully(
     id: &str,
     status: &str,
     error: Option<&str>,
+    report: Option<&serde_json::Value>,
     event: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     let t = now();
     let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
-        "UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+        "UPDATE jobs SET status = ?, error = ?, report = ?, finished_at = ?, updated_at = ? \
+         WHERE id = ?",
     )
     .bind(status)
     .bind(error)
+    .bind(report.map(|r| r.to_string()))
     .bind(t)
     .bind(t)
     .bind(id)
@@ -337,7 +340,7 @@ pub async fn events(db: &Db, job_id: &str) -> Result<Vec<EventRow>, sqlx::Error>
 pub async fn complete(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     id: &str,
-    output_model: &str,
+    output_model: Option<&str>,
     report: &serde_json::Value,
 ) -> Result<bool, sqlx::Error> {
     let t = now();

@@ -3,6 +3,7 @@
 
 pub mod blobs;
 pub mod datasets;
+pub mod evals;
 pub mod jobs;
 pub mod metrics;
 pub mod models;

@@ -122,9 +122,10 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Erro
 /// True while a queued or running job reads this model or will write it.
 pub async fn in_use_by_job(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM jobs WHERE (model_id = ? OR output_name = ?) \
-         AND status IN ('queued', 'running')",
+        "SELECT COUNT(*) FROM jobs WHERE (model_id = ? OR output_name = ? \
+         OR json_extract(spec, '$.params.reference') = ?) AND status IN ('queued', 'running')",
     )
+    .bind(id)
     .bind(id)
     .bind(id)
     .fetch_one(db)

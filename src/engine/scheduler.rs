@@ -12,7 +12,7 @@ use super::request::{FinishReason, GenerateRequest, SeqEvent, TokenLogprob, TopL
 use super::sampling::{log_softmax, top_k, Sampler};
 use super::text::{IncrementalDecoder, StopCheck, StopMatcher};
 use crate::model::servable::Servable;
-use crate::nn::{KvCache, SeqStep};
+use crate::nn::{KvCache, Logits, SeqStep};
 
 /// Counters one model's engine keeps (read by `/v1/engine` and tests).
 #[derive(Default)]
@@ -203,7 +203,7 @@ fn step(model: &Servable, active: &mut Vec<Seq>, stats: &Stats, cfg: &SchedulerC
             steps.push(SeqStep {
                 tokens,
                 cache: &mut s.cache,
-                all_logits: *all_logits,
+                logits: if *all_logits { Logits::From(0) } else { Logits::Last },
             });
         }
     }

@@ -1,46 +1,67 @@
 //! Perplexity, KL divergence and top-1 agreement over a token stream, by llama-perplexity's
 //! method (DESIGN §5): consecutive non-overlapping windows of `ctx` tokens, each scored on its
 //! second half (logits at positions ctx/2 … ctx−2 predicting the tokens after them, ctx/2 − 1
-//! tokens per window, as `llama-perplexity` counts them). A reference model, when given, runs
-//! the same windows; memory is one window of logits per model whatever the text length.
+//! tokens per window, as `llama-perplexity` counts them), up to `max_scored` tokens. A
+//! reference model, when given, runs the same windows; memory is one half-window of logits
+//! per model whatever the text length.
 
-use candle_core::Result;
+use std::ops::ControlFlow;
 
 use super::metrics::{Accumulator, Summary};
-use crate::nn::{KvCache, Llama, SeqStep};
+use crate::nn::{KvCache, Llama, Logits, SeqStep};
 
 #[derive(Debug, Clone)]
 pub struct EvalSpec {
     /// Window length in tokens.
     pub ctx: usize,
-    /// Use at most this many tokens of the text (whole windows only).
-    pub max_tokens: Option<usize>,
+    /// Score at most this many tokens (the last window may be scored in part).
+    pub max_scored: Option<usize>,
     /// Replaces each window's first token when the model wants a BOS (llama-perplexity does).
     pub bos: Option<u32>,
 }
 
-impl EvalSpec {
-    /// Windows that fit in `n_tokens`.
-    pub fn windows(&self, n_tokens: usize) -> usize {
-        let usable = self.max_tokens.map_or(n_tokens, |m| m.min(n_tokens));
-        usable / self.ctx
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
 
+impl EvalSpec {
     /// Positions scored per window.
     pub fn scored_per_window(&self) -> usize {
         self.ctx - 1 - self.ctx / 2
     }
+
+    /// Windows needed for `n_tokens` of text: whole windows only, no more than `max_scored`
+    /// needs.
+    pub fn windows(&self, n_tokens: usize) -> usize {
+        let whole = n_tokens / self.ctx;
+        match self.max_scored {
+            Some(m) => whole.min(m.div_ceil(self.scored_per_window())),
+            None => whole,
+        }
+    }
+
+    /// Tokens that will be scored on `n_tokens` of text.
+    pub fn scored(&self, n_tokens: usize) -> usize {
+        let all = self.windows(n_tokens) * self.scored_per_window();
+        self.max_scored.map_or(all, |m| m.min(all))
+    }
 }
 
-/// Every position's logits of one window.
-fn window_logits(model: &Llama, window: &[u32]) -> Result<Vec<Vec<f32>>> {
+/// The logits of one window's scored half: rows for positions ctx/2 … ctx−1.
+fn half_window_logits(model: &Llama, window: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
     let mut cache = KvCache::new();
     model
         .forward(
             &mut [SeqStep {
                 tokens: window,
                 cache: &mut cache,
-                all_logits: true,
+                logits: Logits::From(window.len() / 2),
             }],
             None,
         )?
@@ -48,26 +69,39 @@ fn window_logits(model: &Llama, window: &[u32]) -> Result<Vec<Vec<f32>>> {
         .to_vec2::<f32>()
 }
 
-/// Scores `tokens` with `model` (and `reference` beside it); `progress(done, total)` after
-/// each window.
+/// Scores `tokens` with `model` (and `reference` beside it). After each window
+/// `progress(done, total)` may break to stop the evaluation (cancellation).
 pub fn evaluate(
     model: &Llama,
     reference: Option<&Llama>,
     tokens: &[u32],
     spec: &EvalSpec,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Summary> {
+    mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<Summary, EvalError> {
     if spec.ctx < 4 {
-        candle_core::bail!("ctx must be at least 4, got {}", spec.ctx);
+        return Err(EvalError::Invalid(format!(
+            "ctx must be at least 4, got {}",
+            spec.ctx
+        )));
+    }
+    for (name, m) in std::iter::once(("model", model)).chain(reference.map(|r| ("reference", r))) {
+        if m.max_positions() < spec.ctx {
+            return Err(EvalError::Invalid(format!(
+                "ctx {} exceeds the {name}'s context of {} positions",
+                spec.ctx,
+                m.max_positions()
+            )));
+        }
     }
     let n = spec.windows(tokens.len());
     if n == 0 {
-        candle_core::bail!(
+        return Err(EvalError::Invalid(format!(
             "the text has {} tokens, fewer than one window of {}",
             tokens.len(),
             spec.ctx
-        );
+        )));
     }
+    let budget = spec.scored(tokens.len());
     let first = spec.ctx / 2;
     let mut acc = Accumulator::default();
     for w in 0..n {
@@ -75,19 +109,52 @@ pub fn evaluate(
         if let Some(bos) = spec.bos {
             window[0] = bos;
         }
-        let logits = window_logits(model, &window)?;
+        let logits = half_window_logits(model, &window)?;
         let reference_logits = match reference {
-            Some(r) => Some(window_logits(r, &window)?),
+            Some(r) => Some(half_window_logits(r, &window)?),
             None => None,
         };
+        // Row i holds position first + i, which predicts the token after it.
         for j in first..spec.ctx - 1 {
+            if acc.scored() == budget {
+                break;
+            }
+            let i = j - first;
             acc.add(
-                &logits[j],
-                reference_logits.as_ref().map(|r| r[j].as_slice()),
+                &logits[i],
+                reference_logits.as_ref().map(|r| r[i].as_slice()),
                 window[j + 1],
             );
         }
-        progress(w + 1, n);
+        if progress(w + 1, n).is_break() {
+            return Err(EvalError::Cancelled);
+        }
     }
     Ok(acc.summary())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_and_scored_tokens_follow_llama_perplexity() {
+        let spec = EvalSpec {
+            ctx: 512,
+            max_scored: None,
+            bos: None,
+        };
+        assert_eq!(spec.scored_per_window(), 255);
+        assert_eq!(spec.windows(16_384), 32);
+        assert_eq!(spec.scored(16_384), 8160);
+        // 16,384 scored tokens take 65 windows, the last one scored in part.
+        let capped = EvalSpec {
+            max_scored: Some(16_384),
+            ..spec
+        };
+        assert_eq!(capped.windows(100_000), 65);
+        assert_eq!(capped.scored(100_000), 16_384);
+        assert_eq!(capped.windows(1024), 2);
+        assert_eq!(capped.scored(1024), 510);
+    }
 }

@@ -18,7 +18,16 @@ use super::AppState;
 use crate::db::{self, datasets::DatasetRow};
 use crate::store::Digest;
 
-fn dataset_json(row: &DatasetRow) -> Value {
+/// The dataset as the API shows it, with its token counts read from the database.
+async fn shown(db: &db::Db, row: &DatasetRow) -> Result<Value, ApiError> {
+    Ok(dataset_json(row, &db::evals::dataset_tokens(db, &row.id).await?))
+}
+
+fn dataset_json(row: &DatasetRow, tokens_by_model: &[(String, i64)]) -> Value {
+    let tokens: serde_json::Map<String, Value> = tokens_by_model
+        .iter()
+        .map(|(model, n)| (model.clone(), json!(n)))
+        .collect();
     json!({
         "id": row.id,
         "object": "dataset",
@@ -27,6 +36,8 @@ fn dataset_json(row: &DatasetRow) -> Value {
         "documents": row.documents,
         "digest": row.digest,
         "created": row.created_at,
+        // Filled in as jobs tokenize the dataset with a model's tokenizer.
+        "tokens_by_model": tokens,
     })
 }
 
@@ -115,7 +126,7 @@ pub async fn create_dataset(
     let id = format!("ds_{}", &hex[..16]);
     let db = state.jobs.db();
     if let Some(row) = db::datasets::get(db, &id).await? {
-        return Ok((StatusCode::OK, Json(dataset_json(&row))));
+        return Ok((StatusCode::OK, Json(shown(db, &row).await?)));
     }
     let store = state.jobs.store().clone();
     let owned = digest.clone();
@@ -135,14 +146,16 @@ pub async fn create_dataset(
     let row = db::datasets::get(db, &id)
         .await?
         .ok_or_else(|| ApiError::internal("storing the dataset", "row vanished"))?;
-    Ok((StatusCode::CREATED, Json(dataset_json(&row))))
+    Ok((StatusCode::CREATED, Json(dataset_json(&row, &[]))))
 }
 
 pub async fn list_datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = db::datasets::list(state.jobs.db()).await?;
-    Ok(Json(
-        json!({"object": "list", "data": rows.iter().map(dataset_json).collect::<Vec<_>>()}),
-    ))
+    let db = state.jobs.db();
+    let mut data = Vec::new();
+    for row in db::datasets::list(db).await? {
+        data.push(shown(db, &row).await?);
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn get_dataset(
@@ -152,13 +165,19 @@ pub async fn get_dataset(
     let row = db::datasets::get(state.jobs.db(), &id)
         .await?
         .ok_or_else(|| ApiError::not_found("id", format!("dataset {id:?} does not exist")))?;
-    Ok(Json(dataset_json(&row)))
+    Ok(Json(shown(state.jobs.db(), &row).await?))
 }
 
 pub async fn delete_dataset(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if db::datasets::in_use_by_job(state.jobs.db(), &id).await? {
+        return Err(ApiError::conflict(
+            "id",
+            format!("dataset {id:?} is used by a queued or running job"),
+        ));
+    }
     let orphan = db::datasets::delete(state.jobs.db(), &id)
         .await?
         .ok_or_else(|| ApiError::not_found("id", format!("dataset {id:?} does not exist")))?;

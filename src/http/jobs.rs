@@ -16,12 +16,14 @@ use super::error::ApiError;
 use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
-use crate::jobs::spec::{GgufParams, JobSpec, MethodSpec};
+use crate::jobs::spec::{EvalMethodParams, EvalParams, Gate, GgufParams, JobSpec, MethodSpec};
 use crate::jobs::submit::{submit, Submitted};
 
-/// Methods DESIGN §4 names; only those listed in `AVAILABLE` run in this version.
+/// Methods DESIGN §4 names, and `eval` (score a model against a reference, DESIGN §5); only
+/// those listed in `AVAILABLE` run in this version.
 const KNOWN_METHODS: &[&str] = &[
     "gguf",
+    "eval",
     "rtn",
     "gptq",
     "awq",
@@ -30,7 +32,7 @@ const KNOWN_METHODS: &[&str] = &[
     "nf4",
     "fp4",
 ];
-const AVAILABLE: &[&str] = &["gguf"];
+const AVAILABLE: &[&str] = &["gguf", "eval"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,19 +74,53 @@ impl JobRequest {
                 ),
             ));
         }
-        for (field, value) in [
-            ("calibration", &self.calibration),
-            ("eval", &self.eval),
-            ("gate", &self.gate),
-        ] {
-            if value.is_some() {
+        if self.calibration.is_some() {
+            return Err(ApiError::invalid(
+                "calibration",
+                format!(
+                    "calibration is not used by method {:?} in this version",
+                    self.method
+                ),
+            ));
+        }
+        let eval = self
+            .eval
+            .map(|v| prefixed::<EvalParams>("eval", v))
+            .transpose()?;
+        if let Some(e) = &eval {
+            e.validate().map_err(|e| ApiError::invalid(&e.param, e.message))?;
+        }
+        let gate = self
+            .gate
+            .map(|v| prefixed::<Gate>("gate", v))
+            .transpose()?;
+        if let Some(g) = &gate {
+            g.validate().map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            if eval.is_none() {
                 return Err(ApiError::invalid(
-                    field,
-                    format!(
-                        "{field} is not supported by method {:?} in this version",
-                        self.method
-                    ),
+                    "gate",
+                    "a gate needs an eval block: its metrics come from the evaluation",
                 ));
+            }
+        }
+        let evaluating = self.method == "eval";
+        if evaluating {
+            if eval.is_none() {
+                return Err(ApiError::invalid(
+                    "eval",
+                    "method \"eval\" needs an eval block naming a dataset",
+                ));
+            }
+            for (field, present) in [
+                ("output_name", self.output_name.is_some()),
+                ("outputs", self.outputs.is_some()),
+            ] {
+                if present {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!("method \"eval\" makes no model, so it takes no {field}"),
+                    ));
+                }
             }
         }
         if let Some(outputs) = &self.outputs {
@@ -108,15 +144,24 @@ impl JobRequest {
         } else {
             self.params
         };
-        let method = MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?);
-        let output_name = self
-            .output_name
-            .unwrap_or_else(|| format!("{}:{}", self.model, method.default_variant()));
+        let method = if evaluating {
+            MethodSpec::Eval(prefixed::<EvalMethodParams>("params", params)?)
+        } else {
+            MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?)
+        };
+        // An eval job's output name is its own id, filled in at submit.
+        let output_name = match (self.output_name, method.default_variant()) {
+            (Some(name), _) => name,
+            (None, Some(variant)) => format!("{}:{variant}", self.model),
+            (None, None) => String::new(),
+        };
         Ok((
             JobSpec {
                 model: self.model,
                 output_name,
                 method,
+                eval,
+                gate,
             },
             self.idempotency_key,
             self.dry_run,
@@ -145,7 +190,10 @@ pub fn job_json(row: &JobRow) -> Value {
         "model": row.model_id,
         "method": row.method,
         "params": spec.get("params"),
-        "output_name": row.output_name,
+        // An eval job makes no model; its output name is only its id.
+        "output_name": (row.method != "eval").then_some(&row.output_name),
+        "eval": spec.get("eval"),
+        "gate": spec.get("gate"),
         "status": row.status,
         "stage": row.stage,
         "progress": {"done": row.progress_done, "total": row.progress_total, "unit": row.progress_unit},

@@ -59,6 +59,27 @@ async fn existing(state: &AppState, id: &str) -> Result<ModelRow, ApiError> {
         .ok_or_else(|| ApiError::not_found("id", format!("model {id:?} does not exist")))
 }
 
+/// A model's latest value of each model-level metric, and what its latest evaluation was
+/// measured against (reference, dataset, ctx, max_tokens, job).
+async fn model_metrics(
+    db: &db::Db,
+    id: &str,
+) -> Result<(BTreeMap<String, Option<f64>>, Value), sqlx::Error> {
+    let mut evaluation = Value::Null;
+    let mut metrics = BTreeMap::new();
+    for m in db::metrics::for_model(db, id).await? {
+        if m.name == "perplexity" {
+            evaluation = m
+                .label
+                .as_deref()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or(Value::Null);
+        }
+        metrics.insert(m.name, m.value);
+    }
+    Ok((metrics, evaluation))
+}
+
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -66,27 +87,48 @@ pub async fn get_model(
     let row = existing(&state, &id).await?;
     let db = state.jobs.db();
     let files = db::models::files(db, &id).await?;
-    let metrics: BTreeMap<String, Option<f64>> = db::metrics::for_model(db, &id)
-        .await?
-        .into_iter()
-        .map(|m| (m.name, m.value))
-        .collect();
+    let (metrics, evaluation) = model_metrics(db, &id).await?;
     let mut v = model_json(&row);
     v["summary"] = serde_json::from_str(&row.summary).unwrap_or(Value::Null);
     v["files"] = json!(files);
     v["metrics"] = json!(metrics);
+    v["evaluation"] = evaluation;
     Ok(Json(v))
 }
 
+/// Every variant of a base with what it trades: type, size, bits per weight, and the latest
+/// evaluation's Δppl, KL divergence, top-1 agreement and speed; smallest first.
 pub async fn list_variants(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     existing(&state, &id).await?;
-    let rows = db::models::variants(state.jobs.db(), &id).await?;
-    Ok(Json(
-        json!({"object": "list", "data": rows.iter().map(model_json).collect::<Vec<_>>()}),
-    ))
+    let db = state.jobs.db();
+    let mut data = Vec::new();
+    for row in db::models::variants(db, &id).await? {
+        let (m, evaluation) = model_metrics(db, &row.id).await?;
+        let summary: Value = serde_json::from_str(&row.summary).unwrap_or(Value::Null);
+        let get = |name: &str| m.get(name).copied().flatten();
+        data.push(json!({
+            "id": row.id,
+            "object": "model.variant",
+            "method": summary.get("method"),
+            "type": summary.get("type"),
+            "size_bytes": row.size_bytes,
+            "bits_per_weight": row.bits_per_weight,
+            "bits_per_weight_total": summary.get("bits_per_weight_total"),
+            "perplexity": get("perplexity"),
+            "reference_perplexity": get("reference_perplexity"),
+            "delta_ppl_pct": get("delta_ppl_pct"),
+            "kld_mean": get("kld_mean"),
+            "kld_p99": get("kld_p99"),
+            "top1_agreement_pct": get("top1_agreement_pct"),
+            "prompt_tok_s": get("prompt_tok_s"),
+            "decode_tok_s": get("decode_tok_s"),
+            "evaluation": evaluation,
+        }));
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn delete_model(

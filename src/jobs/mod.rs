@@ -2,7 +2,9 @@
 //! SQLite queue, the runner that executes one job stage by stage, live events for SSE, and
 //! cancellation. The queue's truth is the `jobs` table; in-memory state only speeds things up.
 
+pub mod evaluation;
 pub mod events;
+mod hooks;
 pub mod pipeline;
 mod publish;
 pub mod runner;

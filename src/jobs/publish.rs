@@ -5,6 +5,7 @@
 
 use serde_json::json;
 
+use super::evaluation::EvalReport;
 use super::pipeline::GgufReport;
 use super::runner::RunError;
 use super::spec::JobSpec;
@@ -25,6 +26,7 @@ pub(super) struct Output<'a> {
     pub size: u64,
     pub plan: &'a Plan,
     pub report: &'a GgufReport,
+    pub eval: Option<&'a EvalReport>,
     pub params: serde_json::Value,
     pub gguf_type: GgufType,
     pub architecture: String,
@@ -51,7 +53,8 @@ fn write_manifest(
             size: o.size,
         }],
         metrics: json!({"bits_per_weight": o.plan.bits_per_weight, "bits_per_weight_total": o.plan.bits_per_weight_total,
-                        "file_bytes": o.size, "type_counts": o.plan.type_counts, "quantize_seconds": o.report.wall_seconds}),
+                        "file_bytes": o.size, "type_counts": o.plan.type_counts, "quantize_seconds": o.report.wall_seconds,
+                        "eval": o.eval}),
     };
     let temp = js.store().temp_file("manifest")?;
     let mut w = HashingWriter::create(temp.path())?;
@@ -101,7 +104,13 @@ pub(super) async fn publish(
         .to_string(),
         created_at: db::now(),
     };
-    let report = serde_json::to_value(o.report).expect("report serializes");
+    let mut report = serde_json::to_value(o.report).expect("report serializes");
+    if let Some(e) = o.eval {
+        report["eval"] = json!(e);
+        if o.spec.gate.is_some() {
+            report["gate"] = json!({"passed": true});
+        }
+    }
     let committed = async {
         let mut tx = js.db().begin().await?;
         for f in &files {
@@ -109,7 +118,7 @@ pub(super) async fn publish(
         }
         db::models::insert(&mut tx, &row, &files).await?;
         db::metrics::insert_all(&mut tx, o.job_id, Some(&row.id), &o.metrics).await?;
-        if !db::jobs::complete(&mut tx, o.job_id, &row.id, &report).await? {
+        if !db::jobs::complete(&mut tx, o.job_id, Some(&row.id), &report).await? {
             // Cancelled while the files were being written: the transaction rolls back.
             return Ok(None);
         }

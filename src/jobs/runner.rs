@@ -1,19 +1,23 @@
-//! Runs one claimed job: loading → quantizing → writing, with progress throttled into the
-//! database and pushed to SSE, cancellation between tensors, and an outcome that is all or
+//! Runs one claimed job: loading → quantizing → evaluating (when asked) → writing, with
+//! progress throttled into the database and pushed to SSE, cancellation between tensors and
+//! windows, an accuracy gate between evaluating and writing, and an outcome that is all or
 //! nothing: the output model row, its blobs, metrics and the job's success are one transaction,
-//! and a failed or cancelled job leaves no model row and no files.
+//! and a failed, gated or cancelled job leaves no model row and no files. An `eval` job runs
+//! loading → evaluating and records its metrics against the model it scored.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::pipeline::{self, Hooks, PipelineError};
+use super::evaluation::{self, EvalReport};
+use super::hooks::JobHooks;
+use super::pipeline::{self, PipelineError};
 use super::publish;
-use super::spec::{JobSpec, MethodSpec};
-use super::submit::plan_for;
+use super::spec::{GgufParams, JobSpec, MethodSpec};
+use super::submit::gguf_plan;
 use super::{JobEvent, JobSystem};
 use crate::catalog::{self, CatalogError};
 use crate::db::metrics::MetricRow;
@@ -29,6 +33,12 @@ pub(super) enum RunError {
     Cancelled,
     #[error("{0}")]
     Failed(String),
+    /// The accuracy gate was missed: the job fails, keeping what was measured.
+    #[error("{message}")]
+    GateMissed {
+        message: String,
+        report: serde_json::Value,
+    },
 }
 
 impl From<CatalogError> for RunError {
@@ -46,42 +56,6 @@ impl From<sqlx::Error> for RunError {
 impl From<std::io::Error> for RunError {
     fn from(e: std::io::Error) -> Self {
         Self::Failed(format!("I/O: {e}"))
-    }
-}
-
-/// Bridges the blocking pipeline to the async world: progress goes to the event bus at once
-/// and to the database at most every `interval`.
-struct JobHooks {
-    js: JobSystem,
-    job_id: String,
-    cancel: Arc<AtomicBool>,
-    runtime: tokio::runtime::Handle,
-    last_write: Mutex<Option<Instant>>,
-    interval: Duration,
-}
-
-impl Hooks for JobHooks {
-    fn progress(&self, stage: &'static str, done: u64, total: u64, unit: &'static str) {
-        self.js.events().publish(JobEvent {
-            job_id: self.job_id.clone(),
-            kind: "progress",
-            data: json!({"stage": stage, "done": done, "total": total, "unit": unit}),
-        });
-        let mut last = self.last_write.lock().expect("progress lock");
-        let due = last.is_none_or(|t| t.elapsed() >= self.interval) || done == total;
-        if due {
-            *last = Some(Instant::now());
-            let (db, id) = (self.js.db().clone(), self.job_id.clone());
-            self.runtime.spawn(async move {
-                if let Err(e) = db::jobs::set_progress(&db, &id, stage, done, total, unit).await {
-                    warn!(job = %id, error = %e, "could not record progress");
-                }
-            });
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
     }
 }
 
@@ -105,11 +79,15 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
         }
         Err(RunError::Cancelled) => {
             info!("job cancelled");
-            finish(js, &job.id, "cancelled", None).await
+            finish(js, &job.id, "cancelled", None, None).await
         }
         Err(RunError::Failed(message)) => {
             warn!(error = %message, "job failed");
-            finish(js, &job.id, "failed", Some(&message)).await
+            finish(js, &job.id, "failed", Some(&message), None).await
+        }
+        Err(RunError::GateMissed { message, report }) => {
+            warn!(error = %message, "job failed its gate");
+            finish(js, &job.id, "failed", Some(&message), Some(&report)).await
         }
     };
     if let Err(e) = result {
@@ -122,9 +100,10 @@ async fn finish(
     id: &str,
     status: &'static str,
     error: Option<&str>,
+    report: Option<&serde_json::Value>,
 ) -> Result<(), sqlx::Error> {
     let data = json!({"status": status, "error": error});
-    db::jobs::finish_unsuccessfully(js.db(), id, status, error, &data).await?;
+    db::jobs::finish_unsuccessfully(js.db(), id, status, error, report, &data).await?;
     js.events().publish(JobEvent {
         job_id: id.to_string(),
         kind: status,
@@ -180,32 +159,113 @@ async fn execute(
         return Err(RunError::Cancelled);
     }
     stage(js, &job.id, "loading").await?;
-    let quantized = quantize(js, job, &spec, cancel.clone()).await?;
+    let done = match &spec.method {
+        MethodSpec::Gguf(params) => quantize_and_publish(js, job, &spec, params, cancel).await?,
+        MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
+    };
+    js.events().publish(JobEvent {
+        job_id: job.id.clone(),
+        kind: "done",
+        data: done.1,
+    });
+    Ok(done.0)
+}
+
+/// The eval stage and the gate after it; `Ok(None)` when the job has no eval.
+async fn evaluate_and_gate(
+    js: &JobSystem,
+    job: &JobRow,
+    spec: &JobSpec,
+    target: evaluation::Target,
+    cancel: Arc<AtomicBool>,
+    report_so_far: serde_json::Value,
+) -> Result<Option<EvalReport>, RunError> {
+    let Some(params) = &spec.eval else {
+        return Ok(None);
+    };
+    stage(js, &job.id, "evaluating").await?;
+    let report = evaluation::run(js, &job.id, spec, params, target, cancel.clone()).await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
+    if let Some(gate) = &spec.gate {
+        let (kld, dppl, top1) = report.gate_inputs();
+        let checks = gate.check(kld, dppl, top1);
+        if let Some(message) = evaluation::gate_failure(&checks) {
+            let mut full = report_so_far;
+            full["eval"] = json!(report);
+            full["gate"] = json!({"passed": false, "checks": checks});
+            return Err(RunError::GateMissed {
+                message,
+                report: full,
+            });
+        }
+    }
+    Ok(Some(report))
+}
+
+async fn quantize_and_publish(
+    js: &JobSystem,
+    job: &JobRow,
+    spec: &JobSpec,
+    params: &GgufParams,
+    cancel: Arc<AtomicBool>,
+) -> Result<(String, serde_json::Value), RunError> {
+    let quantized = quantize(js, job, spec, params, cancel.clone()).await?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(RunError::Cancelled);
+    }
+    let target = evaluation::Target::File {
+        name: "model.gguf".into(),
+        path: quantized.temp.path().to_path_buf(),
+    };
+    let quant_report = serde_json::to_value(&quantized.report).expect("report serializes");
+    let eval = evaluate_and_gate(js, job, spec, target, cancel.clone(), quant_report).await?;
     stage(js, &job.id, "writing").await?;
-    let MethodSpec::Gguf(params) = &spec.method;
+    let mut metrics = metric_rows(&quantized.report);
+    if let Some(e) = &eval {
+        metrics.extend(e.metric_rows(&job.id));
+    }
     let output = publish::Output {
-        spec: &spec,
+        spec,
         job_id: &job.id,
         temp: quantized.temp,
         digest: quantized.digest,
         size: quantized.size,
         plan: &quantized.plan,
         report: &quantized.report,
+        eval: eval.as_ref(),
         params: quantized.params,
         gguf_type: params.gguf_type,
         architecture: quantized.architecture,
-        metrics: metric_rows(&quantized.report),
+        metrics,
     };
-    let (model_id, done) = publish::publish(js, output).await?;
-    js.events().publish(JobEvent {
-        job_id: job.id.clone(),
-        kind: "done",
-        data: done,
-    });
-    Ok(model_id)
+    publish::publish(js, output).await
+}
+
+/// `method: "eval"`: scores a stored model; its metrics are recorded against that model.
+async fn evaluate_only(
+    js: &JobSystem,
+    job: &JobRow,
+    spec: &JobSpec,
+    cancel: Arc<AtomicBool>,
+) -> Result<(String, serde_json::Value), RunError> {
+    let target = evaluation::Target::Model(spec.model.clone());
+    let report = evaluate_and_gate(js, job, spec, target, cancel, json!({}))
+        .await?
+        .ok_or_else(|| RunError::Failed("an eval job needs an eval block".into()))?;
+    let full = json!({"eval": report, "gate": spec.gate.as_ref().map(|_| json!({"passed": true}))});
+    let rows = report.metric_rows(&job.id);
+    let mut tx = js.db().begin().await?;
+    db::metrics::insert_all(&mut tx, &job.id, Some(&spec.model), &rows).await?;
+    if !db::jobs::complete(&mut tx, &job.id, None, &full).await? {
+        return Err(RunError::Cancelled);
+    }
+    let done = json!({"status": "succeeded", "model": spec.model, "perplexity": report.summary.perplexity,
+                      "kld_mean": report.summary.kld_mean});
+    db::jobs::add_event(&mut *tx, &job.id, "done", &done).await?;
+    tx.commit().await?;
+    Ok((spec.model.clone(), done))
 }
 
 /// What the quantizing stage hands to publishing.
@@ -225,13 +285,13 @@ async fn quantize(
     js: &JobSystem,
     job: &JobRow,
     spec: &JobSpec,
+    params: &GgufParams,
     cancel: Arc<AtomicBool>,
 ) -> Result<Quantized, RunError> {
     let ckpt =
         Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
-    let plan = plan_for(spec, &ckpt, js.settings().job_threads())
+    let plan = gguf_plan(params, &ckpt, js.settings().job_threads())
         .map_err(|e| RunError::Failed(e.to_string()))?;
-    let MethodSpec::Gguf(params) = &spec.method;
     let source_digest = db::models::files(js.db(), &spec.model)
         .await?
         .into_iter()
@@ -263,14 +323,7 @@ async fn quantize(
 
     stage(js, &job.id, "quantizing").await?;
     let temp = js.store().temp_file("job")?;
-    let hooks = JobHooks {
-        js: js.clone(),
-        job_id: job.id.clone(),
-        cancel,
-        runtime: tokio::runtime::Handle::current(),
-        last_write: Mutex::new(None),
-        interval: Duration::from_millis(js.settings().jobs.progress_interval_ms),
-    };
+    let hooks = JobHooks::new(js, &job.id, cancel);
     let pool = js.pool();
     let out_path = temp.path().to_path_buf();
     let (plan_for_run, ckpt_for_run) = (plan.clone(), ckpt.clone());

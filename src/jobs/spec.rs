@@ -1,5 +1,6 @@
 //! A job as the rest of the system sees it once the HTTP layer has validated it: which model,
-//! which method with typed parameters, and the output name. Stored as JSON in `jobs.spec`.
+//! which method with typed parameters, the output name, and the optional evaluation and
+//! accuracy gate. Stored as JSON in `jobs.spec`.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,26 +13,203 @@ pub struct JobSpec {
     pub output_name: String,
     #[serde(flatten)]
     pub method: MethodSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalParams>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<Gate>,
+}
+
+impl JobSpec {
+    /// The model evaluations compare with: an eval job's reference, otherwise the model the
+    /// job starts from.
+    pub fn reference(&self) -> &str {
+        match &self.method {
+            MethodSpec::Eval(EvalMethodParams {
+                reference: Some(r),
+            }) => r,
+            _ => &self.model,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "method", content = "params", rename_all = "kebab-case")]
 pub enum MethodSpec {
     Gguf(GgufParams),
+    /// Scores an existing model against a reference; makes no model.
+    Eval(EvalMethodParams),
 }
 
 impl MethodSpec {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gguf(_) => "gguf",
+            Self::Eval(_) => "eval",
         }
     }
 
-    /// The variant part of the default output id (`base:variant`).
-    pub fn default_variant(&self) -> String {
+    /// Whether the job produces a model (everything but `eval`).
+    pub fn makes_model(&self) -> bool {
+        !matches!(self, Self::Eval(_))
+    }
+
+    /// The variant part of the default output id (`base:variant`), for methods that make one.
+    pub fn default_variant(&self) -> Option<String> {
         match self {
-            Self::Gguf(p) => p.gguf_type.variant(),
+            Self::Gguf(p) => Some(p.gguf_type.variant()),
+            Self::Eval(_) => None,
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalMethodParams {
+    /// The model to compare against (same tokenizer); by default (None at the wire) the
+    /// model's base, resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// DESIGN §2 `"eval": {"dataset", "max_tokens", "ctx"}`, plus whether to measure speed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalParams {
+    pub dataset: String,
+    #[serde(default = "EvalParams::default_ctx")]
+    pub ctx: usize,
+    /// Scored tokens.
+    #[serde(default = "EvalParams::default_max_tokens")]
+    pub max_tokens: usize,
+    /// Measure prompt and decode tokens/s of the model after scoring it.
+    #[serde(default = "EvalParams::default_speed")]
+    pub speed: bool,
+}
+
+impl EvalParams {
+    pub const CTX_RANGE: std::ops::RangeInclusive<usize> = 16..=32_768;
+    pub const MAX_TOKENS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_048_576;
+
+    fn default_ctx() -> usize {
+        512
+    }
+
+    fn default_max_tokens() -> usize {
+        16_384
+    }
+
+    fn default_speed() -> bool {
+        true
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let err = |param: &str, message: String| ParamError {
+            param: format!("eval.{param}"),
+            message,
+        };
+        if !Self::CTX_RANGE.contains(&self.ctx) || !self.ctx.is_multiple_of(2) {
+            return Err(err(
+                "ctx",
+                format!("{} must be even and within {:?}", self.ctx, Self::CTX_RANGE),
+            ));
+        }
+        if !Self::MAX_TOKENS_RANGE.contains(&self.max_tokens) {
+            return Err(err(
+                "max_tokens",
+                format!("{} is outside {:?}", self.max_tokens, Self::MAX_TOKENS_RANGE),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// DESIGN §5's accuracy gate: a job that misses any bound fails and keeps no model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    /// Upper bound on the mean KL divergence from the reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_kld: Option<f64>,
+    /// Upper bound on Δppl % = 100 · (PPL / PPL_reference − 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delta_ppl_pct: Option<f64>,
+    /// Lower bound on top-1 agreement, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_top1_pct: Option<f64>,
+}
+
+/// One bound of a gate against the measured value.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GateCheck {
+    pub metric: &'static str,
+    pub bound: &'static str,
+    pub limit: f64,
+    pub value: f64,
+    pub passed: bool,
+}
+
+impl Gate {
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let bounds = [
+            ("max_kld", self.max_kld),
+            ("max_delta_ppl_pct", self.max_delta_ppl_pct),
+            ("min_top1_pct", self.min_top1_pct),
+        ];
+        if bounds.iter().all(|(_, v)| v.is_none()) {
+            return Err(ParamError {
+                param: "gate".into(),
+                message: "name at least one of max_kld, max_delta_ppl_pct, min_top1_pct".into(),
+            });
+        }
+        for (name, v) in bounds {
+            if let Some(v) = v {
+                let ok = match name {
+                    "max_kld" => v.is_finite() && v >= 0.0,
+                    "min_top1_pct" => (0.0..=100.0).contains(&v),
+                    _ => v.is_finite(),
+                };
+                if !ok {
+                    return Err(ParamError {
+                        param: format!("gate.{name}"),
+                        message: format!("{v} is not a valid bound"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each named bound against `kld_mean`, `delta_ppl_pct` and `top1_pct`.
+    pub fn check(&self, kld_mean: f64, delta_ppl_pct: f64, top1_pct: f64) -> Vec<GateCheck> {
+        let mut out = Vec::new();
+        if let Some(limit) = self.max_kld {
+            out.push(GateCheck {
+                metric: "kld_mean",
+                bound: "max_kld",
+                limit,
+                value: kld_mean,
+                passed: kld_mean <= limit,
+            });
+        }
+        if let Some(limit) = self.max_delta_ppl_pct {
+            out.push(GateCheck {
+                metric: "delta_ppl_pct",
+                bound: "max_delta_ppl_pct",
+                limit,
+                value: delta_ppl_pct,
+                passed: delta_ppl_pct <= limit,
+            });
+        }
+        if let Some(limit) = self.min_top1_pct {
+            out.push(GateCheck {
+                metric: "top1_agreement_pct",
+                bound: "min_top1_pct",
+                limit,
+                value: top1_pct,
+                passed: top1_pct >= limit,
+            });
+        }
+        out
     }
 }
 
@@ -108,11 +286,34 @@ mod tests {
                 gguf_type: GgufType::Q4_K_M,
                 overrides: vec![],
             }),
+            eval: None,
+            gate: None,
         };
         let j = serde_json::to_value(&spec).unwrap();
         assert_eq!(j["method"], "gguf");
         assert_eq!(j["params"]["type"], "Q4_K_M");
         assert_eq!(serde_json::from_value::<JobSpec>(j).unwrap(), spec);
+    }
+
+    #[test]
+    fn a_gate_fails_on_any_missed_bound_and_names_it() {
+        let gate = Gate {
+            max_kld: Some(0.05),
+            max_delta_ppl_pct: Some(2.0),
+            min_top1_pct: None,
+        };
+        assert!(gate.check(0.01, 1.0, 90.0).iter().all(|c| c.passed));
+        let checks = gate.check(0.06, 1.0, 90.0);
+        let missed: Vec<_> = checks.iter().filter(|c| !c.passed).collect();
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].metric, "kld_mean");
+        assert!(Gate {
+            max_kld: None,
+            max_delta_ppl_pct: None,
+            min_top1_pct: None
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

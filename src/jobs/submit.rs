@@ -1,14 +1,18 @@
-//! Accepting a job: the model must exist, the output id must be free, the parameters must
-//! compile, and a plan is computed from the checkpoint before anything is queued. A repeated
-//! idempotency key returns the job it first created.
+//! Accepting a job: the model (and an eval's reference and dataset) must exist, the output id
+//! must be free, the parameters must compile and fit the model, and a plan is computed from
+//! the checkpoint before anything is queued. A repeated idempotency key returns the job it
+//! first created.
 
 use sha2::Digest as _;
 
-use super::spec::{is_valid_model_id, JobSpec, MethodSpec};
+use serde_json::json;
+
+use super::spec::{is_valid_model_id, GgufParams, JobSpec, MethodSpec};
 use super::JobSystem;
 use crate::catalog::{self, CatalogError};
 use crate::db;
 use crate::db::jobs::{JobRow, NewJob};
+use crate::eval::EvalSpec;
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::Plan;
 
@@ -35,29 +39,116 @@ pub enum Submitted {
     Plan(serde_json::Value),
 }
 
-/// Computes the plan of `spec` for an opened checkpoint.
-pub fn plan_for(spec: &JobSpec, ckpt: &Checkpoint, threads: usize) -> Result<Plan, SubmitError> {
-    let tensors = ckpt.tensor_shapes();
-    match &spec.method {
-        MethodSpec::Gguf(p) => {
-            let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {
-                param: e.param,
-                message: e.message,
-            })?;
-            Ok(Plan::gguf(
-                &ckpt.config,
-                &tensors,
-                p.gguf_type,
-                &overrides,
-                threads,
-            ))
+/// Computes the quantization plan of a `gguf` job for an opened checkpoint.
+pub fn gguf_plan(p: &GgufParams, ckpt: &Checkpoint, threads: usize) -> Result<Plan, SubmitError> {
+    let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {
+        param: e.param,
+        message: e.message,
+    })?;
+    Ok(Plan::gguf(
+        &ckpt.config,
+        &ckpt.tensor_shapes(),
+        p.gguf_type,
+        &overrides,
+        threads,
+    ))
+}
+
+fn invalid(param: &str, message: String) -> SubmitError {
+    SubmitError::Invalid {
+        param: param.into(),
+        message,
+    }
+}
+
+/// Fills in an eval job's default reference (the model's base) and checks that the reference
+/// exists and differs in nothing evaluation needs: the vocabulary, and a context that holds
+/// `eval.ctx`. Returns the plan's eval part.
+async fn check_eval(
+    js: &JobSystem,
+    spec: &mut JobSpec,
+    model: &Checkpoint,
+) -> Result<Option<serde_json::Value>, SubmitError> {
+    let db = js.db();
+    if let MethodSpec::Eval(p) = &mut spec.method {
+        if p.reference.is_none() {
+            let base = db::models::get(db, &spec.model)
+                .await?
+                .and_then(|m| m.base_model);
+            p.reference = Some(base.ok_or_else(|| {
+                invalid(
+                    "params.reference",
+                    format!(
+                        "model {:?} has no base model; name the reference to compare with",
+                        spec.model
+                    ),
+                )
+            })?);
         }
     }
+    let Some(e) = &spec.eval else {
+        return Ok(None);
+    };
+    if db::datasets::get(db, &e.dataset).await?.is_none() {
+        return Err(SubmitError::NotFound {
+            param: "eval.dataset".into(),
+            message: format!("dataset {:?} does not exist", e.dataset),
+        });
+    }
+    let reference_id = spec.reference().to_string();
+    let opened;
+    let reference = if reference_id == spec.model {
+        model
+    } else {
+        opened = match catalog::open_checkpoint(db, js.store(), js.settings(), &reference_id).await
+        {
+            Err(CatalogError::NotFound(_)) => {
+                return Err(SubmitError::NotFound {
+                    param: "params.reference".into(),
+                    message: format!("model {reference_id:?} does not exist"),
+                })
+            }
+            other => other?,
+        };
+        &opened
+    };
+    if reference.config.vocab_size != model.config.vocab_size {
+        return Err(invalid(
+            "params.reference",
+            format!(
+                "{reference_id:?} has a vocabulary of {} tokens, {:?} {}: KL divergence needs one tokenizer",
+                reference.config.vocab_size, spec.model, model.config.vocab_size
+            ),
+        ));
+    }
+    let context = reference
+        .config
+        .max_position_embeddings
+        .min(model.config.max_position_embeddings);
+    if e.ctx > context {
+        return Err(invalid(
+            "eval.ctx",
+            format!("{} exceeds the models' context of {context} positions", e.ctx),
+        ));
+    }
+    let spec_for_windows = EvalSpec {
+        ctx: e.ctx,
+        max_scored: Some(e.max_tokens),
+        bos: None,
+    };
+    Ok(Some(json!({
+        "reference": reference_id,
+        "dataset": e.dataset,
+        "ctx": e.ctx,
+        "max_tokens": e.max_tokens,
+        "windows_at_most": e.max_tokens.div_ceil(spec_for_windows.scored_per_window()),
+        "speed": e.speed,
+    })))
 }
 
 pub async fn submit(
     js: &JobSystem,
-    spec: JobSpec,
+    mut spec: JobSpec,
     idempotency_key: Option<String>,
     dry_run: bool,
 ) -> Result<Submitted, SubmitError> {
@@ -68,7 +159,7 @@ pub async fn submit(
             message: format!("model {:?} does not exist", spec.model),
         });
     }
-    if !is_valid_model_id(&spec.output_name) {
+    if spec.method.makes_model() && !is_valid_model_id(&spec.output_name) {
         return Err(SubmitError::Invalid {
             param: "output_name".into(),
             message: format!(
@@ -77,8 +168,13 @@ pub async fn submit(
             ),
         });
     }
-    let spec_json = serde_json::to_value(&spec).expect("spec serializes");
-    let spec_hash = hex::encode(sha2::Sha256::digest(spec_json.to_string().as_bytes()));
+    // The hash is of the request as given, before defaults are resolved.
+    let spec_hash = hex::encode(sha2::Sha256::digest(
+        serde_json::to_value(&spec)
+            .expect("spec serializes")
+            .to_string()
+            .as_bytes(),
+    ));
     if let Some(key) = &idempotency_key {
         if let Some(existing) = db::jobs::by_idempotency_key(db, key).await? {
             if existing.spec_hash == spec_hash {
@@ -94,24 +190,38 @@ pub async fn submit(
         }
     }
     let ckpt = catalog::open_checkpoint(db, js.store(), js.settings(), &spec.model).await?;
-    let plan = plan_for(&spec, &ckpt, js.settings().job_threads())?;
-    let plan_json = serde_json::to_value(&plan).expect("plan serializes");
+    let eval_plan = check_eval(js, &mut spec, &ckpt).await?;
+    let mut plan_json = match &spec.method {
+        MethodSpec::Gguf(p) => {
+            serde_json::to_value(gguf_plan(p, &ckpt, js.settings().job_threads())?)
+                .expect("plan serializes")
+        }
+        MethodSpec::Eval(_) => json!({"method": "eval", "model": spec.model}),
+    };
+    if let Some(e) = eval_plan {
+        plan_json["eval"] = e;
+    }
     if dry_run {
         return Ok(Submitted::Plan(plan_json));
     }
-    if db::models::get(db, &spec.output_name).await?.is_some() {
-        return Err(SubmitError::Conflict {
-            param: "output_name".into(),
-            message: format!("a model named {:?} already exists", spec.output_name),
-        });
-    }
-    if let Some(other) = db::jobs::active_for_output(db, &spec.output_name).await? {
-        return Err(SubmitError::Conflict {
-            param: "output_name".into(),
-            message: format!("job {other} is already producing {:?}", spec.output_name),
-        });
-    }
     let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+    if spec.method.makes_model() {
+        if db::models::get(db, &spec.output_name).await?.is_some() {
+            return Err(SubmitError::Conflict {
+                param: "output_name".into(),
+                message: format!("a model named {:?} already exists", spec.output_name),
+            });
+        }
+        if let Some(other) = db::jobs::active_for_output(db, &spec.output_name).await? {
+            return Err(SubmitError::Conflict {
+                param: "output_name".into(),
+                message: format!("job {other} is already producing {:?}", spec.output_name),
+            });
+        }
+    } else {
+        spec.output_name = id.clone();
+    }
+    let spec_json = serde_json::to_value(&spec).expect("spec serializes");
     let inserted = db::jobs::insert(
         db,
         &NewJob {

@@ -75,6 +75,7 @@ async fn run_isolated(js: &JobSystem, job: crate::db::jobs::JobRow) {
             &id,
             "failed",
             Some("internal error (panic); see the server log"),
+            None,
             &data,
         )
         .await

@@ -70,8 +70,19 @@ pub struct SeqStep<'a> {
     /// New tokens, after whatever `cache` already holds.
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    /// Logits for every new position (scoring) instead of only the last (generation).
-    pub all_logits: bool,
+    /// Which new positions get logits.
+    pub logits: Logits,
+}
+
+/// The positions of a step whose logits are computed; the output layer is the largest matmul,
+/// so generation asks for one row and scoring for just the rows it scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last new position (generation).
+    Last,
+    /// New positions `i..` (0 = every one: prompt logprobs; ctx/2 = perplexity's half),
+    /// at least the last.
+    From(usize),
 }
 
 impl Llama {
@@ -235,13 +246,12 @@ impl Llama {
         let mut row = 0u32;
         for s in seqs.iter_mut() {
             let t = s.tokens.len() as u32;
-            if s.all_logits {
-                wanted.extend(row..row + t);
-                counts.push(t as usize);
-            } else {
-                wanted.push(row + t - 1);
-                counts.push(1);
-            }
+            let from = match s.logits {
+                Logits::Last => t - 1,
+                Logits::From(i) => (i as u32).min(t - 1),
+            };
+            wanted.extend(row + from..row + t);
+            counts.push((t - from) as usize);
             row += t;
             s.cache.commit(t as usize);
         }

@@ -10,7 +10,7 @@ pub mod rope;
 
 pub use kv_cache::KvCache;
 pub use linear::{LinearKernel, QLinear};
-pub use llama::{CaptureHook, Llama, SeqStep};
+pub use llama::{CaptureHook, Llama, Logits, SeqStep};
 
 /// Deterministic random matrices and a difference measure for kernel tests.
 #[cfg(test)]

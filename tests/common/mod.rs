@@ -82,6 +82,29 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST a raw body with a content type (datasets); returns status and JSON body.
+    pub async fn post_body(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Uploads `text` as a text/plain dataset; returns its id.
+    pub async fn post_dataset(&self, text: &str) -> String {
+        let (status, ds) = self
+            .post_body("/v1/datasets", "text/plain", text.as_bytes().to_vec())
+            .await;
+        assert!(status == 201 || status == 200, "{ds}");
+        ds["id"].as_str().unwrap().to_string()
+    }
+
     /// PUT a blob; returns status and JSON body.
     pub async fn put_blob(&self, digest: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let r = self

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
 use quantd::model::checkpoint::{CheckLimits, Checkpoint};
-use quantd::nn::{KvCache, Llama, SeqStep};
+use quantd::nn::{KvCache, Llama, Logits, SeqStep};
 
 /// Opens every file of `dir` as one checkpoint, with generous limits.
 pub fn open_dir(dir: &Path) -> Checkpoint {
@@ -42,7 +42,7 @@ pub fn logits(
             &mut [SeqStep {
                 tokens,
                 cache,
-                all_logits,
+                logits: if all_logits { Logits::From(0) } else { Logits::Last },
             }],
             None,
         )

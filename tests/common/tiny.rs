@@ -137,3 +137,21 @@ pub fn write_model(dir: &Path) {
         .collect();
     super::write_safetensors(&dir.join("model.safetensors"), &tensors);
 }
+
+/// Writes a tiny model and uploads it to `app` as `name`.
+pub async fn upload(app: &super::TestApp, name: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let files: Vec<_> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ]
+    .iter()
+    .map(|f| dir.path().join(f))
+    .collect();
+    let (status, body) = app.upload(&files, Some(name)).await;
+    assert_eq!(status, 201, "{body}");
+    name.to_string()
+}
