@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs quantd's whole test suite on a fresh machine (README, .ci/run).
-# It installs what is missing (unzip, curl, python venv), lays out the SmolLM2 fixture and a
-# Python with the reference `gguf` reader, then runs every test.
+# It installs what is missing (unzip, curl, python venv, a C++ compiler), lays out the SmolLM2
+# fixture, a Python with the reference `gguf` reader and one with llama.cpp (llama-cpp-python),
+# then runs every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,6 +10,7 @@ need_apt=()
 command -v unzip >/dev/null || need_apt+=(unzip)
 command -v curl >/dev/null || need_apt+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v g++ >/dev/null || need_apt+=(g++)
 if ((${#need_apt[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
@@ -25,5 +27,16 @@ export QUANTD_PYTHON=${QUANTD_PYTHON:-$(dirname "$FIXTURE")/.venv/bin/python}
 # The official OpenAI client drives the server in tests/openai_client.rs.
 "$QUANTD_PYTHON" -c 'import openai' 2>/dev/null ||
   "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3'
+
+# llama.cpp through llama-cpp-python is the independent reference for perplexity
+# (tests/eval_llama_cpp.rs). PyPI has only its sdist: the first build takes about 11 minutes on
+# 2 cores; the venv (and pip's wheel cache) keep it for later runs.
+PEER_VENV=${QUANTD_PEER_VENV:-$HOME/.cache/quantd-peers/venv}
+export QUANTD_PEER_PYTHON=$PEER_VENV/bin/python
+if ! "$QUANTD_PEER_PYTHON" -c 'import llama_cpp, numpy' 2>/dev/null; then
+  python3 -m venv "$PEER_VENV"
+  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 "$QUANTD_PEER_PYTHON" -m pip install -q \
+    --disable-pip-version-check 'numpy<3' 'llama-cpp-python==0.3.36'
+fi
 
 cargo test --locked --all-targets "$@"

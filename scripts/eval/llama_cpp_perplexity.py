@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Perplexity (and optionally KL divergence / top-1 against a reference GGUF) computed by
 llama.cpp through llama-cpp-python, by llama-perplexity's method: consecutive windows of --ctx
-tokens, logits at positions ctx/2 .. ctx-2 scoring the next token. The independent reference
-for `quantd eval` (same text, same windows).
+tokens, logits at positions ctx/2 .. ctx-2 scoring the next token, up to --max-tokens scored
+tokens (the last window scored in part). The independent reference for `quantd eval` (same
+text, same windows, same scored tokens).
 
-    python scripts/eval/llama_cpp_perplexity.py model.gguf --text corpus.txt --tokens 16384 \
+    python scripts/eval/llama_cpp_perplexity.py model.gguf --text corpus.txt --max-tokens 16384 \
         [--reference base.gguf] [--token-ids ids.json]
 
 --token-ids takes the ids to score from a JSON list (e.g. from the HF tokenizer) instead of
@@ -37,7 +38,7 @@ def main():
     ap.add_argument("--text", required=True)
     ap.add_argument("--reference")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--max-tokens", type=int, help="scored tokens at most")
     ap.add_argument("--token-ids")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -54,20 +55,24 @@ def main():
     else:
         text = open(args.text, encoding="utf-8").read()
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    if args.tokens:
-        tokens = tokens[: args.tokens]
-    n_windows = len(tokens) // args.ctx
     first = args.ctx // 2
+    per_window = args.ctx - 1 - first
+    n_windows = len(tokens) // args.ctx
+    budget = n_windows * per_window
+    if args.max_tokens:
+        budget = min(budget, args.max_tokens)
+        n_windows = min(n_windows, -(-budget // per_window))
     nll, ref_nll, kls, same, scored = 0.0, 0.0, [], 0, 0
     start = time.time()
     for w in range(n_windows):
         window = tokens[w * args.ctx:(w + 1) * args.ctx]
-        lp = log_softmax(window_logits(llm, window)[first:args.ctx - 1])
-        targets = np.array(window[first + 1:args.ctx])
+        take = min(per_window, budget - scored)
+        lp = log_softmax(window_logits(llm, window)[first:first + take])
+        targets = np.array(window[first + 1:first + 1 + take])
         nll -= lp[np.arange(len(targets)), targets].sum()
         scored += len(targets)
         if ref is not None:
-            lr = log_softmax(window_logits(ref, window)[first:args.ctx - 1])
+            lr = log_softmax(window_logits(ref, window)[first:first + take])
             ref_nll -= lr[np.arange(len(targets)), targets].sum()
             kls.extend((np.exp(lr) * (lr - lp)).sum(axis=-1).tolist())
             same += int((lr.argmax(-1) == lp.argmax(-1)).sum())
