@@ -104,7 +104,13 @@ fn eval_json(tokens: usize) -> serde_json::Value {
         .arg(common::fixture().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .arg("--text")
         .arg(eval_text())
-        .args(["--ctx", "256", "--max-tokens", &tokens.to_string(), "--json"])
+        .args([
+            "--ctx",
+            "256",
+            "--max-tokens",
+            &tokens.to_string(),
+            "--json",
+        ])
         .output()
         .expect("quantd eval runs");
     assert!(

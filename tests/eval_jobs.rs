@@ -30,8 +30,7 @@ async fn run(app: &TestApp, body: Value) -> Value {
 }
 
 fn f(v: &Value) -> f64 {
-    v.as_f64()
-        .unwrap_or_else(|| panic!("{v} is not a number"))
+    v.as_f64().unwrap_or_else(|| panic!("{v} is not a number"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +60,14 @@ async fn a_job_with_eval_reports_accuracy_in_the_job_the_model_and_the_variants(
     assert!(f(&e8["speed"]["decode_tok_s"]) > 0.0);
     assert!(f(&e8["reference_speed"]["decode_tok_s"]) > 0.0);
     assert!(f(&e8["bits_per_weight_total"]) > 8.0);
+    let events = app
+        .get_bytes(&format!("/v1/jobs/{}/events", q8["id"].as_str().unwrap()))
+        .await;
+    let events = String::from_utf8_lossy(&events);
+    assert!(
+        events.contains("\"evaluating\"") && events.contains("event: metric"),
+        "{events}"
+    );
 
     // The second variant of the same base on the same text reuses the base's results.
     let q4 = run(
@@ -72,10 +79,7 @@ async fn a_job_with_eval_reports_accuracy_in_the_job_the_model_and_the_variants(
     let e4 = &q4["metrics"]["eval"];
     assert_eq!(e4["reference_cached"], true, "{e4}");
     assert_eq!(e4["reference_perplexity"], e8["reference_perplexity"]);
-    assert!(
-        f(&e4["kld_mean"]) > kld8,
-        "Q4_0 loses more than Q8_0: {e4}"
-    );
+    assert!(f(&e4["kld_mean"]) > kld8, "Q4_0 loses more than Q8_0: {e4}");
     assert!(e4["speed"].is_null(), "speed: false skips the measurement");
 
     let (_, m) = app.get_json("/v1/models/tiny:q8_0").await;
@@ -206,11 +210,7 @@ async fn bad_eval_and_gate_fields_are_refused_by_name() {
         b
     };
     let cases = [
-        (
-            gguf(json!({"gate": {"max_kld": 0.1}})),
-            422,
-            "gate",
-        ),
+        (gguf(json!({"gate": {"max_kld": 0.1}})), 422, "gate"),
         (
             gguf(json!({"eval": {"dataset": ds, "ctx": 7}})),
             422,
@@ -246,11 +246,7 @@ async fn bad_eval_and_gate_fields_are_refused_by_name() {
             422,
             "gate",
         ),
-        (
-            json!({"model": "tiny", "method": "eval"}),
-            422,
-            "eval",
-        ),
+        (json!({"model": "tiny", "method": "eval"}), 422, "eval"),
         (
             json!({"model": "tiny", "method": "eval", "eval": {"dataset": ds}}),
             422,

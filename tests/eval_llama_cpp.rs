@@ -31,8 +31,8 @@ fn peer_python() -> PathBuf {
 /// The eval text's token ids from the model's own tokenizer.json, written for the script, so
 /// both tools score the same ids.
 fn token_ids_file(dir: &Path) -> PathBuf {
-    let tok = tokenizers::Tokenizer::from_file(common::fixture().join("hf-f32/tokenizer.json"))
-        .unwrap();
+    let tok =
+        tokenizers::Tokenizer::from_file(common::fixture().join("hf-f32/tokenizer.json")).unwrap();
     let text = std::fs::read_to_string(eval_text()).unwrap();
     let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let path = dir.join("ids.json");

@@ -13,8 +13,8 @@ use serde_json::json;
 use super::offline::open_path;
 use crate::config::Settings;
 use crate::engine::{Engine, GenerateRequest, SamplingParams, SeqEvent};
-use crate::model::servable;
 use crate::eval::speed::{median, prompt_processing, synthetic_tokens, text_generation};
+use crate::model::servable;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -68,8 +68,10 @@ pub async fn put_dataset_tokens(
 
 /// Token counts of a dataset by model id.
 pub async fn dataset_tokens(db: &Db, dataset_id: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT model_id, tokens FROM dataset_tokens WHERE dataset_id = ? ORDER BY model_id")
-        .bind(dataset_id)
-        .fetch_all(db)
-        .await
+    sqlx::query_as(
+        "SELECT model_id, tokens FROM dataset_tokens WHERE dataset_id = ? ORDER BY model_id",
+    )
+    .bind(dataset_id)
+    .fetch_all(db)
+    .await
 }

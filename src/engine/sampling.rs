@@ -157,11 +157,9 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// log-softmax of one row, in f64 accumulation.
+/// log-softmax of one row (log Z in f64).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
+    let log_z = crate::nn::softmax::log_sum_exp(logits);
     logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
 }
 

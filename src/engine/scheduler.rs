@@ -203,7 +203,11 @@ fn step(model: &Servable, active: &mut Vec<Seq>, stats: &Stats, cfg: &SchedulerC
             steps.push(SeqStep {
                 tokens,
                 cache: &mut s.cache,
-                logits: if *all_logits { Logits::From(0) } else { Logits::Last },
+                logits: if *all_logits {
+                    Logits::From(0)
+                } else {
+                    Logits::Last
+                },
             });
         }
     }

@@ -5,40 +5,8 @@
 
 use serde::Serialize;
 
-/// log-softmax of one row, accumulated in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
-    logits.iter().map(|&l| l as f64 - log_z).collect()
-}
-
-fn argmax(v: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// KL(P‖Q) = Σ p (log p − log q) for two log-distributions over the same vocabulary.
-pub fn kl_divergence(log_p: &[f64], log_q: &[f64]) -> f64 {
-    log_p
-        .iter()
-        .zip(log_q)
-        .map(|(&lp, &lq)| {
-            let p = lp.exp();
-            if p > 0.0 {
-                p * (lp - lq)
-            } else {
-                0.0
-            }
-        })
-        .sum::<f64>()
-        .max(0.0)
-}
+use crate::engine::sampling::argmax;
+use crate::nn::softmax::{exp_shifted, weighted_difference};
 
 #[derive(Debug, Clone, Default)]
 pub struct Accumulator {
@@ -47,6 +15,8 @@ pub struct Accumulator {
     scored: usize,
     kl: Vec<f32>,
     top1_same: usize,
+    /// e^(l − max) of the reference row, reused between positions.
+    exps: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -66,16 +36,20 @@ pub struct Summary {
 
 impl Accumulator {
     /// One scored position: the model's logits, the reference's (if any), and the true next
-    /// token.
+    /// token. Logits must be finite.
     pub fn add(&mut self, logits: &[f32], reference: Option<&[f32]>, target: u32) {
-        let lp = log_softmax(logits);
-        self.nll_sum -= lp[target as usize];
+        let log_zq = exp_shifted(logits, &mut self.exps).log_z();
+        self.nll_sum += log_zq - logits[target as usize] as f64;
         self.scored += 1;
         if let Some(r) = reference {
-            let lr = log_softmax(r);
-            self.reference_nll_sum -= lr[target as usize];
-            self.kl.push(kl_divergence(&lr, &lp) as f32);
-            if argmax(&lr) == argmax(&lp) {
+            let shifted = exp_shifted(r, &mut self.exps);
+            let log_zr = shifted.log_z();
+            self.reference_nll_sum += log_zr - r[target as usize] as f64;
+            // KL(P‖Q) = Σ p_i (log p_i − log q_i) = Σ p_i (r_i − q_i) − (log Z_r − log Z_q),
+            // with p_i = e^(r_i − max) / Σ e^(r_j − max).
+            let cross = weighted_difference(&self.exps, r, logits) / shifted.sum;
+            self.kl.push((cross - (log_zr - log_zq)).max(0.0) as f32);
+            if argmax(r) == argmax(logits) {
                 self.top1_same += 1;
             }
         }
@@ -140,11 +114,20 @@ mod tests {
         // Uniform over 4 tokens: NLL ln 4, PPL 4.
         let mut acc = Accumulator::default();
         acc.add(&[0.0; 4], None, 2);
-        assert!((acc.summary().perplexity - 4.0).abs() < 1e-12);
-        // KL(P‖Q) for P = (0.5, 0.5), Q = (0.9, 0.1).
-        let p = [0.5f64.ln(), 0.5f64.ln()];
-        let q = [0.9f64.ln(), 0.1f64.ln()];
+        assert!((acc.summary().perplexity - 4.0).abs() < 1e-6);
+        // KL(P‖Q) for P = (0.5, 0.5) (the reference), Q = (0.9, 0.1) (the model).
+        let mut acc = Accumulator::default();
+        acc.add(&[0.9f32.ln(), 0.1f32.ln()], Some(&[0.0, 0.0]), 0);
         let want = 0.5 * (0.5f64 / 0.9).ln() + 0.5 * (0.5f64 / 0.1).ln();
-        assert!((kl_divergence(&p, &q) - want).abs() < 1e-12);
+        let got = acc.summary().kld_mean.unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // Shifting a row's logits changes nothing.
+        let mut shifted = Accumulator::default();
+        shifted.add(
+            &[0.9f32.ln() + 7.0, 0.1f32.ln() + 7.0],
+            Some(&[-3.0, -3.0]),
+            0,
+        );
+        assert!((shifted.summary().kld_mean.unwrap() - want).abs() < 1e-6);
     }
 }

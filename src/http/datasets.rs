@@ -20,7 +20,10 @@ use crate::store::Digest;
 
 /// The dataset as the API shows it, with its token counts read from the database.
 async fn shown(db: &db::Db, row: &DatasetRow) -> Result<Value, ApiError> {
-    Ok(dataset_json(row, &db::evals::dataset_tokens(db, &row.id).await?))
+    Ok(dataset_json(
+        row,
+        &db::evals::dataset_tokens(db, &row.id).await?,
+    ))
 }
 
 fn dataset_json(row: &DatasetRow, tokens_by_model: &[(String, i64)]) -> Value {

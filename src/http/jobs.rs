@@ -88,14 +88,13 @@ impl JobRequest {
             .map(|v| prefixed::<EvalParams>("eval", v))
             .transpose()?;
         if let Some(e) = &eval {
-            e.validate().map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            e.validate()
+                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
         }
-        let gate = self
-            .gate
-            .map(|v| prefixed::<Gate>("gate", v))
-            .transpose()?;
+        let gate = self.gate.map(|v| prefixed::<Gate>("gate", v)).transpose()?;
         if let Some(g) = &gate {
-            g.validate().map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            g.validate()
+                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
             if eval.is_none() {
                 return Err(ApiError::invalid(
                     "gate",

@@ -122,10 +122,7 @@ pub fn gate_failure(checks: &[GateCheck]) -> Option<String> {
         .filter(|c| !c.passed)
         .map(|c| {
             let op = if c.bound.starts_with("max") { ">" } else { "<" };
-            format!(
-                "{} {:.6} {op} {} {}",
-                c.metric, c.value, c.bound, c.limit
-            )
+            format!("{} {:.6} {op} {} {}", c.metric, c.value, c.bound, c.limit)
         })
         .collect();
     (!missed.is_empty()).then(|| format!("accuracy gate missed: {}", missed.join("; ")))
@@ -149,9 +146,9 @@ pub(super) async fn run(
     let dataset = db::datasets::get(db, &params.dataset)
         .await?
         .ok_or_else(|| RunError::Failed(format!("dataset {:?} was deleted", params.dataset)))?;
-    let text_path = js.store().path(
-        &Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?,
-    );
+    let text_path = js
+        .store()
+        .path(&Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?);
     let reference_ckpt =
         catalog::open_checkpoint(db, js.store(), js.settings(), &reference_id).await?;
     let (target_ckpt, target_id, bytes) = match &target {
@@ -164,7 +161,8 @@ pub(super) async fn run(
         Target::File { name, path } => {
             let files = BTreeMap::from([(name.clone(), path.clone())]);
             let limits = catalog::check_limits(js.settings());
-            let ckpt = Checkpoint::open(&files, limits).map_err(|e| RunError::Failed(e.to_string()))?;
+            let ckpt =
+                Checkpoint::open(&files, limits).map_err(|e| RunError::Failed(e.to_string()))?;
             (Some(ckpt), None, Some(std::fs::metadata(path)?.len()))
         }
     };
@@ -230,7 +228,10 @@ pub(super) async fn run(
         speed: scored.reference_speed,
     };
     db::evals::put_baseline(db, &key, &json!(baseline), job_id).await?;
-    for id in [Some(reference_id.as_str()), target_id.as_deref()].into_iter().flatten() {
+    for id in [Some(reference_id.as_str()), target_id.as_deref()]
+        .into_iter()
+        .flatten()
+    {
         db::evals::put_dataset_tokens(db, &params.dataset, id, scored.text_tokens).await?;
     }
     info!(ppl = report.summary.perplexity, reference_ppl, kld = ?report.summary.kld_mean,
@@ -270,7 +271,8 @@ fn score(
     let text = std::fs::read_to_string(text_path)?;
     let load = |ckpt: &Checkpoint| -> Result<Servable, RunError> {
         // Room for the speed measurement's 512-token prompt and 128 decoded tokens.
-        servable::load(ckpt, params.ctx.max(640)).map_err(|e| RunError::Failed(format!("loading: {e}")))
+        servable::load(ckpt, params.ctx.max(640))
+            .map_err(|e| RunError::Failed(format!("loading: {e}")))
     };
     let reference = load(reference_ckpt)?;
     let target = target_ckpt.map(load).transpose()?;

@@ -61,4 +61,3 @@ impl Hooks for JobHooks {
         self.cancel.load(Ordering::SeqCst)
     }
 }
-

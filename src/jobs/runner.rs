@@ -188,6 +188,13 @@ async fn evaluate_and_gate(
     if cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
+    let data = json!({"eval": report});
+    db::jobs::add_event(js.db(), &job.id, "metric", &data).await?;
+    js.events().publish(JobEvent {
+        job_id: job.id.clone(),
+        kind: "metric",
+        data,
+    });
     if let Some(gate) = &spec.gate {
         let (kld, dppl, top1) = report.gate_inputs();
         let checks = gate.check(kld, dppl, top1);

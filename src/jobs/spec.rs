@@ -24,9 +24,7 @@ impl JobSpec {
     /// job starts from.
     pub fn reference(&self) -> &str {
         match &self.method {
-            MethodSpec::Eval(EvalMethodParams {
-                reference: Some(r),
-            }) => r,
+            MethodSpec::Eval(EvalMethodParams { reference: Some(r) }) => r,
             _ => &self.model,
         }
     }
@@ -116,7 +114,11 @@ impl EvalParams {
         if !Self::MAX_TOKENS_RANGE.contains(&self.max_tokens) {
             return Err(err(
                 "max_tokens",
-                format!("{} is outside {:?}", self.max_tokens, Self::MAX_TOKENS_RANGE),
+                format!(
+                    "{} is outside {:?}",
+                    self.max_tokens,
+                    Self::MAX_TOKENS_RANGE
+                ),
             ));
         }
         Ok(())

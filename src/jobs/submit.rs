@@ -128,7 +128,10 @@ async fn check_eval(
     if e.ctx > context {
         return Err(invalid(
             "eval.ctx",
-            format!("{} exceeds the models' context of {context} positions", e.ctx),
+            format!(
+                "{} exceeds the models' context of {context} positions",
+                e.ctx
+            ),
         ));
     }
     let spec_for_windows = EvalSpec {

@@ -7,6 +7,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod rope;
+pub mod softmax;
 
 pub use kv_cache::KvCache;
 pub use linear::{LinearKernel, QLinear};

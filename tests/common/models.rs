@@ -42,7 +42,11 @@ pub fn logits(
             &mut [SeqStep {
                 tokens,
                 cache,
-                logits: if all_logits { Logits::From(0) } else { Logits::Last },
+                logits: if all_logits {
+                    Logits::From(0)
+                } else {
+                    Logits::Last
+                },
             }],
             None,
         )
