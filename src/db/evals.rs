@@ -24,7 +24,8 @@ pub async fn baseline(db: &Db, k: &BaselineKey<'_>) -> Result<Option<String>, sq
     .await
 }
 
-/// Records a reference evaluation; an existing row (another job got there first) stays.
+/// Records a reference evaluation. An existing row stays (the first measurement is the one
+/// every variant compares with), unless it lacks the speed this one brings.
 pub async fn put_baseline(
     db: &Db,
     k: &BaselineKey<'_>,
@@ -32,9 +33,13 @@ pub async fn put_baseline(
     job_id: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT OR IGNORE INTO eval_baselines \
+        "INSERT INTO eval_baselines \
          (model_id, dataset_id, ctx, max_tokens, results, job_id, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (model_id, dataset_id, ctx, max_tokens) DO UPDATE \
+         SET results = excluded.results, job_id = excluded.job_id \
+         WHERE json_extract(eval_baselines.results, '$.speed') IS NULL \
+           AND json_extract(excluded.results, '$.speed') IS NOT NULL",
     )
     .bind(k.model_id)
     .bind(k.dataset_id)
