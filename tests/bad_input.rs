@@ -351,7 +351,7 @@ async fn job_requests_with_bad_fields_name_the_field() {
         (
             json!({"model": model, "method": "gguf", "params": {"type": "Q8_0"}, "eval": {}}),
             422,
-            "eval",
+            "eval.dataset",
         ),
     ];
     for (body, want, param) in cases {

@@ -16,7 +16,9 @@ use super::error::ApiError;
 use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
-use crate::jobs::spec::{EvalMethodParams, EvalParams, Gate, GgufParams, JobSpec, MethodSpec};
+use crate::jobs::spec::{
+    EvalMethodParams, EvalParams, Gate, GgufParams, JobSpec, MethodSpec, RtnParams,
+};
 use crate::jobs::submit::{submit, Submitted};
 
 /// Methods DESIGN §4 names, and `eval` (score a model against a reference, DESIGN §5); only
@@ -32,7 +34,7 @@ const KNOWN_METHODS: &[&str] = &[
     "nf4",
     "fp4",
 ];
-const AVAILABLE: &[&str] = &["gguf", "eval"];
+const AVAILABLE: &[&str] = &["gguf", "rtn", "eval"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,7 +128,10 @@ impl JobRequest {
             if let Some(bad) = outputs.iter().find(|o| o.as_str() != "gguf") {
                 return Err(ApiError::invalid(
                     "outputs",
-                    format!("output {bad:?} is not available for method gguf (available: gguf)"),
+                    format!(
+                        "output {bad:?} is not available for method {} (available: gguf)",
+                        self.method
+                    ),
                 ));
             }
         }
@@ -143,10 +148,15 @@ impl JobRequest {
         } else {
             self.params
         };
-        let method = if evaluating {
-            MethodSpec::Eval(prefixed::<EvalMethodParams>("params", params)?)
-        } else {
-            MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?)
+        let method = match self.method.as_str() {
+            "eval" => MethodSpec::Eval(prefixed::<EvalMethodParams>("params", params)?),
+            "rtn" => {
+                let p = prefixed::<RtnParams>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::Rtn(p)
+            }
+            _ => MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?),
         };
         // An eval job's output name is its own id, filled in at submit.
         let output_name = match (self.output_name, method.default_variant()) {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
-use crate::quant::tensor_quant::{quantize_tensor, TensorQuantError};
+use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter};
 
@@ -96,7 +96,13 @@ pub fn quantize_gguf(
             name: t.name.clone(),
             source,
         })?;
-        let (bytes, err) = quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?;
+        let (bytes, err) = match t.groups {
+            Some(format) => {
+                let row_len = *t.shape.last().expect("grouped tensors are 2-D");
+                quantize_grouped(&t.name, &data, row_len, format, pool)?
+            }
+            None => quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?,
+        };
         drop(data);
         writer.write_tensor(&t.name, &bytes)?;
         reports.push(TensorReport {

@@ -43,7 +43,7 @@ fn write_manifest(
         model: o.spec.output_name.clone(),
         base_model: o.spec.model.clone(),
         format: "gguf",
-        method: "gguf".into(),
+        method: o.spec.method.name().into(),
         params: o.params.clone(),
         tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
         job_id: Some(o.job_id.to_string()),
@@ -99,7 +99,7 @@ pub(super) async fn publish(
         bits_per_weight: Some(o.plan.bits_per_weight),
         base_model: Some(o.spec.model.clone()),
         job_id: Some(o.job_id.to_string()),
-        summary: json!({"method": "gguf", "type": o.gguf_type, "type_counts": o.plan.type_counts,
+        summary: json!({"method": o.spec.method.name(), "type": o.gguf_type, "type_counts": o.plan.type_counts,
                         "bits_per_weight_total": o.plan.bits_per_weight_total})
         .to_string(),
         created_at: db::now(),

@@ -16,8 +16,8 @@ use super::evaluation::{self, EvalReport};
 use super::hooks::JobHooks;
 use super::pipeline::{self, PipelineError};
 use super::publish;
-use super::spec::{GgufParams, JobSpec, MethodSpec};
-use super::submit::gguf_plan;
+use super::spec::{JobSpec, MethodSpec};
+use super::submit::quantization_plan;
 use super::{JobEvent, JobSystem};
 use crate::catalog::{self, CatalogError};
 use crate::db::metrics::MetricRow;
@@ -160,7 +160,9 @@ async fn execute(
     }
     stage(js, &job.id, "loading").await?;
     let done = match &spec.method {
-        MethodSpec::Gguf(params) => quantize_and_publish(js, job, &spec, params, cancel).await?,
+        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) => {
+            quantize_and_publish(js, job, &spec, cancel).await?
+        }
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
     };
     js.events().publish(JobEvent {
@@ -215,10 +217,9 @@ async fn quantize_and_publish(
     js: &JobSystem,
     job: &JobRow,
     spec: &JobSpec,
-    params: &GgufParams,
     cancel: Arc<AtomicBool>,
 ) -> Result<(String, serde_json::Value), RunError> {
-    let quantized = quantize(js, job, spec, params, cancel.clone()).await?;
+    let quantized = quantize(js, job, spec, cancel.clone()).await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
@@ -243,7 +244,7 @@ async fn quantize_and_publish(
         report: &quantized.report,
         eval: eval.as_ref(),
         params: quantized.params,
-        gguf_type: params.gguf_type,
+        gguf_type: quantized.plan.gguf_type,
         architecture: quantized.architecture,
         metrics,
     };
@@ -292,32 +293,32 @@ async fn quantize(
     js: &JobSystem,
     job: &JobRow,
     spec: &JobSpec,
-    params: &GgufParams,
     cancel: Arc<AtomicBool>,
 ) -> Result<Quantized, RunError> {
     let ckpt =
         Arc::new(catalog::open_checkpoint(js.db(), js.store(), js.settings(), &spec.model).await?);
-    let plan = gguf_plan(params, &ckpt, js.settings().job_threads())
+    let plan = quantization_plan(&spec.method, &ckpt, js.settings().job_threads())
         .map_err(|e| RunError::Failed(e.to_string()))?;
     let source_digest = db::models::files(js.db(), &spec.model)
         .await?
         .into_iter()
         .find(|f| is_weights_file(&f.name))
         .map(|f| f.digest);
-    let params_json = serde_json::to_value(params).expect("params serialize");
+    let params_json = spec.method.params_json();
     // Loading the tokenizer for the GGUF metadata is compute: keep it off the executor.
     let (ckpt_meta, name, ftype, quantized, job_id) = (
         ckpt.clone(),
         spec.output_name.clone(),
         plan.file_type,
-        !params.gguf_type.is_float(),
+        !plan.gguf_type.is_float(),
         job.id.clone(),
     );
     let params_for_meta = params_json.clone();
+    let method_name = spec.method.name();
     let metadata = tokio::task::spawn_blocking(move || {
         let mut m = gguf_meta::model_metadata(&ckpt_meta, &name, ftype, quantized)?;
         m.extend(gguf_meta::provenance(
-            "gguf",
+            method_name,
             &params_for_meta,
             source_digest.as_deref(),
             Some(&job_id),

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::quant::groups::GroupFormat;
 use crate::quant::mix::{parse_ggml_type, Override};
 use crate::quant::GgufType;
 
@@ -34,6 +35,7 @@ impl JobSpec {
 #[serde(tag = "method", content = "params", rename_all = "kebab-case")]
 pub enum MethodSpec {
     Gguf(GgufParams),
+    Rtn(RtnParams),
     /// Scores an existing model against a reference; makes no model.
     Eval(EvalMethodParams),
 }
@@ -42,6 +44,7 @@ impl MethodSpec {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gguf(_) => "gguf",
+            Self::Rtn(_) => "rtn",
             Self::Eval(_) => "eval",
         }
     }
@@ -55,8 +58,95 @@ impl MethodSpec {
     pub fn default_variant(&self) -> Option<String> {
         match self {
             Self::Gguf(p) => Some(p.gguf_type.variant()),
+            Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
             Self::Eval(_) => None,
         }
+    }
+
+    /// The method's parameters as recorded in the GGUF and the manifest.
+    pub fn params_json(&self) -> serde_json::Value {
+        match self {
+            Self::Gguf(p) => serde_json::to_value(p),
+            Self::Rtn(p) => serde_json::to_value(p),
+            Self::Eval(p) => serde_json::to_value(p),
+        }
+        .expect("params serialize")
+    }
+}
+
+/// DESIGN §4 `rtn`: round-to-nearest in integer groups, GPTQ's definition of the groups.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RtnParams {
+    pub bits: u8,
+    /// Columns per group; −1 = one group per output channel (row).
+    #[serde(default = "RtnParams::default_group_size")]
+    pub group_size: i64,
+    #[serde(default = "RtnParams::default_sym")]
+    pub sym: bool,
+}
+
+impl RtnParams {
+    pub const GROUP_SIZES: [i64; 4] = [-1, 32, 64, 128];
+
+    fn default_group_size() -> i64 {
+        128
+    }
+
+    fn default_sym() -> bool {
+        true
+    }
+
+    pub fn format(&self) -> GroupFormat {
+        GroupFormat {
+            bits: self.bits,
+            group_size: (self.group_size > 0).then_some(self.group_size as usize),
+            sym: self.sym,
+        }
+    }
+
+    /// `4bit-g128-asym`, `8bit-pc-sym`.
+    fn variant(&self) -> String {
+        let group = if self.group_size > 0 {
+            format!("g{}", self.group_size)
+        } else {
+            "pc".into()
+        };
+        let sym = if self.sym { "sym" } else { "asym" };
+        format!("{}bit-{group}-{sym}", self.bits)
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let err = |param: &str, message: String| ParamError {
+            param: format!("params.{param}"),
+            message,
+        };
+        if ![8, 4, 3, 2].contains(&self.bits) {
+            return Err(err(
+                "bits",
+                format!("{} is not one of 8, 4, 3, 2", self.bits),
+            ));
+        }
+        if !Self::GROUP_SIZES.contains(&self.group_size) {
+            return Err(err(
+                "group_size",
+                format!("{} is not one of -1, 32, 64, 128", self.group_size),
+            ));
+        }
+        if self.format().ggml_dtype().is_none() {
+            // 3- and 2-bit groups and asymmetric 8-bit have no GGML block; they need the GPTQ
+            // layout and a kernel of quantd's own, which this version does not have yet.
+            return Err(err(
+                "bits",
+                format!(
+                    "{}-bit {} groups are not available in this version: 4-bit (sym or asym) and \
+                     8-bit sym pack into GGML blocks",
+                    self.bits,
+                    if self.sym { "symmetric" } else { "asymmetric" }
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

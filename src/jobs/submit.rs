@@ -7,7 +7,7 @@ use sha2::Digest as _;
 
 use serde_json::json;
 
-use super::spec::{is_valid_model_id, GgufParams, JobSpec, MethodSpec};
+use super::spec::{is_valid_model_id, JobSpec, MethodSpec};
 use super::JobSystem;
 use crate::catalog::{self, CatalogError};
 use crate::db;
@@ -39,19 +39,37 @@ pub enum Submitted {
     Plan(serde_json::Value),
 }
 
-/// Computes the quantization plan of a `gguf` job for an opened checkpoint.
-pub fn gguf_plan(p: &GgufParams, ckpt: &Checkpoint, threads: usize) -> Result<Plan, SubmitError> {
-    let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {
-        param: e.param,
-        message: e.message,
-    })?;
-    Ok(Plan::gguf(
-        &ckpt.config,
-        &ckpt.tensor_shapes(),
-        p.gguf_type,
-        &overrides,
-        threads,
-    ))
+/// Computes the quantization plan of a job that makes a model, for an opened checkpoint.
+pub fn quantization_plan(
+    method: &MethodSpec,
+    ckpt: &Checkpoint,
+    threads: usize,
+) -> Result<Plan, SubmitError> {
+    match method {
+        MethodSpec::Gguf(p) => {
+            let overrides = p.compiled_overrides().map_err(|e| SubmitError::Invalid {
+                param: e.param,
+                message: e.message,
+            })?;
+            Ok(Plan::gguf(
+                &ckpt.config,
+                &ckpt.tensor_shapes(),
+                p.gguf_type,
+                &overrides,
+                threads,
+            ))
+        }
+        MethodSpec::Rtn(p) => Ok(Plan::grouped(
+            "rtn",
+            &ckpt.tensor_shapes(),
+            p.format(),
+            threads,
+        )),
+        MethodSpec::Eval(_) => Err(invalid(
+            "method",
+            "method \"eval\" makes no model to plan".into(),
+        )),
+    }
 }
 
 fn invalid(param: &str, message: String) -> SubmitError {
@@ -195,11 +213,13 @@ pub async fn submit(
     let ckpt = catalog::open_checkpoint(db, js.store(), js.settings(), &spec.model).await?;
     let eval_plan = check_eval(js, &mut spec, &ckpt).await?;
     let mut plan_json = match &spec.method {
-        MethodSpec::Gguf(p) => {
-            serde_json::to_value(gguf_plan(p, &ckpt, js.settings().job_threads())?)
-                .expect("plan serializes")
-        }
         MethodSpec::Eval(_) => json!({"method": "eval", "model": spec.model}),
+        method => serde_json::to_value(quantization_plan(
+            method,
+            &ckpt,
+            js.settings().job_threads(),
+        )?)
+        .expect("plan serializes"),
     };
     if let Some(e) = eval_plan {
         plan_json["eval"] = e;

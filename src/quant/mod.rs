@@ -1,7 +1,9 @@
 //! Quantization methods: pure and synchronous (tensors in, quantized tensors and a report out).
-//! The first method is `gguf`: GGML block quantization with llama.cpp's per-tensor mixes.
+//! `gguf`: GGML block quantization with llama.cpp's per-tensor mixes; `rtn`: integer groups
+//! (GPTQ's definition) packed exactly into GGML blocks.
 
 pub mod gguf_types;
+pub mod groups;
 pub mod kquants;
 pub mod mix;
 pub mod plan;

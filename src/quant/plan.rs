@@ -6,7 +6,8 @@ use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
 use super::gguf_types::GgufType;
-use super::mix::{choose, MixContext, Override};
+use super::groups::GroupFormat;
+use super::mix::{choose, is_quantizable, MixContext, Override};
 use crate::export::gguf::{ggml_type_name, tensor_bytes};
 use crate::model::config::ModelConfig;
 
@@ -23,6 +24,9 @@ pub struct PlannedTensor {
     /// The type the rules wanted when the row length forced a fallback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<&'static str>,
+    /// Integer groups (rtn, gptq, awq) packed into `dtype`'s blocks; None: GGML's own encoder.
+    #[serde(skip)]
+    pub groups: Option<GroupFormat>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,8 +73,69 @@ impl Plan {
                     .expect("choose only returns types whose blocks fit"),
                 quantized: c.quantized,
                 fallback_from: c.fallback_from.map(ggml_type_name),
+                groups: None,
             });
         }
+        Self::summarize("gguf", gguf_type, planned, threads)
+    }
+
+    /// The plan of an integer-group method (`rtn`, `gptq`, `awq`): every decoder linear in
+    /// `format`'s GGML blocks; embeddings and the output layer in F16 (as GPTQ and AWQ leave
+    /// them); norms F32. A linear whose rows do not split into whole blocks stays F16 and is
+    /// listed as a fallback.
+    pub fn grouped(
+        method: &'static str,
+        tensors: &[(String, Vec<usize>)],
+        format: GroupFormat,
+        threads: usize,
+    ) -> Self {
+        let dtype = format
+            .ggml_dtype()
+            .expect("the caller checked that the format packs into GGML blocks");
+        let planned: Vec<PlannedTensor> = tensors
+            .iter()
+            .map(|(name, shape)| {
+                let row_len = *shape.last().unwrap_or(&1);
+                let linear = name.starts_with("blk.") && is_quantizable(name, shape);
+                let (chosen, groups, fallback_from) = if !linear {
+                    let float = if shape.len() >= 2 {
+                        GgmlDType::F16
+                    } else {
+                        GgmlDType::F32
+                    };
+                    (float, None, None)
+                } else if format.packs(row_len) {
+                    (dtype, Some(format), None)
+                } else {
+                    (GgmlDType::F16, None, Some(ggml_type_name(dtype)))
+                };
+                let elems = shape.iter().map(|&d| d as u64).product();
+                PlannedTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    type_name: ggml_type_name(chosen),
+                    dtype: chosen,
+                    bytes: tensor_bytes(chosen, elems).expect("rows were checked"),
+                    quantized: groups.is_some(),
+                    fallback_from,
+                    groups,
+                }
+            })
+            .collect();
+        let gguf_type = match dtype {
+            GgmlDType::Q4_0 => GgufType::Q4_0,
+            GgmlDType::Q4_1 => GgufType::Q4_1,
+            _ => GgufType::Q8_0,
+        };
+        Self::summarize(method, gguf_type, planned, threads)
+    }
+
+    fn summarize(
+        method: &'static str,
+        gguf_type: GgufType,
+        planned: Vec<PlannedTensor>,
+        threads: usize,
+    ) -> Self {
         let parameters: u64 = planned
             .iter()
             .map(|t| t.shape.iter().product::<usize>() as u64)
@@ -87,7 +152,7 @@ impl Plan {
             *type_counts.entry(t.type_name).or_insert(0) += 1;
         }
         Self {
-            method: "gguf",
+            method,
             gguf_type,
             file_type: gguf_type.ftype(),
             parameters,

@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::groups::GroupFormat;
 use super::kquants::{self, QK_K};
 
 /// Error of a quantized tensor against its f32 source.
@@ -47,13 +48,7 @@ pub fn quantize_tensor(
     dtype: GgmlDType,
     pool: &rayon::ThreadPool,
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
-    if let Some((index, &value)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(TensorQuantError::NotFinite {
-            name: name.to_string(),
-            index,
-            value,
-        });
-    }
+    check_finite(name, data)?;
     let row_len = if shape.len() >= 2 {
         *shape.last().expect("non-empty shape")
     } else {
@@ -77,6 +72,53 @@ pub fn quantize_tensor(
         acc.merge(a);
     }
     Ok((bytes, acc.finish()))
+}
+
+/// Round-to-nearest of `data` in integer groups, packed into GGML blocks, rows in parallel;
+/// returns the bytes and the error against `data`.
+pub fn quantize_grouped(
+    name: &str,
+    data: &[f32],
+    row_len: usize,
+    format: GroupFormat,
+    pool: &rayon::ThreadPool,
+) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
+    check_finite(name, data)?;
+    let parts: Vec<(Vec<u8>, ErrorAcc)> = pool.install(|| {
+        data.par_chunks(SLICE_ROWS * row_len)
+            .map(|slice| {
+                let mut bytes = Vec::new();
+                let mut acc = ErrorAcc::default();
+                for row in slice.chunks(row_len) {
+                    let (levels, params) = format.round_row(row);
+                    let g = format.group_len(row_len);
+                    for (i, (&w, &q)) in row.iter().zip(&levels).enumerate() {
+                        acc.add(w, format.dequantize(&params[i / g], q));
+                    }
+                    format.pack_row(&levels, &params, &mut bytes);
+                }
+                (bytes, acc)
+            })
+            .collect()
+    });
+    let mut bytes = Vec::new();
+    let mut acc = ErrorAcc::default();
+    for (b, a) in parts {
+        bytes.extend_from_slice(&b);
+        acc.merge(a);
+    }
+    Ok((bytes, acc.finish()))
+}
+
+fn check_finite(name: &str, data: &[f32]) -> Result<(), TensorQuantError> {
+    match data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        Some((index, &value)) => Err(TensorQuantError::NotFinite {
+            name: name.to_string(),
+            index,
+            value,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Quantizes whole rows and measures their error.
