@@ -12,7 +12,8 @@ use crate::config::{cpu_count, Settings};
 use crate::export::gguf_meta;
 use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
-use crate::jobs::spec::{GgufParams, OverrideSpec};
+use crate::jobs::spec::{GgufParams, MethodSpec, OverrideSpec, RtnParams};
+use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::{GgufType, Plan};
 use crate::store::sync_dir;
@@ -21,13 +22,22 @@ use crate::store::sync_dir;
 pub struct QuantizeArgs {
     /// An HF folder (config.json, tokenizer.json, *.safetensors) or a .gguf file.
     input: PathBuf,
-    /// Method; `gguf` is the only one in this version.
+    /// Method: `gguf` (needs --type) or `rtn` (--bits, --group-size, --asym).
     #[arg(long, default_value = "gguf")]
     method: String,
     /// GGUF type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_L,
     /// Q3_K_M, Q3_K_S, Q2_K, F16, BF16, F32.
     #[arg(long = "type")]
-    gguf_type: String,
+    gguf_type: Option<String>,
+    /// rtn: bits per weight (4 or 8).
+    #[arg(long, default_value_t = 4)]
+    bits: u8,
+    /// rtn: columns per group (32, 64, 128; −1 = per output channel).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    group_size: i64,
+    /// rtn: asymmetric groups (a zero point per group).
+    #[arg(long)]
+    asym: bool,
     /// Output .gguf file, or a directory to put `<name>-<type>.gguf` in.
     #[arg(long)]
     out: PathBuf,
@@ -127,7 +137,7 @@ fn write_gguf(
 ) -> anyhow::Result<()> {
     let mut metadata =
         gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
-    metadata.extend(gguf_meta::provenance("gguf", &params, None, None));
+    metadata.extend(gguf_meta::provenance(plan.method, &params, None, None));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
@@ -155,58 +165,69 @@ fn write_gguf(
     Ok(())
 }
 
-pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
-    if args.method != "gguf" {
-        bail!(
-            "--method {}: only `gguf` is available in this version",
-            args.method
-        );
+/// The job method the arguments describe, validated as the API validates it.
+fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
+    match args.method.as_str() {
+        "gguf" => {
+            let type_name = args
+                .gguf_type
+                .as_deref()
+                .context("--type is required for --method gguf")?;
+            let gguf_type = GgufType::parse(type_name)
+                .with_context(|| format!("--type {type_name}: unknown GGUF type"))?;
+            let overrides = args
+                .overrides
+                .iter()
+                .map(|o| {
+                    let (pattern, type_name) = o
+                        .rsplit_once('=')
+                        .with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
+                    Ok(OverrideSpec {
+                        pattern: pattern.to_string(),
+                        type_name: type_name.to_string(),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(MethodSpec::Gguf(GgufParams {
+                gguf_type,
+                overrides,
+            }))
+        }
+        "rtn" => {
+            let p = RtnParams {
+                bits: args.bits,
+                group_size: args.group_size,
+                sym: !args.asym,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::Rtn(p))
+        }
+        other => bail!("--method {other}: available methods are gguf and rtn"),
     }
-    let gguf_type = GgufType::parse(&args.gguf_type)
-        .with_context(|| format!("--type {}: unknown GGUF type", args.gguf_type))?;
-    let overrides = args
-        .overrides
-        .iter()
-        .map(|o| {
-            let (pattern, type_name) = o
-                .rsplit_once('=')
-                .with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
-            Ok(OverrideSpec {
-                pattern: pattern.to_string(),
-                type_name: type_name.to_string(),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let params = GgufParams {
-        gguf_type,
-        overrides,
-    };
-    let compiled = params
-        .compiled_overrides()
-        .map_err(|e| anyhow::anyhow!("--override: {e}"))?;
+}
+
+pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    let method = method_of(&args)?;
     let threads = args.threads.unwrap_or_else(cpu_count).max(1);
     let ckpt = open_path(&args.input)?;
-    let tensors = ckpt.tensor_shapes();
-    let plan = Plan::gguf(&ckpt.config, &tensors, gguf_type, &compiled, threads);
+    let plan = quantization_plan(&method, &ckpt, threads).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let params = method.params_json();
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }
     let name = model_name(&args.input);
     let out = if args.out.is_dir() {
-        args.out
-            .join(format!("{name}-{}.gguf", gguf_type.variant()))
+        args.out.join(format!(
+            "{name}-{}.gguf",
+            method
+                .default_variant()
+                .expect("quantizing methods name a variant")
+        ))
     } else {
         args.out.clone()
     };
-    write_gguf(
-        &ckpt,
-        &plan,
-        &name,
-        serde_json::to_value(&params)?,
-        &out,
-        threads,
-    )
+    write_gguf(&ckpt, &plan, &name, params, &out, threads)
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {

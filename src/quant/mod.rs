@@ -3,6 +3,7 @@
 //! (GPTQ's definition) packed exactly into GGML blocks.
 
 pub mod gguf_types;
+pub mod gptq;
 pub mod groups;
 pub mod kquants;
 pub mod mix;
