@@ -2,6 +2,7 @@
 //! `gguf`: GGML block quantization with llama.cpp's per-tensor mixes; `rtn`: integer groups
 //! (GPTQ's definition) packed exactly into GGML blocks.
 
+pub mod calibration;
 pub mod gguf_types;
 pub mod gptq;
 pub mod groups;
