@@ -60,40 +60,22 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.client.get(self.url(path))).await
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.client.post(self.url(path)).json(body)).await
     }
 
     /// POST a raw body with a content type (datasets); returns status and JSON body.
     pub async fn post_body(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(
+            self.client
+                .post(self.url(path))
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await
     }
 
     /// Uploads `text` as a text/plain dataset; returns its id.
@@ -107,15 +89,12 @@ impl TestApp {
 
     /// PUT a blob; returns status and JSON body.
     pub async fn put_blob(&self, digest: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .client
-            .put(self.url(&format!("/v1/blobs/{digest}")))
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(
+            self.client
+                .put(self.url(&format!("/v1/blobs/{digest}")))
+                .body(body),
+        )
+        .await
     }
 
     /// GET a path and return the body as bytes (artifacts, SSE streams of finished jobs).
@@ -190,6 +169,13 @@ impl UrlOnly {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.0)
     }
+}
+
+/// Sends a request; returns the status and the JSON body (Null when the body is not JSON).
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = request.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 pub fn stored_files(data_dir: &Path) -> Vec<PathBuf> {
