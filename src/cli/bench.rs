@@ -13,7 +13,7 @@ use serde_json::json;
 use super::offline::open_path;
 use crate::config::Settings;
 use crate::engine::{Engine, GenerateRequest, SamplingParams, SeqEvent};
-use crate::eval::speed::{median, prompt_processing, synthetic_tokens, text_generation};
+use crate::eval::speed::{median, samples, synthetic_tokens};
 use crate::model::servable;
 
 #[derive(Debug, Args)]
@@ -89,15 +89,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let load_secs = started.elapsed().as_secs_f64();
     let weight_bytes = model.llama.weight_bytes();
 
-    // Warm-up: page in the weights and the kernels' scratch buffers.
-    prompt_processing(&model.llama, args.prompt_tokens.min(64), 99)?;
-    text_generation(&model.llama, 4)?;
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for r in 0..args.repeat {
-        pp.push(prompt_processing(&model.llama, args.prompt_tokens, r)?);
-        tg.push(text_generation(&model.llama, args.gen_tokens)?);
-    }
+    let (pp, tg) = samples(
+        &model.llama,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.repeat,
+    )?;
 
     let mut single = Vec::new();
     let mut multi = Vec::new();

@@ -21,7 +21,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Tokens/s of one `n`-token prompt.
-pub fn prompt_processing(llama: &Llama, n: usize, salt: usize) -> candle_core::Result<f64> {
+fn prompt_processing(llama: &Llama, n: usize, salt: usize) -> candle_core::Result<f64> {
     let prompt = synthetic_tokens(n, llama.vocab_size(), salt);
     let mut cache = KvCache::new();
     let start = Instant::now();
@@ -37,7 +37,7 @@ pub fn prompt_processing(llama: &Llama, n: usize, salt: usize) -> candle_core::R
 }
 
 /// Tokens/s of `n` greedy tokens decoded one at a time.
-pub fn text_generation(llama: &Llama, n: usize) -> candle_core::Result<f64> {
+fn text_generation(llama: &Llama, n: usize) -> candle_core::Result<f64> {
     let mut cache = KvCache::new();
     let mut token = 1u32;
     let start = Instant::now();
@@ -68,8 +68,26 @@ pub struct Speed {
     pub threads: usize,
 }
 
-/// Medians of `repeat` pp and tg runs after a short warm-up (pages the weights in). The
-/// prompt is capped by the model's context.
+/// Tokens/s of `repeat` pp runs and `repeat` tg runs, after a short warm-up that pages the
+/// weights and the kernels' scratch buffers in.
+pub fn samples(
+    llama: &Llama,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    prompt_processing(llama, prompt_tokens.min(64), 99)?;
+    text_generation(llama, gen_tokens.min(4))?;
+    let mut pp = Vec::with_capacity(repeat);
+    let mut tg = Vec::with_capacity(repeat);
+    for r in 0..repeat {
+        pp.push(prompt_processing(llama, prompt_tokens, r)?);
+        tg.push(text_generation(llama, gen_tokens)?);
+    }
+    Ok((pp, tg))
+}
+
+/// Medians of `repeat` pp and tg runs. The prompt is capped by the model's context.
 pub fn measure(
     llama: &Llama,
     prompt_tokens: usize,
@@ -79,14 +97,7 @@ pub fn measure(
     let repeat = repeat.max(1);
     let prompt_tokens = prompt_tokens.min(llama.max_positions()).max(1);
     let gen_tokens = gen_tokens.min(llama.max_positions()).max(1);
-    prompt_processing(llama, prompt_tokens.min(64), 99)?;
-    text_generation(llama, gen_tokens.min(4))?;
-    let mut pp = Vec::with_capacity(repeat);
-    let mut tg = Vec::with_capacity(repeat);
-    for r in 0..repeat {
-        pp.push(prompt_processing(llama, prompt_tokens, r)?);
-        tg.push(text_generation(llama, gen_tokens)?);
-    }
+    let (pp, tg) = samples(llama, prompt_tokens, gen_tokens, repeat)?;
     Ok(Speed {
         prompt_tokens,
         gen_tokens,
