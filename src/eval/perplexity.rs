@@ -110,21 +110,25 @@ pub fn evaluate(
             window[0] = bos;
         }
         let logits = half_window_logits(model, &window)?;
+        // A model scored against itself runs once.
         let reference_logits = match reference {
-            Some(r) => Some(half_window_logits(r, &window)?),
+            Some(r) if !std::ptr::eq(r, model) => Some(half_window_logits(r, &window)?),
+            Some(_) => None,
             None => None,
         };
+        let itself = reference.is_some() && reference_logits.is_none();
         // Row i holds position first + i, which predicts the token after it.
         for j in first..spec.ctx - 1 {
             if acc.scored() == budget {
                 break;
             }
             let i = j - first;
-            acc.add(
-                &logits[i],
-                reference_logits.as_ref().map(|r| r[i].as_slice()),
-                window[j + 1],
-            );
+            let reference_row = match &reference_logits {
+                Some(r) => Some(r[i].as_slice()),
+                None if itself => Some(logits[i].as_slice()),
+                None => None,
+            };
+            acc.add(&logits[i], reference_row, window[j + 1]);
         }
         if progress(w + 1, n).is_break() {
             return Err(EvalError::Cancelled);
