@@ -25,17 +25,21 @@ pub fn exp_f32(x: f32) -> f32 {
     p * scale
 }
 
-/// Σ of f32 values in f64, eight lanes at a time.
-fn sum_f64(v: &[f32]) -> f64 {
+/// Σ f(v) over f32 values, accumulated in f64 eight lanes at a time.
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = v.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    let rest: f64 = chunks.remainder().iter().map(|&x| f(x) as f64).sum();
     for c in chunks {
         for j in 0..8 {
-            acc[j] += c[j] as f64;
+            acc[j] += f(c[j]) as f64;
         }
     }
     acc.iter().sum::<f64>() + rest
+}
+
+fn row_max(logits: &[f32]) -> f32 {
+    logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// A row's largest logit and Σ e^(l − max), in f64.
@@ -54,19 +58,19 @@ impl Shifted {
 
 /// Fills `exps` with e^(l − max) for every logit.
 pub fn exp_shifted(logits: &[f32], exps: &mut Vec<f32>) -> Shifted {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(logits);
     exps.clear();
     exps.extend(logits.iter().map(|&l| exp_f32(l - max)));
     Shifted {
         max: max as f64,
-        sum: sum_f64(exps),
+        sum: lane_sum(exps, |e| e),
     }
 }
 
-/// log Z = log Σ e^l of one row.
+/// log Z = log Σ e^l of one row, without keeping the exponentials.
 pub fn log_sum_exp(logits: &[f32]) -> f64 {
-    let mut exps = Vec::with_capacity(logits.len());
-    exp_shifted(logits, &mut exps).log_z()
+    let max = row_max(logits);
+    max as f64 + lane_sum(logits, |l| exp_f32(l - max)).ln()
 }
 
 /// Σ w_i (a_i − b_i) in f64, eight lanes at a time; the differences are exact in f64.
