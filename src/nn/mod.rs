@@ -18,18 +18,22 @@ pub use llama::{CaptureHook, Llama, Logits, SeqStep};
 pub(crate) mod test_support {
     use candle_core::{Device, Tensor};
 
-    /// Values in [-0.5, 0.5) from a fixed linear congruential sequence.
-    pub fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+    /// `n` values in [-0.5, 0.5) from a fixed linear congruential sequence.
+    pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
-        let v: Vec<f32> = (0..rows * cols)
+        (0..n)
             .map(|_| {
                 s = s
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            .collect()
+    }
+
+    /// A `rows × cols` matrix of [`random_values`].
+    pub fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(random_values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
     }
 
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

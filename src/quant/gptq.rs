@@ -294,19 +294,7 @@ pub fn quantize(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random values in [−1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::nn::test_support::random_values as noise;
 
     /// Inputs with strongly correlated columns: a few shared factors plus a little noise.
     fn correlated_inputs(tokens: usize, cols: usize) -> Vec<f32> {
