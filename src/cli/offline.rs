@@ -11,10 +11,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{cpu_count, Settings};
 use crate::export::gguf_meta;
 use crate::export::hf::{write_hf_folder, HfDtype};
+use crate::jobs::calibrate::{calibrate, calibration_windows};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
-use crate::jobs::spec::{GgufParams, MethodSpec, OverrideSpec, RtnParams};
+use crate::jobs::spec::{
+    CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
+};
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::gptq_model::QuantizedTensors;
 use crate::quant::{GgufType, Plan};
 use crate::store::sync_dir;
 
@@ -22,22 +26,45 @@ use crate::store::sync_dir;
 pub struct QuantizeArgs {
     /// An HF folder (config.json, tokenizer.json, *.safetensors) or a .gguf file.
     input: PathBuf,
-    /// Method: `gguf` (needs --type) or `rtn` (--bits, --group-size, --asym).
+    /// Method: `gguf` (needs --type), `rtn` (--bits, --group-size, --asym) or `gptq` (those and
+    /// --calib, --samples, --seq-len, --seed, --act-order, --damp-percent).
     #[arg(long, default_value = "gguf")]
     method: String,
     /// GGUF type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_L,
     /// Q3_K_M, Q3_K_S, Q2_K, F16, BF16, F32.
     #[arg(long = "type")]
     gguf_type: Option<String>,
-    /// rtn: bits per weight (4 or 8).
+    /// rtn, gptq: bits per weight (4 or 8).
     #[arg(long, default_value_t = 4)]
     bits: u8,
-    /// rtn: columns per group (32, 64, 128; −1 = per output channel).
+    /// rtn, gptq: columns per group (32, 64, 128; −1 = per output channel).
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     group_size: i64,
-    /// rtn: asymmetric groups (a zero point per group).
+    /// rtn, gptq: asymmetric groups (a zero point per group).
     #[arg(long)]
     asym: bool,
+    /// gptq: a UTF-8 text file to calibrate on.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// gptq: calibration windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// gptq: tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// gptq: seed of the window offsets.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// gptq: also write the calibration windows (token ids, JSON) here, to feed another tool
+    /// exactly the same data.
+    #[arg(long)]
+    save_windows: Option<PathBuf>,
+    /// gptq: quantize columns in order of decreasing activation (static groups).
+    #[arg(long)]
+    act_order: bool,
+    /// gptq: dampening, as a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp_percent: f64,
     /// Output .gguf file, or a directory to put `<name>-<type>.gguf` in.
     #[arg(long)]
     out: PathBuf,
@@ -95,7 +122,8 @@ pub fn open_path(path: &Path) -> anyhow::Result<Checkpoint> {
 struct BarHooks(ProgressBar);
 
 impl Hooks for BarHooks {
-    fn progress(&self, stage: &'static str, done: u64, total: u64, _unit: &'static str) {
+    fn progress(&self, stage: &'static str, done: u64, total: u64, unit: &'static str) {
+        self.0.set_prefix(unit);
         self.0.set_length(total);
         self.0.set_position(done);
         self.0.set_message(stage);
@@ -110,7 +138,7 @@ fn bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {pos}/{len} tensors {elapsed_precise} eta {eta}",
+            "{msg:>11} [{bar:40}] {pos}/{len} {prefix} {elapsed_precise} eta {eta}",
         )
         .expect("static template")
         .progress_chars("=> "),
@@ -132,6 +160,7 @@ fn write_gguf(
     plan: &Plan,
     name: &str,
     params: serde_json::Value,
+    precomputed: QuantizedTensors,
     out: &Path,
     threads: usize,
 ) -> anyhow::Result<()> {
@@ -143,7 +172,7 @@ fn write_gguf(
         .build()?;
     let tmp = out.with_extension("gguf.tmp");
     let hooks = BarHooks(bar());
-    let result = quantize_gguf(ckpt, plan, &metadata, &tmp, &pool, &hooks);
+    let result = quantize_gguf(ckpt, plan, precomputed, &metadata, &tmp, &pool, &hooks);
     hooks.0.finish();
     let (digest, size, report) = match result {
         Ok(r) => r,
@@ -202,7 +231,20 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(MethodSpec::Rtn(p))
         }
-        other => bail!("--method {other}: available methods are gguf and rtn"),
+        "gptq" => {
+            let p = GptqParams {
+                bits: args.bits,
+                group_size: args.group_size,
+                sym: !args.asym,
+                act_order: args.act_order,
+                static_groups: None,
+                damp_percent: args.damp_percent,
+                true_sequential: true,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::Gptq(p))
+        }
+        other => bail!("--method {other}: available methods are gguf, rtn and gptq"),
     }
 }
 
@@ -227,7 +269,44 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         args.out.clone()
     };
-    write_gguf(&ckpt, &plan, &name, params, &out, threads)
+    let precomputed = match (&method, &args.calib) {
+        (MethodSpec::Gptq(_), None) => bail!("--method gptq needs --calib FILE"),
+        (MethodSpec::Gptq(_), Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let params = CalibrationParams {
+                dataset: path.display().to_string(),
+                samples: args.samples,
+                seq_len: args.seq_len,
+                seed: args.seed,
+            };
+            params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(file) = &args.save_windows {
+                let windows = calibration_windows(&ckpt, &text, &params)?;
+                std::fs::write(file, serde_json::to_vec(&windows)?)
+                    .with_context(|| format!("writing {}", file.display()))?;
+            }
+            let hooks = BarHooks(bar());
+            let (tensors, report) = calibrate(
+                &ckpt,
+                &method,
+                &plan,
+                &text,
+                &params.dataset,
+                &params,
+                &hooks,
+            )?;
+            hooks.0.finish();
+            eprintln!(
+                "calibrated on {} windows of {} tokens in {:.1}s",
+                report.samples, report.seq_len, report.wall_seconds
+            );
+            tensors
+        }
+        (_, Some(_)) => bail!("--calib: method {} does not calibrate", method.name()),
+        (_, None) => QuantizedTensors::default(),
+    };
+    write_gguf(&ckpt, &plan, &name, params, precomputed, &out, threads)
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
@@ -272,6 +351,7 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 &plan,
                 &model_name(&args.input),
                 params,
+                QuantizedTensors::default(),
                 &args.output,
                 cpu_count(),
             )

@@ -17,7 +17,8 @@ use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
-    EvalMethodParams, EvalParams, Gate, GgufParams, JobSpec, MethodSpec, RtnParams,
+    CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams, JobSpec,
+    MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
 
@@ -34,7 +35,7 @@ const KNOWN_METHODS: &[&str] = &[
     "nf4",
     "fp4",
 ];
-const AVAILABLE: &[&str] = &["gguf", "rtn", "eval"];
+const AVAILABLE: &[&str] = &["gguf", "rtn", "gptq", "eval"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,14 +77,13 @@ impl JobRequest {
                 ),
             ));
         }
-        if self.calibration.is_some() {
-            return Err(ApiError::invalid(
-                "calibration",
-                format!(
-                    "calibration is not used by method {:?} in this version",
-                    self.method
-                ),
-            ));
+        let calibration = self
+            .calibration
+            .map(|v| prefixed::<CalibrationParams>("calibration", v))
+            .transpose()?;
+        if let Some(c) = &calibration {
+            c.validate()
+                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
         }
         let eval = self
             .eval
@@ -156,8 +156,32 @@ impl JobRequest {
                     .map_err(|e| ApiError::invalid(&e.param, e.message))?;
                 MethodSpec::Rtn(p)
             }
+            "gptq" => {
+                let p = prefixed::<GptqParams>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::Gptq(p)
+            }
             _ => MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?),
         };
+        match (method.calibrates(), calibration.is_some()) {
+            (false, true) => {
+                return Err(ApiError::invalid(
+                    "calibration",
+                    format!("method {:?} does not calibrate", method.name()),
+                ))
+            }
+            (true, false) => {
+                return Err(ApiError::invalid(
+                    "calibration",
+                    format!(
+                        "method {:?} needs a calibration block naming a dataset",
+                        method.name()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         // An eval job's output name is its own id, filled in at submit.
         let output_name = match (self.output_name, method.default_variant()) {
             (Some(name), _) => name,
@@ -169,6 +193,7 @@ impl JobRequest {
                 model: self.model,
                 output_name,
                 method,
+                calibration,
                 eval,
                 gate,
             },

@@ -2,6 +2,7 @@
 //! SQLite queue, the runner that executes one job stage by stage, live events for SSE, and
 //! cancellation. The queue's truth is the `jobs` table; in-memory state only speeds things up.
 
+pub mod calibrate;
 pub mod evaluation;
 pub mod events;
 mod hooks;

@@ -8,8 +8,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::calibrate::CalibrationReport;
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::gptq_model::QuantizedTensors;
 use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter};
@@ -33,6 +35,8 @@ pub enum PipelineError {
         name: String,
         source: candle_core::Error,
     },
+    #[error("calibrating: {0}")]
+    Calibration(String),
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -58,12 +62,17 @@ pub struct GgufReport {
     pub bits_per_weight_total: f64,
     pub wall_seconds: f64,
     pub threads: usize,
+    /// What a calibrated method was calibrated on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationReport>,
 }
 
 /// Writes the GGUF for `plan` to `out_path`; returns its digest, size and the report.
+/// Tensors in `precomputed` (a calibrated method's output) are written as they are.
 pub fn quantize_gguf(
     ckpt: &Checkpoint,
     plan: &Plan,
+    mut precomputed: QuantizedTensors,
     metadata: &[(String, Value)],
     out_path: &Path,
     pool: &rayon::ThreadPool,
@@ -89,21 +98,25 @@ pub fn quantize_gguf(
         if hooks.cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let src = ckpt
-            .tensor(&t.name)
-            .expect("plan was made from this checkpoint");
-        let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
-            name: t.name.clone(),
-            source,
-        })?;
-        let (bytes, err) = match t.groups {
-            Some(format) => {
-                let row_len = *t.shape.last().expect("grouped tensors are 2-D");
-                quantize_grouped(&t.name, &data, row_len, format, pool)?
+        let (bytes, err) = match precomputed.remove(&t.name) {
+            Some(done) => done,
+            None => {
+                let src = ckpt
+                    .tensor(&t.name)
+                    .expect("plan was made from this checkpoint");
+                let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
+                    name: t.name.clone(),
+                    source,
+                })?;
+                match t.groups {
+                    Some(format) => {
+                        let row_len = *t.shape.last().expect("grouped tensors are 2-D");
+                        quantize_grouped(&t.name, &data, row_len, format, pool)?
+                    }
+                    None => quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?,
+                }
             }
-            None => quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?,
         };
-        drop(data);
         writer.write_tensor(&t.name, &bytes)?;
         reports.push(TensorReport {
             name: t.name.clone(),
@@ -126,6 +139,7 @@ pub fn quantize_gguf(
             bits_per_weight_total: plan.bits_per_weight_total,
             wall_seconds: start.elapsed().as_secs_f64(),
             threads,
+            calibration: None,
         },
     ))
 }

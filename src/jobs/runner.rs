@@ -15,9 +15,9 @@ use tracing::{info, warn};
 use super::evaluation::{self, EvalReport};
 use super::hooks::JobHooks;
 use super::pipeline::{self, PipelineError};
-use super::publish;
 use super::spec::{JobSpec, MethodSpec};
 use super::submit::quantization_plan;
+use super::{calibrate, publish};
 use super::{JobEvent, JobSystem};
 use crate::catalog::{self, CatalogError};
 use crate::db::metrics::MetricRow;
@@ -160,7 +160,7 @@ async fn execute(
     }
     stage(js, &job.id, "loading").await?;
     let done = match &spec.method {
-        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) => {
+        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) | MethodSpec::Gptq(_) => {
             quantize_and_publish(js, job, &spec, cancel).await?
         }
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
@@ -329,16 +329,55 @@ async fn quantize(
     .map_err(|e| RunError::Failed(format!("metadata thread panicked: {e}")))?
     .map_err(|e| RunError::Failed(e.to_string()))?;
 
+    let (precomputed, calibration) = match &spec.calibration {
+        Some(params) => {
+            stage(js, &job.id, "calibrating").await?;
+            let dataset = db::datasets::get(js.db(), &params.dataset)
+                .await?
+                .ok_or_else(|| {
+                    RunError::Failed(format!("dataset {:?} was deleted", params.dataset))
+                })?;
+            let digest =
+                Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?;
+            let text_path = js.store().path(&digest);
+            let hooks = JobHooks::new(js, &job.id, cancel.clone());
+            let (ckpt_c, plan_c, method, params) = (
+                ckpt.clone(),
+                plan.clone(),
+                spec.method.clone(),
+                params.clone(),
+            );
+            let (tensors, report) = tokio::task::spawn_blocking(move || {
+                let text = std::fs::read_to_string(&text_path)?;
+                calibrate::calibrate(
+                    &ckpt_c,
+                    &method,
+                    &plan_c,
+                    &text,
+                    &params.dataset,
+                    &params,
+                    &hooks,
+                )
+            })
+            .await
+            .map_err(|e| RunError::Failed(format!("calibration thread panicked: {e}")))?
+            .map_err(pipeline_error)?;
+            (tensors, Some(report))
+        }
+        None => Default::default(),
+    };
+
     stage(js, &job.id, "quantizing").await?;
     let temp = js.store().temp_file("job")?;
     let hooks = JobHooks::new(js, &job.id, cancel);
     let pool = js.pool();
     let out_path = temp.path().to_path_buf();
     let (plan_for_run, ckpt_for_run) = (plan.clone(), ckpt.clone());
-    let (digest, size, report) = tokio::task::spawn_blocking(move || {
+    let (digest, size, mut report) = tokio::task::spawn_blocking(move || {
         pipeline::quantize_gguf(
             &ckpt_for_run,
             &plan_for_run,
+            precomputed,
             &metadata,
             &out_path,
             &pool,
@@ -347,10 +386,8 @@ async fn quantize(
     })
     .await
     .map_err(|e| RunError::Failed(format!("quantization thread panicked: {e}")))?
-    .map_err(|e| match e {
-        PipelineError::Cancelled => RunError::Cancelled,
-        other => RunError::Failed(other.to_string()),
-    })?;
+    .map_err(pipeline_error)?;
+    report.calibration = calibration;
     let architecture = ckpt.config.architecture.name().to_string();
     Ok(Quantized {
         temp,
@@ -361,6 +398,13 @@ async fn quantize(
         architecture,
         params: params_json,
     })
+}
+
+fn pipeline_error(e: PipelineError) -> RunError {
+    match e {
+        PipelineError::Cancelled => RunError::Cancelled,
+        other => RunError::Failed(other.to_string()),
+    }
 }
 
 fn metric_rows(report: &pipeline::GgufReport) -> Vec<MetricRow> {

@@ -15,6 +15,8 @@ pub struct JobSpec {
     #[serde(flatten)]
     pub method: MethodSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationParams>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<Gate>,
@@ -36,6 +38,7 @@ impl JobSpec {
 pub enum MethodSpec {
     Gguf(GgufParams),
     Rtn(RtnParams),
+    Gptq(GptqParams),
     /// Scores an existing model against a reference; makes no model.
     Eval(EvalMethodParams),
 }
@@ -45,8 +48,14 @@ impl MethodSpec {
         match self {
             Self::Gguf(_) => "gguf",
             Self::Rtn(_) => "rtn",
+            Self::Gptq(_) => "gptq",
             Self::Eval(_) => "eval",
         }
+    }
+
+    /// Whether the method runs calibration windows through the model.
+    pub fn calibrates(&self) -> bool {
+        matches!(self, Self::Gptq(_))
     }
 
     /// Whether the job produces a model (everything but `eval`).
@@ -59,6 +68,7 @@ impl MethodSpec {
         match self {
             Self::Gguf(p) => Some(p.gguf_type.variant()),
             Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
+            Self::Gptq(p) => Some(format!("gptq-{}", p.variant())),
             Self::Eval(_) => None,
         }
     }
@@ -68,6 +78,7 @@ impl MethodSpec {
         match self {
             Self::Gguf(p) => serde_json::to_value(p),
             Self::Rtn(p) => serde_json::to_value(p),
+            Self::Gptq(p) => serde_json::to_value(p),
             Self::Eval(p) => serde_json::to_value(p),
         }
         .expect("params serialize")
@@ -105,46 +116,170 @@ impl RtnParams {
         }
     }
 
-    /// `4bit-g128-asym`, `8bit-pc-sym`.
     fn variant(&self) -> String {
-        let group = if self.group_size > 0 {
-            format!("g{}", self.group_size)
-        } else {
-            "pc".into()
-        };
-        let sym = if self.sym { "sym" } else { "asym" };
-        format!("{}bit-{group}-{sym}", self.bits)
+        group_variant(&self.format())
     }
 
     pub fn validate(&self) -> Result<(), ParamError> {
-        let err = |param: &str, message: String| ParamError {
-            param: format!("params.{param}"),
-            message,
+        validate_groups(self.bits, self.group_size, self.sym)
+    }
+}
+
+/// `4bit-g128-asym`, `8bit-pc-sym`.
+fn group_variant(f: &GroupFormat) -> String {
+    let group = match f.group_size {
+        Some(g) => format!("g{g}"),
+        None => "pc".into(),
+    };
+    let sym = if f.sym { "sym" } else { "asym" };
+    format!("{}bit-{group}-{sym}", f.bits)
+}
+
+fn param_error(param: &str, message: String) -> ParamError {
+    ParamError {
+        param: format!("params.{param}"),
+        message,
+    }
+}
+
+/// The integer-group parameters `rtn` and `gptq` share.
+fn validate_groups(bits: u8, group_size: i64, sym: bool) -> Result<(), ParamError> {
+    if ![8, 4, 3, 2].contains(&bits) {
+        return Err(param_error(
+            "bits",
+            format!("{bits} is not one of 8, 4, 3, 2"),
+        ));
+    }
+    if !RtnParams::GROUP_SIZES.contains(&group_size) {
+        return Err(param_error(
+            "group_size",
+            format!("{group_size} is not one of -1, 32, 64, 128"),
+        ));
+    }
+    let format = GroupFormat {
+        bits,
+        group_size: None,
+        sym,
+    };
+    if format.ggml_dtype().is_none() {
+        // 3- and 2-bit groups and asymmetric 8-bit have no GGML block; they need the GPTQ
+        // layout and a kernel of quantd's own, which this version does not have yet.
+        return Err(param_error(
+            "bits",
+            format!(
+                "{bits}-bit {} groups are not available in this version: 4-bit (sym or asym) and \
+                 8-bit sym pack into GGML blocks",
+                if sym { "symmetric" } else { "asymmetric" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// DESIGN §4 `gptq` (Frantar et al. 2022); the groups are `rtn`'s.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GptqParams {
+    pub bits: u8,
+    #[serde(default = "RtnParams::default_group_size")]
+    pub group_size: i64,
+    #[serde(default = "RtnParams::default_sym")]
+    pub sym: bool,
+    /// Quantize columns in order of decreasing Hessian diagonal ("desc_act").
+    #[serde(default)]
+    pub act_order: bool,
+    /// Group parameters from the unquantized weights, groups in column order. Needed (and the
+    /// default) with `act_order`, so that groups stay contiguous GGML blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_groups: Option<bool>,
+    /// Fraction of the mean Hessian diagonal added to the diagonal.
+    #[serde(default = "GptqParams::default_damp_percent")]
+    pub damp_percent: f64,
+    /// Quantize q/k/v, o, gate/up and down in turn, each on inputs computed with the ones
+    /// before already quantized; off: every Hessian of a layer from unquantized inputs.
+    #[serde(default = "GptqParams::default_true_sequential")]
+    pub true_sequential: bool,
+}
+
+impl GptqParams {
+    fn default_damp_percent() -> f64 {
+        0.01
+    }
+
+    fn default_true_sequential() -> bool {
+        true
+    }
+
+    pub fn format(&self) -> GroupFormat {
+        GroupFormat {
+            bits: self.bits,
+            group_size: (self.group_size > 0).then_some(self.group_size as usize),
+            sym: self.sym,
+        }
+    }
+
+    /// `4bit-g128-asym`, with `-act` when columns go in activation order.
+    fn variant(&self) -> String {
+        let act = if self.act_order { "-act" } else { "" };
+        format!("{}{act}", group_variant(&self.format()))
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        validate_groups(self.bits, self.group_size, self.sym)?;
+        if !(self.damp_percent.is_finite() && (0.0..1.0).contains(&self.damp_percent)) {
+            return Err(param_error(
+                "damp_percent",
+                format!("{} is outside [0, 1)", self.damp_percent),
+            ));
+        }
+        if self.act_order && self.static_groups == Some(false) {
+            return Err(param_error(
+                "static_groups",
+                "act_order without static groups needs the GPTQ layout (g_idx), which this \
+                 version does not serve; leave static_groups true"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// DESIGN §2 `"calibration": {"dataset", "samples", "seq_len"}`, plus the seed of the window
+/// offsets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationParams {
+    pub dataset: String,
+    #[serde(default = "CalibrationParams::default_samples")]
+    pub samples: usize,
+    #[serde(default = "CalibrationParams::default_seq_len")]
+    pub seq_len: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl CalibrationParams {
+    pub const SAMPLES_RANGE: std::ops::RangeInclusive<usize> = 1..=4096;
+    pub const SEQ_LEN_RANGE: std::ops::RangeInclusive<usize> = 16..=8192;
+
+    fn default_samples() -> usize {
+        128
+    }
+
+    fn default_seq_len() -> usize {
+        512
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let err = |param: &str, value: usize, range: &std::ops::RangeInclusive<usize>| ParamError {
+            param: format!("calibration.{param}"),
+            message: format!("{value} is outside {range:?}"),
         };
-        if ![8, 4, 3, 2].contains(&self.bits) {
-            return Err(err(
-                "bits",
-                format!("{} is not one of 8, 4, 3, 2", self.bits),
-            ));
+        if !Self::SAMPLES_RANGE.contains(&self.samples) {
+            return Err(err("samples", self.samples, &Self::SAMPLES_RANGE));
         }
-        if !Self::GROUP_SIZES.contains(&self.group_size) {
-            return Err(err(
-                "group_size",
-                format!("{} is not one of -1, 32, 64, 128", self.group_size),
-            ));
-        }
-        if self.format().ggml_dtype().is_none() {
-            // 3- and 2-bit groups and asymmetric 8-bit have no GGML block; they need the GPTQ
-            // layout and a kernel of quantd's own, which this version does not have yet.
-            return Err(err(
-                "bits",
-                format!(
-                    "{}-bit {} groups are not available in this version: 4-bit (sym or asym) and \
-                     8-bit sym pack into GGML blocks",
-                    self.bits,
-                    if self.sym { "symmetric" } else { "asymmetric" }
-                ),
-            ));
+        if !Self::SEQ_LEN_RANGE.contains(&self.seq_len) {
+            return Err(err("seq_len", self.seq_len, &Self::SEQ_LEN_RANGE));
         }
         Ok(())
     }
@@ -378,6 +513,7 @@ mod tests {
                 gguf_type: GgufType::Q4_K_M,
                 overrides: vec![],
             }),
+            calibration: None,
             eval: None,
             gate: None,
         };

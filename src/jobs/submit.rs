@@ -65,6 +65,12 @@ pub fn quantization_plan(
             p.format(),
             threads,
         )),
+        MethodSpec::Gptq(p) => Ok(Plan::grouped(
+            "gptq",
+            &ckpt.tensor_shapes(),
+            p.format(),
+            threads,
+        )),
         MethodSpec::Eval(_) => Err(invalid(
             "method",
             "method \"eval\" makes no model to plan".into(),
@@ -212,6 +218,14 @@ pub async fn submit(
     }
     let ckpt = catalog::open_checkpoint(db, js.store(), js.settings(), &spec.model).await?;
     let eval_plan = check_eval(js, &mut spec, &ckpt).await?;
+    if let Some(c) = &spec.calibration {
+        if db::datasets::get(db, &c.dataset).await?.is_none() {
+            return Err(SubmitError::NotFound {
+                param: "calibration.dataset".into(),
+                message: format!("dataset {:?} does not exist", c.dataset),
+            });
+        }
+    }
     let mut plan_json = match &spec.method {
         MethodSpec::Eval(_) => json!({"method": "eval", "model": spec.model}),
         method => serde_json::to_value(quantization_plan(
@@ -223,6 +237,11 @@ pub async fn submit(
     };
     if let Some(e) = eval_plan {
         plan_json["eval"] = e;
+    }
+    if let Some(c) = &spec.calibration {
+        plan_json["calibration"] = json!({"dataset": c.dataset, "samples": c.samples,
+                                          "seq_len": c.seq_len, "seed": c.seed,
+                                          "tokens": c.samples * c.seq_len});
     }
     if dry_run {
         return Ok(Submitted::Plan(plan_json));

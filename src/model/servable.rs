@@ -43,9 +43,7 @@ pub struct Servable {
 /// Loads the model for at most `max_positions` positions (capped by its own context length).
 pub fn load(ckpt: &Checkpoint, max_positions: usize) -> Result<Servable, LoadError> {
     let llama = load_llama(ckpt, max_positions)?;
-    let (tokenizer_json, tokenizer_config) = tokenizer_files(ckpt)?;
-    let tokenizer =
-        Tokenizer::from_bytes(&tokenizer_json).map_err(|e| LoadError::Tokenizer(e.to_string()))?;
+    let (tokenizer, tokenizer_config) = tokenizer_and_config(ckpt)?;
     let token_text = |key: &str| -> Option<String> {
         match tokenizer_config.get(key)? {
             Json::String(s) => Some(s.clone()),
@@ -90,6 +88,18 @@ pub fn load(ckpt: &Checkpoint, max_positions: usize) -> Result<Servable, LoadErr
     })
 }
 
+/// The model's tokenizer alone (calibration needs it without the weights).
+pub fn load_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer, LoadError> {
+    Ok(tokenizer_and_config(ckpt)?.0)
+}
+
+fn tokenizer_and_config(ckpt: &Checkpoint) -> Result<(Tokenizer, Json), LoadError> {
+    let (json, config) = tokenizer_files(ckpt)?;
+    let tokenizer =
+        Tokenizer::from_bytes(&json).map_err(|e| LoadError::Tokenizer(e.to_string()))?;
+    Ok((tokenizer, config))
+}
+
 fn gguf_value<'a>(ckpt: &'a Checkpoint, key: &str) -> Option<&'a Value> {
     ckpt.gguf_metadata
         .iter()
@@ -122,6 +132,24 @@ fn tokenizer_files(ckpt: &Checkpoint) -> Result<(Vec<u8>, Json), LoadError> {
 fn tensor<'a>(ckpt: &'a Checkpoint, name: &str) -> Result<&'a TensorRef, LoadError> {
     ckpt.tensor(name)
         .ok_or_else(|| LoadError::MissingTensor(name.to_string()))
+}
+
+/// The rotary embedding of `ckpt`'s decoder for at most `max_positions` positions.
+pub fn load_rope(ckpt: &Checkpoint, max_positions: usize) -> Result<Rope, LoadError> {
+    let cfg = &ckpt.config;
+    let freq_factors = match ckpt.tensor("rope_freqs.weight") {
+        Some(t) => Some(ckpt.read_f32(t)?),
+        None => cfg.llama3_rope_factors(),
+    };
+    // Checkpoint hands out llama/mistral Q/K rows permuted as in GGUF, which pairs with
+    // llama.cpp's interleaved rotation; qwen2 keeps HF's order and rotates halves.
+    let layout = if cfg.architecture.permutes_qk() {
+        RopeLayout::Interleaved
+    } else {
+        RopeLayout::Neox
+    };
+    let positions = max_positions.min(cfg.max_position_embeddings).max(1);
+    Ok(Rope::new(cfg, freq_factors.as_deref(), layout, positions)?)
 }
 
 /// A float tensor as f32 in GGUF layout.
@@ -189,19 +217,7 @@ pub fn load_llama(ckpt: &Checkpoint, max_positions: usize) -> Result<Llama, Load
             down: linear(ckpt, &format!("{p}.ffn_down"))?,
         });
     }
-    let freq_factors = match ckpt.tensor("rope_freqs.weight") {
-        Some(t) => Some(ckpt.read_f32(t)?),
-        None => cfg.llama3_rope_factors(),
-    };
-    // Checkpoint hands out llama/mistral Q/K rows permuted as in GGUF, which pairs with
-    // llama.cpp's interleaved rotation; qwen2 keeps HF's order and rotates halves.
-    let layout = if cfg.architecture.permutes_qk() {
-        RopeLayout::Interleaved
-    } else {
-        RopeLayout::Neox
-    };
-    let positions = max_positions.min(cfg.max_position_embeddings).max(1);
-    let rope = Rope::new(&cfg, freq_factors.as_deref(), layout, positions)?;
+    let rope = load_rope(ckpt, max_positions)?;
     Ok(Llama {
         embed,
         blocks,

@@ -27,7 +27,7 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(t) => t.index_select(ids, 0),
             Self::Ggml(q) => q.embedding(ids),
@@ -52,6 +52,28 @@ pub struct Block {
     pub gate: QLinear,
     pub up: QLinear,
     pub down: QLinear,
+}
+
+impl Block {
+    /// Self-attention of one whole sequence at positions `0..t`, with no cache: `h` is the
+    /// normalized input `[t, hidden]`, the result `[t, heads·head_dim]` is the input of `o`.
+    /// Calibration runs a layer stage by stage on stored activations through this.
+    pub fn sequence_attention(&self, h: &Tensor, cfg: &ModelConfig, rope: &Rope) -> Result<Tensor> {
+        let t = h.dim(0)?;
+        let d = cfg.head_dim;
+        let split = |m: Tensor, n: usize| -> Result<Tensor> {
+            m.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = rope.apply(&split(self.q.forward(h)?, cfg.num_attention_heads)?, 0)?;
+        let k = rope.apply(&split(self.k.forward(h)?, cfg.num_key_value_heads)?, 0)?;
+        let v = split(self.v.forward(h)?, cfg.num_key_value_heads)?;
+        causal_attention(&q, &k, &v, 0)
+    }
+
+    /// SwiGLU's product silu(gate·h) ⊙ (up·h), the input of `down`.
+    pub fn ffn_activation(&self, h: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::silu(&self.gate.forward(h)?)? * self.up.forward(h)?
+    }
 }
 
 pub struct Llama {
@@ -223,7 +245,7 @@ impl Llama {
                         let (k_old, v_old) = s.cache.history(li)?;
                         (Tensor::cat(&[k_old, k], 2)?, Tensor::cat(&[v_old, v], 2)?)
                     };
-                    let o = self.attention(&q, &k_all, &v_all, start)?;
+                    let o = causal_attention(&q, &k_all, &v_all, start)?;
                     out.copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
                 }
                 row += t;
@@ -235,7 +257,7 @@ impl Llama {
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             capture(format!("blk.{li}.ffn_gate"), &h);
             capture(format!("blk.{li}.ffn_up"), &h);
-            let act = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
+            let act = block.ffn_activation(&h)?;
             capture(format!("blk.{li}.ffn_down"), &act);
             x = (x + block.down.forward(&act)?)?;
         }
@@ -329,36 +351,36 @@ impl Llama {
             }
         }
     }
+}
 
-    /// Causal attention of `q` (`[1, heads, t, d]`, positions `start..start+t`) over the
-    /// cached keys/values (`[1, kv_heads, start+t, d]`). Query heads sharing a KV head are
-    /// stacked as rows of one matmul so K and V are never copied per head.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, heads, t, d) = q.dims4()?;
-        let kv_heads = k.dim(1)?;
-        let total = k.dim(2)?;
-        let group = heads / kv_heads;
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = (q.reshape((1, kv_heads, group * t, d))? * scale)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if t > 1 {
-            // Row r of a group is query r % t at absolute position start + r % t.
-            let mut mask = vec![0f32; group * t * total];
-            for r in 0..group * t {
-                let pos = start + r % t;
-                for m in &mut mask[r * total + pos + 1..(r + 1) * total] {
-                    *m = f32::NEG_INFINITY;
-                }
+/// Causal attention of `q` (`[1, heads, t, d]`, positions `start..start+t`) over the
+/// cached keys/values (`[1, kv_heads, start+t, d]`). Query heads sharing a KV head are
+/// stacked as rows of one matmul so K and V are never copied per head.
+fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+    let (_, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let total = k.dim(2)?;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = (q.reshape((1, kv_heads, group * t, d))? * scale)?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if t > 1 {
+        // Row r of a group is query r % t at absolute position start + r % t.
+        let mut mask = vec![0f32; group * t * total];
+        for r in 0..group * t {
+            let pos = start + r % t;
+            for m in &mut mask[r * total + pos + 1..(r + 1) * total] {
+                *m = f32::NEG_INFINITY;
             }
-            let mask = Tensor::from_vec(mask, (group * t, total), &Device::Cpu)?;
-            scores = scores.broadcast_add(&mask)?;
         }
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        p.matmul(v)?
-            .reshape((1, heads, t, d))?
-            .transpose(1, 2)?
-            .reshape((t, heads * d))
+        let mask = Tensor::from_vec(mask, (group * t, total), &Device::Cpu)?;
+        scores = scores.broadcast_add(&mask)?;
     }
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    p.matmul(v)?
+        .reshape((1, heads, t, d))?
+        .transpose(1, 2)?
+        .reshape((t, heads * d))
 }
 
 /// Dot product with eight independent sums, which the compiler turns into SIMD lanes.

@@ -91,37 +91,85 @@ pub struct Prepared {
     u: Vec<f64>,
 }
 
-/// Lower Cholesky factor of the symmetric positive definite `a` (row-major n×n).
+/// Dot product of f64 slices in eight independent sums (SIMD lanes).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// y += a·x.
+fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Lower Cholesky factor of the symmetric positive definite `a` (row-major n×n; only the
+/// lower triangle is read). Every inner loop is a dot product of two contiguous rows.
 fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
     let mut l = vec![0.0; n * n];
     for j in 0..n {
-        let (lj, _) = l.split_at(j * n + j);
-        let row_j = &lj[j * n..j * n + j];
-        let s = a[j * n + j] - row_j.iter().map(|v| v * v).sum::<f64>();
+        let s = a[j * n + j] - dot(&l[j * n..j * n + j], &l[j * n..j * n + j]);
         if s <= 0.0 || !s.is_finite() {
             return None;
         }
         let d = s.sqrt();
         l[j * n + j] = d;
+        let (done, rest) = l.split_at_mut((j + 1) * n);
+        let row_j = &done[j * n..j * n + j];
         for i in j + 1..n {
-            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            l[i * n + j] = (a[i * n + j] - dot) / d;
+            let row_i = &mut rest[(i - j - 1) * n..(i - j) * n];
+            row_i[j] = (a[i * n + j] - dot(&row_i[..j], row_j)) / d;
         }
     }
     Some(l)
 }
 
-/// Inverse of a lower-triangular matrix (row-major), by forward substitution.
+/// Inverse of a lower-triangular matrix (row-major): row i of L⁻¹ is
+/// (e_i − Σ_{k<i} l_ik · row k of L⁻¹) / l_ii, a sum of contiguous rows.
 fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
     let mut inv = vec![0.0; n * n];
     for i in 0..n {
-        inv[i * n + i] = 1.0 / l[i * n + i];
-        for j in 0..i {
-            let s: f64 = (j..i).map(|k| l[i * n + k] * inv[k * n + j]).sum();
-            inv[i * n + j] = -s / l[i * n + i];
+        let (done, rest) = inv.split_at_mut(i * n);
+        let row = &mut rest[..n];
+        for k in 0..i {
+            let lik = l[i * n + k];
+            if lik != 0.0 {
+                axpy(&mut row[..=k], -lik, &done[k * n..k * n + k + 1]);
+            }
+        }
+        row[i] += 1.0;
+        let d = 1.0 / l[i * n + i];
+        for v in &mut row[..=i] {
+            *v *= d;
         }
     }
     inv
+}
+
+/// The lower triangle of MᵀM for lower-triangular M (row-major): a rank-one update per row
+/// of M, each on contiguous rows.
+fn lower_gram(m: &[f64], n: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * n];
+    for k in 0..n {
+        let row_k = &m[k * n..k * n + k + 1];
+        for i in 0..=k {
+            axpy(&mut out[i * n..i * n + i + 1], row_k[i], &row_k[..=i]);
+        }
+    }
+    out
 }
 
 impl Prepared {
@@ -149,16 +197,8 @@ impl Prepared {
         }
         let fail = GptqError::NotPositiveDefinite { damp_percent };
         let l = cholesky(&p, n).ok_or(fail.clone())?;
-        // H⁻¹ = L⁻ᵀ L⁻¹.
-        let li = invert_lower(&l, n);
-        let mut hinv = vec![0.0; n * n];
-        for i in 0..n {
-            for j in 0..=i {
-                let s: f64 = (i..n).map(|k| li[k * n + i] * li[k * n + j]).sum();
-                hinv[i * n + j] = s;
-                hinv[j * n + i] = s;
-            }
-        }
+        // H⁻¹ = L⁻ᵀ L⁻¹ (its lower triangle is all the next factorization reads).
+        let hinv = lower_gram(&invert_lower(&l, n), n);
         // U = upper factor of H⁻¹ = (lower factor)ᵀ.
         let lc = cholesky(&hinv, n).ok_or(fail)?;
         let mut u = vec![0.0; n * n];

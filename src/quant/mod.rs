@@ -1,12 +1,15 @@
 //! Quantization methods: pure and synchronous (tensors in, quantized tensors and a report out).
 //! `gguf`: GGML block quantization with llama.cpp's per-tensor mixes; `rtn`: integer groups
-//! (GPTQ's definition) packed exactly into GGML blocks.
+//! (GPTQ's definition) packed exactly into GGML blocks; `gptq`: the same groups chosen by GPTQ
+//! on calibration inputs, layer by layer (`layerwise`).
 
 pub mod calibration;
 pub mod gguf_types;
 pub mod gptq;
+pub mod gptq_model;
 pub mod groups;
 pub mod kquants;
+pub mod layerwise;
 pub mod mix;
 pub mod plan;
 pub mod tensor_quant;

@@ -110,6 +110,15 @@ pub fn quantize_grouped(
     Ok((bytes, acc.finish()))
 }
 
+/// The error of `quantized` against `original` (same length).
+pub fn tensor_error(original: &[f32], quantized: &[f32]) -> TensorError {
+    let mut acc = ErrorAcc::default();
+    for (&w, &q) in original.iter().zip(quantized) {
+        acc.add(w, q);
+    }
+    acc.finish()
+}
+
 fn check_finite(name: &str, data: &[f32]) -> Result<(), TensorQuantError> {
     match data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         Some((index, &value)) => Err(TensorQuantError::NotFinite {

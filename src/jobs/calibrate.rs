@@ -1,0 +1,124 @@
+//! The calibrating stage, shared by the job worker and `quantd quantize`: the calibration text
+//! tokenized with the model's own tokenizer, seeded windows cut from it (DESIGN §4), and the
+//! method's layer-by-layer pass over them. What it quantized goes to the writer as finished
+//! tensors; the report says what the method was calibrated on.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::pipeline::{Hooks, PipelineError};
+use super::spec::{CalibrationParams, MethodSpec};
+use crate::eval::eval_tokens;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::servable;
+use crate::quant::calibration;
+use crate::quant::gptq::GptqConfig;
+use crate::quant::gptq_model::{GptqModel, QuantizedTensors};
+use crate::quant::layerwise::{self, LayerwiseError};
+use crate::quant::Plan;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationReport {
+    /// Where the text came from: a dataset id, or a file name for the CLI.
+    pub source: String,
+    pub text_tokens: usize,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub tokens: usize,
+    pub true_sequential: bool,
+    pub wall_seconds: f64,
+}
+
+/// The calibration windows `params` cut from `text` (token ids of the model's tokenizer).
+pub fn calibration_windows(
+    ckpt: &Checkpoint,
+    text: &str,
+    params: &CalibrationParams,
+) -> Result<Vec<Vec<u32>>, PipelineError> {
+    Ok(tokenize_and_cut(ckpt, text, params)?.1)
+}
+
+/// The text's token count and the windows.
+fn tokenize_and_cut(
+    ckpt: &Checkpoint,
+    text: &str,
+    params: &CalibrationParams,
+) -> Result<(usize, Vec<Vec<u32>>), PipelineError> {
+    let failed = |e: String| PipelineError::Calibration(e);
+    let tokenizer = servable::load_tokenizer(ckpt).map_err(|e| failed(e.to_string()))?;
+    let ids = eval_tokens(&tokenizer, text).map_err(failed)?.ids;
+    let windows = calibration::windows(&ids, params.samples, params.seq_len, params.seed)
+        .map_err(|e| failed(e.to_string()))?
+        .into_iter()
+        .map(<[u32]>::to_vec)
+        .collect();
+    Ok((ids.len(), windows))
+}
+
+/// Runs `method`'s calibration on `text`; returns the tensors it quantized (GGUF names).
+pub fn calibrate(
+    ckpt: &Checkpoint,
+    method: &MethodSpec,
+    plan: &Plan,
+    text: &str,
+    source: &str,
+    params: &CalibrationParams,
+    hooks: &dyn Hooks,
+) -> Result<(QuantizedTensors, CalibrationReport), PipelineError> {
+    let started = Instant::now();
+    let failed = |e: String| PipelineError::Calibration(e);
+    let MethodSpec::Gptq(p) = method else {
+        return Err(failed(format!(
+            "method {} does not calibrate",
+            method.name()
+        )));
+    };
+    let (text_tokens, windows) = tokenize_and_cut(ckpt, text, params)?;
+    let wanted: HashSet<String> = plan
+        .tensors
+        .iter()
+        .filter(|t| t.groups.is_some())
+        .map(|t| t.name.clone())
+        .collect();
+    let mut gptq = GptqModel::new(
+        GptqConfig {
+            format: p.format(),
+            damp_percent: p.damp_percent,
+            act_order: p.act_order,
+        },
+        wanted,
+    );
+    layerwise::run(
+        ckpt,
+        &windows,
+        p.true_sequential,
+        &mut gptq,
+        |done, total| {
+            hooks.progress("calibrating", done as u64, total as u64, "layers");
+            if hooks.cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .map_err(|e| match e {
+        LayerwiseError::Cancelled => PipelineError::Cancelled,
+        other => failed(other.to_string()),
+    })?;
+    let report = CalibrationReport {
+        source: source.to_string(),
+        text_tokens,
+        samples: params.samples,
+        seq_len: params.seq_len,
+        seed: params.seed,
+        tokens: params.samples * params.seq_len,
+        true_sequential: p.true_sequential,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((gptq.tensors, report))
+}
