@@ -98,12 +98,20 @@ def quantize_llmcompressor(model, windows, args):
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 
+    if args.strategy == "group":
+        # Needs columns % group_size == 0: SmolLM2's 576-column linears fail validation.
+        group_args = {"strategy": QuantizationStrategy.GROUP, "group_size": args.group_size}
+    else:
+        # Row blocks of 1 x group_size: the same groups along each row, and the last, partial
+        # group (576 = 4*128 + 64) zero-padded for its min/max, which changes nothing since
+        # the range is [min(w, 0), max(w, 0)] anyway.
+        group_args = {"strategy": QuantizationStrategy.BLOCK,
+                      "block_structure": [1, args.group_size]}
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=args.bits, type=QuantizationType.INT,
-                                 symmetric=False, strategy=QuantizationStrategy.GROUP,
-                                 group_size=args.group_size, actorder=None,
-                                 observer="minmax"),
+                                 symmetric=False, actorder=None, observer="minmax",
+                                 **group_args),
     )
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                           dampening_frac=args.damp, block_size=128, actorder=None)
@@ -136,6 +144,8 @@ def main():
     ap.add_argument("--text", required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--strategy", choices=["block", "group"], default="block",
+                    help="llm-compressor strategy for the groups (see quantize_llmcompressor)")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)

@@ -14,7 +14,7 @@ use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::calibrate::{calibrate, calibration_windows};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
-    CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
+    AwqParams, CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
 };
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
@@ -62,6 +62,9 @@ pub struct QuantizeArgs {
     /// gptq: quantize columns in order of decreasing activation (static groups).
     #[arg(long)]
     act_order: bool,
+    /// awq: AutoAWQ's scales mean|x|^α / mean_w^(1−α) instead of the paper's mean|x|^α.
+    #[arg(long)]
+    duo_scaling: bool,
     /// gptq: dampening, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp_percent: f64,
@@ -244,7 +247,19 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(MethodSpec::Gptq(p))
         }
-        other => bail!("--method {other}: available methods are gguf, rtn and gptq"),
+        "awq" => {
+            let p = AwqParams {
+                bits: args.bits,
+                group_size: args.group_size,
+                zero_point: args.asym,
+                grid: 20,
+                duo_scaling: args.duo_scaling,
+                clip: true,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::Awq(p))
+        }
+        other => bail!("--method {other}: available methods are gguf, rtn, gptq and awq"),
     }
 }
 
@@ -270,8 +285,8 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         args.out.clone()
     };
     let precomputed = match (&method, &args.calib) {
-        (MethodSpec::Gptq(_), None) => bail!("--method gptq needs --calib FILE"),
-        (MethodSpec::Gptq(_), Some(path)) => {
+        (m, None) if m.calibrates() => bail!("--method {} needs --calib FILE", m.name()),
+        (m, Some(path)) if m.calibrates() => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let params = CalibrationParams {

@@ -17,7 +17,7 @@ use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
-    CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams, JobSpec,
+    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams, JobSpec,
     MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
@@ -35,7 +35,7 @@ const KNOWN_METHODS: &[&str] = &[
     "nf4",
     "fp4",
 ];
-const AVAILABLE: &[&str] = &["gguf", "rtn", "gptq", "eval"];
+const AVAILABLE: &[&str] = &["gguf", "rtn", "gptq", "awq", "eval"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +161,12 @@ impl JobRequest {
                 p.validate()
                     .map_err(|e| ApiError::invalid(&e.param, e.message))?;
                 MethodSpec::Gptq(p)
+            }
+            "awq" => {
+                let p = prefixed::<AwqParams>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::Awq(p)
             }
             _ => MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?),
         };

@@ -14,6 +14,7 @@ use super::spec::{CalibrationParams, MethodSpec};
 use crate::eval::eval_tokens;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::servable;
+use crate::quant::awq::{self, AwqConfig};
 use crate::quant::calibration;
 use crate::quant::gptq::GptqConfig;
 use crate::quant::gptq_model::{GptqModel, QuantizedTensors};
@@ -29,7 +30,11 @@ pub struct CalibrationReport {
     pub seq_len: usize,
     pub seed: u64,
     pub tokens: usize,
-    pub true_sequential: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub true_sequential: Option<bool>,
+    /// What the method chose (AWQ: α per layer and scaling group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
     pub wall_seconds: f64,
 }
 
@@ -71,12 +76,6 @@ pub fn calibrate(
 ) -> Result<(QuantizedTensors, CalibrationReport), PipelineError> {
     let started = Instant::now();
     let failed = |e: String| PipelineError::Calibration(e);
-    let MethodSpec::Gptq(p) = method else {
-        return Err(failed(format!(
-            "method {} does not calibrate",
-            method.name()
-        )));
-    };
     let (text_tokens, windows) = tokenize_and_cut(ckpt, text, params)?;
     let wanted: HashSet<String> = plan
         .tensors
@@ -84,32 +83,44 @@ pub fn calibrate(
         .filter(|t| t.groups.is_some())
         .map(|t| t.name.clone())
         .collect();
-    let mut gptq = GptqModel::new(
-        GptqConfig {
-            format: p.format(),
-            damp_percent: p.damp_percent,
-            act_order: p.act_order,
-        },
-        wanted,
-    );
-    layerwise::run(
-        ckpt,
-        &windows,
-        p.true_sequential,
-        &mut gptq,
-        |done, total| {
-            hooks.progress("calibrating", done as u64, total as u64, "layers");
-            if hooks.cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
-    )
-    .map_err(|e| match e {
+    let progress = |done: usize, total: usize| {
+        hooks.progress("calibrating", done as u64, total as u64, "layers");
+        if hooks.cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let layerwise_error = |e: LayerwiseError| match e {
         LayerwiseError::Cancelled => PipelineError::Cancelled,
         other => failed(other.to_string()),
-    })?;
+    };
+    let (tensors, true_sequential, details) = match method {
+        MethodSpec::Gptq(p) => {
+            let config = GptqConfig {
+                format: p.format(),
+                damp_percent: p.damp_percent,
+                act_order: p.act_order,
+            };
+            let mut gptq = GptqModel::new(config, wanted);
+            layerwise::run(ckpt, &windows, p.true_sequential, &mut gptq, progress)
+                .map_err(layerwise_error)?;
+            (gptq.tensors, Some(p.true_sequential), None)
+        }
+        MethodSpec::Awq(p) => {
+            let config = AwqConfig {
+                format: p.format(),
+                grid: p.grid,
+                duo_scaling: p.duo_scaling,
+                clip: p.clip,
+            };
+            let (tensors, choices) =
+                awq::run(ckpt, &windows, &wanted, &config, progress).map_err(layerwise_error)?;
+            let details = serde_json::json!({"alpha": choices, "search_tokens": awq::SEARCH_TOKENS});
+            (tensors, None, Some(details))
+        }
+        other => return Err(failed(format!("method {} does not calibrate", other.name()))),
+    };
     let report = CalibrationReport {
         source: source.to_string(),
         text_tokens,
@@ -117,8 +128,9 @@ pub fn calibrate(
         seq_len: params.seq_len,
         seed: params.seed,
         tokens: params.samples * params.seq_len,
-        true_sequential: p.true_sequential,
+        true_sequential,
+        details,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((gptq.tensors, report))
+    Ok((tensors, report))
 }

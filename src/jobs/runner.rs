@@ -160,7 +160,7 @@ async fn execute(
     }
     stage(js, &job.id, "loading").await?;
     let done = match &spec.method {
-        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) | MethodSpec::Gptq(_) => {
+        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) | MethodSpec::Gptq(_) | MethodSpec::Awq(_) => {
             quantize_and_publish(js, job, &spec, cancel).await?
         }
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,

@@ -39,6 +39,7 @@ pub enum MethodSpec {
     Gguf(GgufParams),
     Rtn(RtnParams),
     Gptq(GptqParams),
+    Awq(AwqParams),
     /// Scores an existing model against a reference; makes no model.
     Eval(EvalMethodParams),
 }
@@ -49,13 +50,14 @@ impl MethodSpec {
             Self::Gguf(_) => "gguf",
             Self::Rtn(_) => "rtn",
             Self::Gptq(_) => "gptq",
+            Self::Awq(_) => "awq",
             Self::Eval(_) => "eval",
         }
     }
 
     /// Whether the method runs calibration windows through the model.
     pub fn calibrates(&self) -> bool {
-        matches!(self, Self::Gptq(_))
+        matches!(self, Self::Gptq(_) | Self::Awq(_))
     }
 
     /// Whether the job produces a model (everything but `eval`).
@@ -69,6 +71,7 @@ impl MethodSpec {
             Self::Gguf(p) => Some(p.gguf_type.variant()),
             Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
             Self::Gptq(p) => Some(format!("gptq-{}", p.variant())),
+            Self::Awq(p) => Some(format!("awq-{}", group_variant(&p.format()))),
             Self::Eval(_) => None,
         }
     }
@@ -79,6 +82,7 @@ impl MethodSpec {
             Self::Gguf(p) => serde_json::to_value(p),
             Self::Rtn(p) => serde_json::to_value(p),
             Self::Gptq(p) => serde_json::to_value(p),
+            Self::Awq(p) => serde_json::to_value(p),
             Self::Eval(p) => serde_json::to_value(p),
         }
         .expect("params serialize")
@@ -238,6 +242,69 @@ impl GptqParams {
                 "act_order without static groups needs the GPTQ layout (g_idx), which this \
                  version does not serve; leave static_groups true"
                     .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// DESIGN §4 `awq` (Lin et al. 2023), as AutoAWQ implements it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwqParams {
+    #[serde(default = "AwqParams::default_bits")]
+    pub bits: u8,
+    #[serde(default = "RtnParams::default_group_size")]
+    pub group_size: i64,
+    /// Asymmetric groups (Q4_1); false: symmetric (Q4_0).
+    #[serde(default = "AwqParams::default_true")]
+    pub zero_point: bool,
+    /// Points of the α grid in [0, 1).
+    #[serde(default = "AwqParams::default_grid")]
+    pub grid: usize,
+    /// AutoAWQ's s = mean|x|^α / mean_w^(1−α); false: the paper's s = mean|x|^α.
+    #[serde(default)]
+    pub duo_scaling: bool,
+    /// Search a clipping range per group after scaling.
+    #[serde(default = "AwqParams::default_true")]
+    pub clip: bool,
+}
+
+impl AwqParams {
+    pub const GRID_RANGE: std::ops::RangeInclusive<usize> = 1..=100;
+
+    fn default_bits() -> u8 {
+        4
+    }
+
+    fn default_true() -> bool {
+        true
+    }
+
+    fn default_grid() -> usize {
+        20
+    }
+
+    pub fn format(&self) -> GroupFormat {
+        GroupFormat {
+            bits: self.bits,
+            group_size: (self.group_size > 0).then_some(self.group_size as usize),
+            sym: !self.zero_point,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.bits != 4 {
+            return Err(param_error(
+                "bits",
+                format!("{} is not available: AWQ here is 4-bit", self.bits),
+            ));
+        }
+        validate_groups(self.bits, self.group_size, !self.zero_point)?;
+        if !Self::GRID_RANGE.contains(&self.grid) {
+            return Err(param_error(
+                "grid",
+                format!("{} is outside {:?}", self.grid, Self::GRID_RANGE),
             ));
         }
         Ok(())

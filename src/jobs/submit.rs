@@ -71,6 +71,12 @@ pub fn quantization_plan(
             p.format(),
             threads,
         )),
+        MethodSpec::Awq(p) => Ok(Plan::grouped(
+            "awq",
+            &ckpt.tensor_shapes(),
+            p.format(),
+            threads,
+        )),
         MethodSpec::Eval(_) => Err(invalid(
             "method",
             "method \"eval\" makes no model to plan".into(),

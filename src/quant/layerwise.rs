@@ -137,11 +137,11 @@ pub fn run(
     Ok(xs)
 }
 
-type StageHook<'a> = dyn FnMut(Stage, &mut Block, &[Tensor]) -> Result<(), LayerwiseError> + 'a;
+pub(crate) type StageHook<'a> = dyn FnMut(Stage, &mut Block, &[Tensor]) -> Result<(), LayerwiseError> + 'a;
 
 /// One decoder layer over every window, calling `hook` with each stage's inputs before the
 /// stage runs (the hook may replace the stage's weights in `block`).
-fn run_layer(
+pub(crate) fn run_layer(
     block: &mut Block,
     cfg: &crate::model::config::ModelConfig,
     rope: &Rope,
@@ -192,7 +192,7 @@ fn run_layer(
 }
 
 /// The windows' embeddings, `[tokens, hidden]` each; the table is dropped afterwards.
-fn embed(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Result<Vec<Tensor>, LayerwiseError> {
+pub(crate) fn embed(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Result<Vec<Tensor>, LayerwiseError> {
     let t = ckpt
         .tensor("token_embd.weight")
         .ok_or_else(|| LoadError::MissingTensor("token_embd.weight".into()))?;
@@ -208,15 +208,15 @@ fn embed(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Result<Vec<Tensor>, Layerwi
 }
 
 /// One layer's weights in f32 (the linears in stage order) with their biases and norms.
-struct LayerWeights {
-    linears: Vec<Linear>,
-    biases: Vec<Option<Tensor>>,
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+pub(crate) struct LayerWeights {
+    pub linears: Vec<Linear>,
+    pub biases: Vec<Option<Tensor>>,
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
 }
 
 /// Position of each stage's first linear in `LayerWeights::linears`.
-fn stage_offset(stage: Stage) -> usize {
+pub(crate) fn stage_offset(stage: Stage) -> usize {
     match stage {
         Stage::Qkv => 0,
         Stage::Output => 3,
@@ -226,7 +226,7 @@ fn stage_offset(stage: Stage) -> usize {
 }
 
 impl LayerWeights {
-    fn read(ckpt: &Checkpoint, layer: usize) -> Result<Self, LayerwiseError> {
+    pub fn read(ckpt: &Checkpoint, layer: usize) -> Result<Self, LayerwiseError> {
         let read = |name: &str| -> Result<(Vec<f32>, Vec<usize>), LayerwiseError> {
             let t = ckpt
                 .tensor(name)
@@ -264,12 +264,12 @@ impl LayerWeights {
         })
     }
 
-    fn stage(&self, stage: Stage) -> &[Linear] {
+    pub fn stage(&self, stage: Stage) -> &[Linear] {
         let start = stage_offset(stage);
         &self.linears[start..start + stage.parts().len()]
     }
 
-    fn linear(&self, i: usize, weight: &[f32]) -> candle_core::Result<QLinear> {
+    pub fn linear(&self, i: usize, weight: &[f32]) -> candle_core::Result<QLinear> {
         let l = &self.linears[i];
         QLinear::dense(
             Tensor::from_slice(weight, (l.rows, l.cols), &Device::Cpu)?,
@@ -278,7 +278,7 @@ impl LayerWeights {
     }
 
     /// A block computing with the original weights.
-    fn block(&self) -> candle_core::Result<Block> {
+    pub fn block(&self) -> candle_core::Result<Block> {
         let l = |i: usize| self.linear(i, &self.linears[i].weight);
         Ok(Block {
             attn_norm: self.attn_norm.clone(),
@@ -294,7 +294,7 @@ impl LayerWeights {
     }
 
     /// Makes `block` compute `stage` with `weights` (one per linear of the stage).
-    fn set(
+    pub fn set(
         &self,
         block: &mut Block,
         stage: Stage,

@@ -1,8 +1,10 @@
 //! Quantization methods: pure and synchronous (tensors in, quantized tensors and a report out).
 //! `gguf`: GGML block quantization with llama.cpp's per-tensor mixes; `rtn`: integer groups
 //! (GPTQ's definition) packed exactly into GGML blocks; `gptq`: the same groups chosen by GPTQ
-//! on calibration inputs, layer by layer (`layerwise`).
+//! on calibration inputs, layer by layer (`layerwise`); `awq`: activation-aware scales folded
+//! into the previous op, clipping, then the same groups.
 
+pub mod awq;
 pub mod calibration;
 pub mod gguf_types;
 pub mod gptq;
