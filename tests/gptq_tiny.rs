@@ -185,7 +185,7 @@ async fn a_gptq_job_calibrates_layer_by_layer_and_loses_less_than_rtn() {
     )
     .await;
     assert_eq!(gptq["status"], "succeeded", "{gptq}");
-    assert_eq!(gptq["output_model"], "tiny:gptq-4bit-g32-asym");
+    assert_eq!(gptq["output_model"], "tiny:gptq-4bit-g32-asym-act");
     let cal = &gptq["metrics"]["calibration"];
     assert_eq!(
         (
@@ -220,7 +220,7 @@ async fn a_gptq_job_calibrates_layer_by_layer_and_loses_less_than_rtn() {
     let (status, out) = app
         .post_json(
             "/v1/completions",
-            &json!({"model": "tiny:gptq-4bit-g32-asym", "prompt": "abc", "max_tokens": 4}),
+            &json!({"model": "tiny:gptq-4bit-g32-asym-act", "prompt": "abc", "max_tokens": 4}),
         )
         .await;
     assert_eq!(status, 200, "{out}");

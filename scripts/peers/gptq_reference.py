@@ -124,16 +124,57 @@ def quantize_llmcompressor(model, windows, args):
     return time.time() - start, {"llmcompressor": llmcompressor.__version__}
 
 
+def quantize_gptqmodel(quant, windows, args):
+    """GPTQModel (original GPTQ: group parameters found on the error-updated columns as each
+    group starts, static_groups=False). Quantizes, saves the GPTQ checkpoint, reloads it with
+    the torch kernel and writes each layer's dequantized weight into `quant` (an f32 copy of
+    the base model), so both models are scored by the same HF forward."""
+    # gptqmodel 7.7.0 sizes its CPU pool as (cpu_count+1)//2 = 1 on a 2-vCPU machine, then
+    # fails: "Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1".
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=False,
+                         desc_act=False, act_group_aware=False, static_groups=False,
+                         damp_percent=args.damp, true_sequential=True, mse=0.0,
+                         offload_to_disk=False, device="cpu")
+    calibration = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w),
+                    dtype=torch.long)} for w in windows]
+    start = time.time()
+    model = GPTQModel.load(args.model, cfg, dtype=torch.float32)
+    model.quantize(calibration, batch_size=1, calibration_sort=None)
+    calib_s = time.time() - start
+    out_dir = args.save_dir or os.path.join("/tmp", f"gptqmodel-w{args.bits}g{args.group_size}")
+    model.save(out_dir)
+    del model
+    loaded = GPTQModel.load(out_dir, device="cpu", backend=BACKEND.TORCH)
+    qmods = {n: m for n, m in loaded.model.named_modules() if hasattr(m, "dequantize_weight")}
+    targets = dict(quant.named_modules())
+    replaced = 0
+    with torch.no_grad():
+        for name, m in qmods.items():
+            # dequantize_weight() returns [in_features, out_features].
+            w = m.dequantize_weight().to(torch.float32).t()
+            lin = targets[name]
+            assert w.shape == lin.weight.shape, (name, w.shape, lin.weight.shape)
+            lin.weight.copy_(w)
+            replaced += 1
+    assert replaced > 0, "no quantized linears found in the reloaded checkpoint"
+    return calib_s, {"gptqmodel": gptqmodel.__version__, "replaced_linears": replaced,
+                     "checkpoint": out_dir}
+
+
 def check_grid(model, bits, group_size):
     """Weights of each quantized Linear take at most 2^bits distinct values per (row, group)."""
     worst = 0
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
             w = m.weight.detach()
-            g = w.reshape(w.shape[0], -1, group_size)
-            s = torch.sort(g, dim=-1).values
-            distinct = 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
-            worst = max(worst, int(distinct.max()))
+            for g in torch.split(w, group_size, dim=1):  # the last group may be partial
+                s = torch.sort(g, dim=-1).values
+                distinct = 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
+                worst = max(worst, int(distinct.max()))
     return worst
 
 
@@ -144,6 +185,8 @@ def main():
     ap.add_argument("--text", required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--tool", choices=["llmcompressor", "gptqmodel"], default="llmcompressor")
+    ap.add_argument("--save-dir", help="gptqmodel: where to write the quantized checkpoint")
     ap.add_argument("--strategy", choices=["block", "group"], default="block",
                     help="llm-compressor strategy for the groups (see quantize_llmcompressor)")
     ap.add_argument("--damp", type=float, default=0.01)
@@ -151,6 +194,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wait-calib-s", type=int, default=1800)
+    ap.add_argument("--out", help="also write the result JSON here (llm-compressor logs to stdout)")
     ap.add_argument("--base-only", action="store_true", help="only the unquantized PPL")
     args = ap.parse_args()
     args.tokenizer_dir = args.model
@@ -171,18 +215,22 @@ def main():
         out.update(evaluate({"base": base}, tokens, args.ctx, args.max_tokens))
         out.update({"eval_seconds": time.time() - t, "versions": versions,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
-        print(json.dumps(out))
+        emit(out, args.out)
         return
 
     windows = load_windows(args.calib, args.ctx, args.wait_calib_s)
     quant = copy.deepcopy(base)
-    calib_s, v = quantize_llmcompressor(quant, windows, args)
+    if args.tool == "gptqmodel":
+        calib_s, v = quantize_gptqmodel(quant, windows, args)
+    else:
+        calib_s, v = quantize_llmcompressor(quant, windows, args)
     versions.update(v)
     quant.eval()
     t = time.time()
     out.update(evaluate({"base": base, "quant": quant}, tokens, args.ctx, args.max_tokens))
     out.update({
-        "tool": "llmcompressor.GPTQModifier (sequential pipeline)",
+        "tool": {"llmcompressor": "llmcompressor.GPTQModifier (sequential pipeline)",
+                 "gptqmodel": "gptqmodel.GPTQModel.quantize (true_sequential)"}[args.tool],
         "bits": args.bits, "group_size": args.group_size, "symmetric": False,
         "actorder": None, "dampening_frac": args.damp,
         "calib_windows": len(windows), "calib_window_len": len(windows[0]),
@@ -192,7 +240,15 @@ def main():
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "threads": args.threads, "versions": versions,
     })
-    print(json.dumps(out))
+    emit(out, args.out)
+
+
+def emit(out, path):
+    line = json.dumps(out)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    print("RESULT " + line, flush=True)
 
 
 if __name__ == "__main__":

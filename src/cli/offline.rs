@@ -59,9 +59,10 @@ pub struct QuantizeArgs {
     /// exactly the same data.
     #[arg(long)]
     save_windows: Option<PathBuf>,
-    /// gptq: quantize columns in order of decreasing activation (static groups).
+    /// gptq: quantize columns in their stored order instead of by decreasing Hessian diagonal
+    /// (act_order, static groups, is the default).
     #[arg(long)]
-    act_order: bool,
+    no_act_order: bool,
     /// awq: AutoAWQ's scales mean|x|^α / mean_w^(1−α) instead of the paper's mean|x|^α.
     #[arg(long)]
     duo_scaling: bool,
@@ -239,7 +240,7 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
                 bits: args.bits,
                 group_size: args.group_size,
                 sym: !args.asym,
-                act_order: args.act_order,
+                act_order: !args.no_act_order,
                 static_groups: None,
                 damp_percent: args.damp_percent,
                 true_sequential: true,

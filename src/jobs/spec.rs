@@ -189,8 +189,9 @@ pub struct GptqParams {
     pub group_size: i64,
     #[serde(default = "RtnParams::default_sym")]
     pub sym: bool,
-    /// Quantize columns in order of decreasing Hessian diagonal ("desc_act").
-    #[serde(default)]
+    /// Quantize columns in order of decreasing Hessian diagonal ("desc_act"); on by default
+    /// as in GPTQModel (on SmolLM2 it halves GPTQ's Δppl at 4 bits).
+    #[serde(default = "GptqParams::default_true_sequential")]
     pub act_order: bool,
     /// Group parameters from the unquantized weights, groups in column order. Needed (and the
     /// default) with `act_order`, so that groups stay contiguous GGML blocks.
@@ -210,6 +211,7 @@ impl GptqParams {
         0.01
     }
 
+    /// `true_sequential` and `act_order` are on unless turned off.
     fn default_true_sequential() -> bool {
         true
     }

@@ -59,7 +59,7 @@ pub struct AwqConfig {
 }
 
 /// Tokens each candidate scale is scored on (whole windows, at least one).
-pub const SEARCH_TOKENS: usize = 4096;
+pub const SEARCH_TOKENS: usize = 2048;
 /// Tokens the clipping search uses (AutoAWQ's `n_sample_token`).
 const CLIP_TOKENS: usize = 512;
 /// AutoAWQ's `max_shrink`: ranges shrink down to half the group's max|w|.
