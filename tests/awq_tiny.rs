@@ -50,7 +50,10 @@ async fn an_awq_job_folds_searched_scales_and_loses_less_than_rtn() {
     assert_eq!(alphas.len(), tiny::LAYERS, "{awq}");
     for a in alphas {
         // Grouped-query attention: o is not scaled (AutoAWQ skips it when v and o differ).
-        assert!(a["qkv"].is_number() && a["o"].is_null() && a["down"].is_number(), "{a}");
+        assert!(
+            a["qkv"].is_number() && a["o"].is_null() && a["down"].is_number(),
+            "{a}"
+        );
     }
     // Where α > 0 the scales were folded into the norm before the group: the stored norm
     // differs from the source's by a per-channel factor.
@@ -125,6 +128,10 @@ async fn awq_parameters_are_checked_by_name() {
     let (status, r) = app
         .post_json("/v1/jobs", &json!({"model": "tiny", "method": "awq"}))
         .await;
-    assert_eq!((status, r["error"]["param"].as_str()), (422, Some("calibration")), "{r}");
+    assert_eq!(
+        (status, r["error"]["param"].as_str()),
+        (422, Some("calibration")),
+        "{r}"
+    );
     app.stop().await;
 }

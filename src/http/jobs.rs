@@ -17,8 +17,8 @@ use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
-    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams, JobSpec,
-    MethodSpec, RtnParams,
+    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams,
+    JobSpec, MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
 

@@ -116,10 +116,16 @@ pub fn calibrate(
             };
             let (tensors, choices) =
                 awq::run(ckpt, &windows, &wanted, &config, progress).map_err(layerwise_error)?;
-            let details = serde_json::json!({"alpha": choices, "search_tokens": awq::SEARCH_TOKENS});
+            let details =
+                serde_json::json!({"alpha": choices, "search_tokens": awq::SEARCH_TOKENS});
             (tensors, None, Some(details))
         }
-        other => return Err(failed(format!("method {} does not calibrate", other.name()))),
+        other => {
+            return Err(failed(format!(
+                "method {} does not calibrate",
+                other.name()
+            )))
+        }
     };
     let report = CalibrationReport {
         source: source.to_string(),

@@ -205,25 +205,41 @@ pub fn run(
         // Fold the scales: the float model's output does not change.
         if let Some(c) = &qkv {
             weights.attn_norm = weights.attn_norm.broadcast_div(&c.tensor()?)?;
-            fold_norm(&mut out, &format!("blk.{layer}.attn_norm.weight"), &weights.attn_norm)?;
+            fold_norm(
+                &mut out,
+                &format!("blk.{layer}.attn_norm.weight"),
+                &weights.attn_norm,
+            )?;
         }
         if let Some(c) = &o {
             scale_rows(&mut weights, 2, &c.scales)?;
         }
         if let Some(c) = &gate_up {
             weights.ffn_norm = weights.ffn_norm.broadcast_div(&c.tensor()?)?;
-            fold_norm(&mut out, &format!("blk.{layer}.ffn_norm.weight"), &weights.ffn_norm)?;
+            fold_norm(
+                &mut out,
+                &format!("blk.{layer}.ffn_norm.weight"),
+                &weights.ffn_norm,
+            )?;
         }
         if let Some(c) = &down {
             scale_rows(&mut weights, 5, &c.scales)?;
         }
-        for (stage, choice) in [(Stage::Qkv, &qkv), (Stage::Output, &o), (Stage::GateUp, &gate_up), (Stage::Down, &down)] {
+        for (stage, choice) in [
+            (Stage::Qkv, &qkv),
+            (Stage::Output, &o),
+            (Stage::GateUp, &gate_up),
+            (Stage::Down, &down),
+        ] {
             let Some(c) = choice else { continue };
             let start = stage_offset(stage);
             for i in start..start + stage.parts().len() {
                 scale_columns(&mut weights.linears[i].weight, &c.scales);
             }
-            let st = &mut stats[Stage::ALL.iter().position(|&s| s == stage).expect("a stage")];
+            let st = &mut stats[Stage::ALL
+                .iter()
+                .position(|&s| s == stage)
+                .expect("a stage")];
             for row in st.clip.chunks_mut(c.scales.len()) {
                 for (x, s) in row.iter_mut().zip(&c.scales) {
                     *x /= s;
@@ -234,11 +250,12 @@ pub fn run(
         // Clip, then round to nearest and pack.
         for (si, stage) in Stage::ALL.iter().enumerate() {
             let start = stage_offset(*stage);
-            for i in start..start + stage.parts().len() {
-                if !is_wanted[i] {
-                    continue;
-                }
-                let l = &mut weights.linears[i];
+            let parts = start..start + stage.parts().len();
+            for (l, _) in weights.linears[parts.clone()]
+                .iter_mut()
+                .zip(&is_wanted[parts])
+                .filter(|(_, &wanted)| wanted)
+            {
                 let before = l.weight.clone();
                 let q_or_k = l.name.ends_with("attn_q") || l.name.ends_with("attn_k");
                 if cfg.clip && !q_or_k {
@@ -342,7 +359,9 @@ fn weight_mean(linears: &[super::layerwise::Linear], format: GroupFormat) -> Vec
             rows += 1;
         }
     }
-    sum.iter().map(|s| (s / rows.max(1) as f64) as f32).collect()
+    sum.iter()
+        .map(|s| (s / rows.max(1) as f64) as f32)
+        .collect()
 }
 
 /// s = x_mean^α (÷ w_mean^(1−α)), clamped at 1e-4, normalized by √(max·min).
@@ -531,7 +550,10 @@ mod tests {
         assert_eq!(candidate_scales(&x, &[], 0.0), vec![1.0, 1.0, 1.0]);
         let s = candidate_scales(&x, &[], 1.0);
         let (max, min) = (8.0f32 / 2.0, 0.5 / 2.0);
-        assert!((s[0] - min).abs() < 1e-6 && (s[2] - max).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s[0] - min).abs() < 1e-6 && (s[2] - max).abs() < 1e-6,
+            "{s:?}"
+        );
     }
 
     #[test]
@@ -541,7 +563,9 @@ mod tests {
             group_size: Some(32),
             sym: false,
         };
-        let w: Vec<f32> = (0..128).map(|i| ((i * 37 % 64) as f32 - 32.0) / 100.0).collect();
+        let w: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 64) as f32 - 32.0) / 100.0)
+            .collect();
         let fake = fake_quantize(&w, 64, &[1.0; 64], format);
         let g = format.group_len(64);
         let rtn: Vec<f32> = w

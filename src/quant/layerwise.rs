@@ -137,7 +137,8 @@ pub fn run(
     Ok(xs)
 }
 
-pub(crate) type StageHook<'a> = dyn FnMut(Stage, &mut Block, &[Tensor]) -> Result<(), LayerwiseError> + 'a;
+pub(crate) type StageHook<'a> =
+    dyn FnMut(Stage, &mut Block, &[Tensor]) -> Result<(), LayerwiseError> + 'a;
 
 /// One decoder layer over every window, calling `hook` with each stage's inputs before the
 /// stage runs (the hook may replace the stage's weights in `block`).
@@ -192,7 +193,10 @@ pub(crate) fn run_layer(
 }
 
 /// The windows' embeddings, `[tokens, hidden]` each; the table is dropped afterwards.
-pub(crate) fn embed(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Result<Vec<Tensor>, LayerwiseError> {
+pub(crate) fn embed(
+    ckpt: &Checkpoint,
+    windows: &[Vec<u32>],
+) -> Result<Vec<Tensor>, LayerwiseError> {
     let t = ckpt
         .tensor("token_embd.weight")
         .ok_or_else(|| LoadError::MissingTensor("token_embd.weight".into()))?;
