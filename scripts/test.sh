@@ -38,5 +38,9 @@ if ! "$QUANTD_PEER_PYTHON" -c 'import llama_cpp, numpy' 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 "$QUANTD_PEER_PYTHON" -m pip install -q \
     --disable-pip-version-check 'numpy<3' 'llama-cpp-python==0.3.36'
 fi
+# The reference `gguf` reader beside llama.cpp: tests/imatrix_fixture.rs reads quantd's imatrix
+# file with it and hands the means to llama.cpp's quantizer.
+"$QUANTD_PEER_PYTHON" -c 'import gguf' 2>/dev/null ||
+  "$QUANTD_PEER_PYTHON" -m pip install -q --disable-pip-version-check 'gguf==0.19.0'
 
 cargo test --locked --all-targets "$@"

@@ -4,10 +4,12 @@
 //! windows of 256 tokens to calibrate, 4 windows of 512 to score) so the suite stays fast; the
 //! closing notes hold the full-size numbers (128 × 512, 16,384 scored tokens).
 //!
+//! Also: a GPTQ file served from its GGML blocks computes the same logits as the same model with
+//! the blocks dequantized to f32.
+//!
 //! Ignored in the default suite: in the dev profile (quantd at opt-level 1) it runs for more
-//! than 15 minutes on two vCPUs. Run it with
-//! `cargo test --release --test calibrated_fixture -- --ignored --nocapture`. Also: a GPTQ file served from its GGML blocks computes the same
-//! logits as the same model with the blocks dequantized to f32.
+//! than 15 minutes on two vCPUs; with `cargo test --release --test calibrated_fixture --
+//! --ignored --nocapture` it takes 9 minutes (RTN 28 s, GPTQ 86 s, AWQ 423 s).
 
 mod common;
 
@@ -62,6 +64,7 @@ fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
         )
         .unwrap()
         .0
+        .tensors
     } else {
         QuantizedTensors::default()
     };
@@ -72,7 +75,7 @@ fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
         .unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("model.gguf");
-    quantize_gguf(base, &plan, tensors, &metadata, &path, &pool, &Quiet).unwrap();
+    quantize_gguf(base, &plan, tensors, None, &metadata, &path, &pool, &Quiet).unwrap();
     path
 }
 
@@ -152,8 +155,9 @@ fn gptq_and_awq_lose_clearly_less_than_round_to_nearest() {
     }
     let (rtn, gptq, awq) = (delta[0], delta[1], delta[2]);
     assert!(rtn > 5.0, "RTN 4-bit should lose visibly: Δppl {rtn}");
-    assert!(gptq < 0.85 * rtn, "GPTQ Δppl {gptq} vs RTN {rtn}");
-    assert!(awq < 0.9 * rtn, "AWQ Δppl {awq} vs RTN {rtn}");
+    // The budgets (measured here: GPTQ 0.34×, AWQ 0.39× of RTN's Δppl).
+    assert!(gptq <= 0.6 * rtn, "GPTQ Δppl {gptq} vs RTN {rtn}");
+    assert!(awq <= 0.7 * rtn, "AWQ Δppl {awq} vs RTN {rtn}");
 }
 
 /// A prompt through the GGML blocks against the same weights dequantized into an f32 HF

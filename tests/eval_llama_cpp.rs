@@ -14,20 +14,6 @@ fn eval_text() -> PathBuf {
     common::repo_root().join("../shared/corpus/eval-pride-and-prejudice.txt")
 }
 
-/// The Python with llama-cpp-python: QUANTD_PEER_PYTHON, or the venv scripts/test.sh makes.
-fn peer_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("QUANTD_PEER_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    let venv = PathBuf::from(home).join(".cache/quantd-peers/venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with llama-cpp-python: set QUANTD_PEER_PYTHON or run scripts/test.sh"
-    );
-    venv
-}
-
 /// The eval text's token ids from the model's own tokenizer.json, written for the script, so
 /// both tools score the same ids.
 fn token_ids_file(dir: &Path) -> PathBuf {
@@ -76,7 +62,7 @@ fn quantd_eval(model: &Path, reference: Option<&Path>, max_tokens: usize) -> Val
 }
 
 fn llama_cpp_eval(model: &Path, ids: &Path, max_tokens: usize) -> Value {
-    let out = Command::new(peer_python())
+    let out = Command::new(common::peer_python())
         .arg(common::repo_root().join("scripts/eval/llama_cpp_perplexity.py"))
         .arg(model)
         .arg("--text")

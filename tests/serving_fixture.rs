@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::models::{logits, open_dir};
@@ -17,19 +16,11 @@ use serde_json::{json, Value};
 
 const FRANCE: &str = "The capital of France is";
 
-fn hf_f32_files() -> Vec<PathBuf> {
-    let dir = common::fixture().join("hf-f32");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-}
-
 async fn app_with_base(tweak: impl FnOnce(&mut quantd::config::Settings)) -> common::TestApp {
     let app = common::TestApp::spawn_with(tweak).await;
-    let (status, body) = app.upload(&hf_f32_files(), Some("smol")).await;
+    let (status, body) = app
+        .upload(&common::fixture_files("hf-f32"), Some("smol"))
+        .await;
     assert_eq!(status, 201, "{body}");
     app
 }

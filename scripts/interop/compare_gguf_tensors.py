@@ -2,7 +2,8 @@
 """Compare two GGUF files tensor by tensor (types and raw bytes) with the reference `gguf`
 reader, e.g. quantd's Q4_K_M against llama.cpp's Q4_K_M of the same F16 input.
 
-Usage: compare_gguf_tensors.py A.gguf B.gguf   (prints a summary line and the differing tensors)
+Usage: compare_gguf_tensors.py A.gguf B.gguf   (prints a summary line and the differing tensors;
+exits 1 unless every tensor has the same type and bytes)
 """
 import sys
 from collections import Counter
@@ -29,6 +30,10 @@ def main():
     for name, ta, tb_ in diff_type:
         print(f"  type  {name}: {ta} vs {tb_}")
     print("  bytes differ by type:", dict(Counter(t for _, t in diff_bytes)))
+    missing = {t.name for t in b.tensors} - {t.name for t in a.tensors}
+    for name in sorted(missing):
+        print(f"  only in {sys.argv[2]}: {name}")
+    sys.exit(1 if diff_type or diff_bytes or missing else 0)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{cpu_count, Settings};
 use crate::export::gguf_meta;
 use crate::export::hf::{write_hf_folder, HfDtype};
-use crate::jobs::calibrate::{calibrate, calibration_windows};
+use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
     AwqParams, CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
@@ -19,6 +19,7 @@ use crate::jobs::spec::{
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::gptq_model::QuantizedTensors;
+use crate::quant::imatrix::ImportanceMatrix;
 use crate::quant::{GgufType, Plan};
 use crate::store::sync_dir;
 
@@ -43,9 +44,17 @@ pub struct QuantizeArgs {
     /// rtn, gptq: asymmetric groups (a zero point per group).
     #[arg(long)]
     asym: bool,
-    /// gptq: a UTF-8 text file to calibrate on.
+    /// gptq, awq: a UTF-8 text file to calibrate on; gguf: collect an importance matrix on it.
     #[arg(long)]
     calib: Option<PathBuf>,
+    /// gguf: weight the encoders with this importance matrix (llama.cpp's GGUF or legacy .dat
+    /// format, e.g. from llama-imatrix) instead of collecting one.
+    #[arg(long, conflicts_with = "calib")]
+    imatrix: Option<PathBuf>,
+    /// gguf with --calib: also write the collected importance matrix here, in llama.cpp's GGUF
+    /// format (llama-quantize --imatrix reads it).
+    #[arg(long, requires = "calib")]
+    save_imatrix: Option<PathBuf>,
     /// gptq: calibration windows.
     #[arg(long, default_value_t = 128)]
     samples: usize,
@@ -164,19 +173,31 @@ fn write_gguf(
     plan: &Plan,
     name: &str,
     params: serde_json::Value,
-    precomputed: QuantizedTensors,
+    calibrated: Calibrated,
     out: &Path,
     threads: usize,
 ) -> anyhow::Result<()> {
     let mut metadata =
         gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
     metadata.extend(gguf_meta::provenance(plan.method, &params, None, None));
+    if let Some(m) = &calibrated.imatrix {
+        metadata.extend(m.provenance(&m.datasets.first().cloned().unwrap_or_default()));
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
     let tmp = out.with_extension("gguf.tmp");
     let hooks = BarHooks(bar());
-    let result = quantize_gguf(ckpt, plan, precomputed, &metadata, &tmp, &pool, &hooks);
+    let result = quantize_gguf(
+        ckpt,
+        plan,
+        calibrated.tensors,
+        calibrated.imatrix.as_ref(),
+        &metadata,
+        &tmp,
+        &pool,
+        &hooks,
+    );
     hooks.0.finish();
     let (digest, size, report) = match result {
         Ok(r) => r,
@@ -221,10 +242,13 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(MethodSpec::Gguf(GgufParams {
+            let p = GgufParams {
                 gguf_type,
                 overrides,
-            }))
+                imatrix: args.calib.is_some() || args.imatrix.is_some(),
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::Gguf(p))
         }
         "rtn" => {
             let p = RtnParams {
@@ -285,7 +309,26 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         args.out.clone()
     };
-    let precomputed = match (&method, &args.calib) {
+    if args.imatrix.is_some() && !matches!(method, MethodSpec::Gguf(_)) {
+        bail!("--imatrix: method {} does not read one", method.name());
+    }
+    let calibrated = match (&method, &args.calib) {
+        (_, None) if args.imatrix.is_some() => {
+            let path = args.imatrix.as_deref().expect("checked");
+            let m = ImportanceMatrix::read(path)
+                .with_context(|| format!("--imatrix {}", path.display()))?;
+            eprintln!(
+                "importance matrix: {} entries from {:?}, {} chunks of {} tokens",
+                m.entries.len(),
+                m.datasets,
+                m.chunk_count,
+                m.chunk_size
+            );
+            Calibrated {
+                tensors: QuantizedTensors::default(),
+                imatrix: Some(m),
+            }
+        }
         (m, None) if m.calibrates() => bail!("--method {} needs --calib FILE", m.name()),
         (m, Some(path)) if m.calibrates() => {
             let text = std::fs::read_to_string(path)
@@ -303,7 +346,7 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", file.display()))?;
             }
             let hooks = BarHooks(bar());
-            let (tensors, report) = calibrate(
+            let (calibrated, report) = calibrate(
                 &ckpt,
                 &method,
                 &plan,
@@ -317,12 +360,18 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
                 "calibrated on {} windows of {} tokens in {:.1}s",
                 report.samples, report.seq_len, report.wall_seconds
             );
-            tensors
+            if let (Some(file), Some(m)) = (&args.save_imatrix, &calibrated.imatrix) {
+                let w = std::fs::File::create(file)
+                    .with_context(|| format!("writing {}", file.display()))?;
+                m.write_gguf(std::io::BufWriter::new(w))?;
+                eprintln!("wrote {}", file.display());
+            }
+            calibrated
         }
         (_, Some(_)) => bail!("--calib: method {} does not calibrate", method.name()),
-        (_, None) => QuantizedTensors::default(),
+        (_, None) => Calibrated::default(),
     };
-    write_gguf(&ckpt, &plan, &name, params, precomputed, &out, threads)
+    write_gguf(&ckpt, &plan, &name, params, calibrated, &out, threads)
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
@@ -360,14 +409,14 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 other => bail!("--dtype {other}: must be f32, f16 or bf16"),
             };
             let tensors = ckpt.tensor_shapes();
-            let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], cpu_count());
+            let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], false, cpu_count());
             let params = serde_json::json!({"type": t});
             write_gguf(
                 &ckpt,
                 &plan,
                 &model_name(&args.input),
                 params,
-                QuantizedTensors::default(),
+                Calibrated::default(),
                 &args.output,
                 cpu_count(),
             )

@@ -168,23 +168,36 @@ impl JobRequest {
                     .map_err(|e| ApiError::invalid(&e.param, e.message))?;
                 MethodSpec::Awq(p)
             }
-            _ => MethodSpec::Gguf(prefixed::<GgufParams>("params", params)?),
+            _ => {
+                let p = prefixed::<GgufParams>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::Gguf(p)
+            }
         };
+        let gguf = matches!(method, MethodSpec::Gguf(_));
         match (method.calibrates(), calibration.is_some()) {
             (false, true) => {
+                let hint = if gguf {
+                    " (set params.imatrix: true to collect an importance matrix on it)"
+                } else {
+                    ""
+                };
                 return Err(ApiError::invalid(
                     "calibration",
-                    format!("method {:?} does not calibrate", method.name()),
-                ))
+                    format!("method {:?} does not calibrate{hint}", method.name()),
+                ));
             }
             (true, false) => {
+                let what = if gguf {
+                    "params.imatrix".to_string()
+                } else {
+                    format!("method {:?}", method.name())
+                };
                 return Err(ApiError::invalid(
                     "calibration",
-                    format!(
-                        "method {:?} needs a calibration block naming a dataset",
-                        method.name()
-                    ),
-                ))
+                    format!("{what} needs a calibration block naming a dataset"),
+                ));
             }
             _ => {}
         }

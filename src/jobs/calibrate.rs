@@ -1,7 +1,8 @@
 //! The calibrating stage, shared by the job worker and `quantd quantize`: the calibration text
 //! tokenized with the model's own tokenizer, seeded windows cut from it (DESIGN §4), and the
 //! method's layer-by-layer pass over them. What it quantized goes to the writer as finished
-//! tensors; the report says what the method was calibrated on.
+//! tensors (gptq, awq), or the importance matrix collected on the windows weights the block
+//! encoders (gguf with `imatrix`); the report says what the method was calibrated on.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
@@ -18,6 +19,7 @@ use crate::quant::awq::{self, AwqConfig};
 use crate::quant::calibration;
 use crate::quant::gptq::GptqConfig;
 use crate::quant::gptq_model::{GptqModel, QuantizedTensors};
+use crate::quant::imatrix::ImportanceMatrix;
 use crate::quant::layerwise::{self, LayerwiseError};
 use crate::quant::Plan;
 
@@ -64,7 +66,15 @@ fn tokenize_and_cut(
     Ok((ids.len(), windows))
 }
 
-/// Runs `method`'s calibration on `text`; returns the tensors it quantized (GGUF names).
+/// What calibration produced: tensors a method quantized itself (GGUF names), or an importance
+/// matrix for the block encoders.
+#[derive(Debug, Default)]
+pub struct Calibrated {
+    pub tensors: QuantizedTensors,
+    pub imatrix: Option<ImportanceMatrix>,
+}
+
+/// Runs `method`'s calibration on `text`.
 pub fn calibrate(
     ckpt: &Checkpoint,
     method: &MethodSpec,
@@ -73,7 +83,7 @@ pub fn calibrate(
     source: &str,
     params: &CalibrationParams,
     hooks: &dyn Hooks,
-) -> Result<(QuantizedTensors, CalibrationReport), PipelineError> {
+) -> Result<(Calibrated, CalibrationReport), PipelineError> {
     let started = Instant::now();
     let failed = |e: String| PipelineError::Calibration(e);
     let (text_tokens, windows) = tokenize_and_cut(ckpt, text, params)?;
@@ -95,7 +105,25 @@ pub fn calibrate(
         LayerwiseError::Cancelled => PipelineError::Cancelled,
         other => failed(other.to_string()),
     };
+    let mut imatrix = None;
     let (tensors, true_sequential, details) = match method {
+        MethodSpec::Gguf(_) => {
+            let llama = servable::load_llama(ckpt, params.seq_len)
+                .map_err(|e| failed(format!("loading the model: {e}")))?;
+            let window_progress = |done: usize, total: usize| {
+                hooks.progress("calibrating", done as u64, total as u64, "windows");
+                if hooks.cancelled() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            };
+            let m = ImportanceMatrix::collect(&llama, &windows, source, window_progress)?
+                .ok_or(PipelineError::Cancelled)?;
+            let details = serde_json::json!({"imatrix_entries": m.entries.len()});
+            imatrix = Some(m);
+            (QuantizedTensors::default(), None, Some(details))
+        }
         MethodSpec::Gptq(p) => {
             let config = GptqConfig {
                 format: p.format(),
@@ -138,5 +166,5 @@ pub fn calibrate(
         details,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((tensors, report))
+    Ok((Calibrated { tensors, imatrix }, report))
 }

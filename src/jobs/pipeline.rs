@@ -12,7 +12,9 @@ use super::calibrate::CalibrationReport;
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::gptq_model::QuantizedTensors;
+use crate::quant::imatrix::{ImatrixError, ImportanceMatrix};
 use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
+use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter};
 
@@ -37,6 +39,8 @@ pub enum PipelineError {
     },
     #[error("calibrating: {0}")]
     Calibration(String),
+    #[error(transparent)]
+    Imatrix(#[from] ImatrixError),
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -52,6 +56,20 @@ pub struct TensorReport {
     pub snr_db: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<&'static str>,
+    /// Whether an importance matrix weighted the encoder.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub imatrix: bool,
+}
+
+/// What importance matrix a file was quantized with.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImatrixReport {
+    pub entries: usize,
+    /// Tensors whose encoder it weighted (Q8_0 and float tensors ignore it, as in llama.cpp).
+    pub weighted_tensors: usize,
+    pub datasets: Vec<String>,
+    pub chunk_count: u32,
+    pub chunk_size: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,14 +83,19 @@ pub struct GgufReport {
     /// What a calibrated method was calibrated on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imatrix: Option<ImatrixReport>,
 }
 
 /// Writes the GGUF for `plan` to `out_path`; returns its digest, size and the report.
-/// Tensors in `precomputed` (a calibrated method's output) are written as they are.
+/// Tensors in `precomputed` (a calibrated method's output) are written as they are; the others
+/// are encoded with `importance`'s weights where it has an entry for them.
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_gguf(
     ckpt: &Checkpoint,
     plan: &Plan,
     mut precomputed: QuantizedTensors,
+    importance: Option<&ImportanceMatrix>,
     metadata: &[(String, Value)],
     out_path: &Path,
     pool: &rayon::ThreadPool,
@@ -93,11 +116,13 @@ pub fn quantize_gguf(
     hooks.progress("quantizing", 0, total, "tensors");
     let threads = pool.current_num_threads().max(1);
     let mut reports = Vec::with_capacity(plan.tensors.len());
+    let mut weighted_tensors = 0;
     // One tensor at a time (memory holds one), its rows quantized in parallel on the pool.
     for (done, t) in plan.tensors.iter().enumerate() {
         if hooks.cancelled() {
             return Err(PipelineError::Cancelled);
         }
+        let mut weighted = false;
         let (bytes, err) = match precomputed.remove(&t.name) {
             Some(done) => done,
             None => {
@@ -113,7 +138,16 @@ pub fn quantize_gguf(
                         let row_len = *t.shape.last().expect("grouped tensors are 2-D");
                         quantize_grouped(&t.name, &data, row_len, format, pool)?
                     }
-                    None => quantize_tensor(&t.name, &data, &t.shape, t.dtype, pool)?,
+                    None => {
+                        let row_len = *t.shape.last().unwrap_or(&1);
+                        let weights = match importance {
+                            Some(m) if uses_importance(t.dtype) => m.weights(&t.name, row_len)?,
+                            _ => None,
+                        };
+                        weighted = weights.is_some();
+                        let w = weights.as_deref();
+                        quantize_tensor(&t.name, &data, &t.shape, t.dtype, w, pool)?
+                    }
                 }
             }
         };
@@ -125,7 +159,9 @@ pub fn quantize_gguf(
             rel_rmse: err.rel_rmse,
             snr_db: err.snr_db.is_finite().then_some(err.snr_db),
             fallback_from: t.fallback_from,
+            imatrix: weighted,
         });
+        weighted_tensors += weighted as usize;
         hooks.progress("quantizing", done as u64 + 1, total, "tensors");
     }
     let (digest, size) = writer.finish()?.finish()?;
@@ -140,6 +176,13 @@ pub fn quantize_gguf(
             wall_seconds: start.elapsed().as_secs_f64(),
             threads,
             calibration: None,
+            imatrix: importance.map(|m| ImatrixReport {
+                entries: m.entries.len(),
+                weighted_tensors,
+                datasets: m.datasets.clone(),
+                chunk_count: m.chunk_count,
+                chunk_size: m.chunk_size,
+            }),
         },
     ))
 }

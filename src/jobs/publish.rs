@@ -17,6 +17,14 @@ use crate::export::manifest::{Manifest, ManifestFile};
 use crate::quant::{GgufType, Plan};
 use crate::store::{Digest, HashingWriter, TempFile};
 
+/// A file published beside the model (the importance matrix a job collected).
+pub(super) struct ExtraFile {
+    pub name: String,
+    pub temp: TempFile,
+    pub digest: Digest,
+    pub size: u64,
+}
+
 /// Everything publishing needs from the earlier stages.
 pub(super) struct Output<'a> {
     pub spec: &'a JobSpec,
@@ -31,6 +39,7 @@ pub(super) struct Output<'a> {
     pub gguf_type: GgufType,
     pub architecture: String,
     pub metrics: Vec<MetricRow>,
+    pub extra_files: Vec<ExtraFile>,
 }
 
 /// Writes `manifest.json` to a temp file; returns it with its digest and size.
@@ -47,11 +56,17 @@ fn write_manifest(
         params: o.params.clone(),
         tool: format!("quantd {}", env!("CARGO_PKG_VERSION")),
         job_id: Some(o.job_id.to_string()),
-        files: vec![ManifestFile {
+        files: std::iter::once(ManifestFile {
             name: gguf_name.to_string(),
             sha256: o.digest.hex().to_string(),
             size: o.size,
-        }],
+        })
+        .chain(o.extra_files.iter().map(|f| ManifestFile {
+            name: f.name.clone(),
+            sha256: f.digest.hex().to_string(),
+            size: f.size,
+        }))
+        .collect(),
         metrics: json!({"bits_per_weight": o.plan.bits_per_weight, "bits_per_weight_total": o.plan.bits_per_weight_total,
                         "file_bytes": o.size, "type_counts": o.plan.type_counts, "quantize_seconds": o.report.wall_seconds,
                         "eval": o.eval}),
@@ -70,7 +85,7 @@ pub(super) async fn publish(
 ) -> Result<(String, serde_json::Value), RunError> {
     let gguf_name = format!("{}.gguf", o.spec.output_name.replace(':', "-"));
     let (manifest_temp, manifest_digest, manifest_size) = write_manifest(js, &o, &gguf_name)?;
-    let files = vec![
+    let mut files = vec![
         ModelFileRow {
             name: gguf_name,
             digest: o.digest.to_string(),
@@ -82,13 +97,22 @@ pub(super) async fn publish(
             size: manifest_size as i64,
         },
     ];
+    files.extend(o.extra_files.iter().map(|f| ModelFileRow {
+        name: f.name.clone(),
+        digest: f.digest.to_string(),
+        size: f.size as i64,
+    }));
     let fresh: Vec<Digest> = [&o.digest, &manifest_digest]
         .into_iter()
+        .chain(o.extra_files.iter().map(|f| &f.digest))
         .filter(|d| !js.store().path(d).exists())
         .cloned()
         .collect();
     js.store().commit(o.temp, &o.digest)?;
     js.store().commit(manifest_temp, &manifest_digest)?;
+    for f in o.extra_files {
+        js.store().commit(f.temp, &f.digest)?;
+    }
     let row = ModelRow {
         id: o.spec.output_name.clone(),
         kind: "quantized".into(),

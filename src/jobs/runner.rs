@@ -25,7 +25,7 @@ use crate::db::{self, jobs::JobRow};
 use crate::export::gguf_meta;
 use crate::model::checkpoint::is_weights_file;
 use crate::quant::Plan;
-use crate::store::{Digest, TempFile};
+use crate::store::{Digest, HashingWriter, TempFile};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RunError {
@@ -247,6 +247,7 @@ async fn quantize_and_publish(
         gguf_type: quantized.plan.gguf_type,
         architecture: quantized.architecture,
         metrics,
+        extra_files: quantized.imatrix_file.into_iter().collect(),
     };
     publish::publish(js, output).await
 }
@@ -286,6 +287,8 @@ struct Quantized {
     architecture: String,
     /// The method's parameters as recorded in the file and the manifest.
     params: serde_json::Value,
+    /// The importance matrix the encoders used, in llama.cpp's format.
+    imatrix_file: Option<publish::ExtraFile>,
 }
 
 /// Opens the base model, plans, and runs the pipeline on a blocking thread into a temp file.
@@ -329,7 +332,7 @@ async fn quantize(
     .map_err(|e| RunError::Failed(format!("metadata thread panicked: {e}")))?
     .map_err(|e| RunError::Failed(e.to_string()))?;
 
-    let (precomputed, calibration) = match &spec.calibration {
+    let (calibrated, calibration) = match &spec.calibration {
         Some(params) => {
             stage(js, &job.id, "calibrating").await?;
             let dataset = db::datasets::get(js.db(), &params.dataset)
@@ -367,6 +370,29 @@ async fn quantize(
         None => Default::default(),
     };
 
+    // An importance matrix is recorded in the GGUF as llama-quantize records it, and published
+    // beside the model in llama.cpp's format.
+    let mut metadata = metadata;
+    let imatrix_file = match &calibrated.imatrix {
+        Some(m) => {
+            let name = format!("{}.imatrix.gguf", spec.output_name.replace(':', "-"));
+            metadata.extend(m.provenance(&name));
+            let temp = js.store().temp_file("imatrix")?;
+            let w = HashingWriter::create(temp.path())?;
+            let (digest, size) = m
+                .write_gguf(w)
+                .map_err(|e| RunError::Failed(e.to_string()))?
+                .finish()?;
+            Some(publish::ExtraFile {
+                name,
+                temp,
+                digest,
+                size,
+            })
+        }
+        None => None,
+    };
+
     stage(js, &job.id, "quantizing").await?;
     let temp = js.store().temp_file("job")?;
     let hooks = JobHooks::new(js, &job.id, cancel);
@@ -377,7 +403,8 @@ async fn quantize(
         pipeline::quantize_gguf(
             &ckpt_for_run,
             &plan_for_run,
-            precomputed,
+            calibrated.tensors,
+            calibrated.imatrix.as_ref(),
             &metadata,
             &out_path,
             &pool,
@@ -397,6 +424,7 @@ async fn quantize(
         report,
         architecture,
         params: params_json,
+        imatrix_file,
     })
 }
 

@@ -57,7 +57,10 @@ impl MethodSpec {
 
     /// Whether the method runs calibration windows through the model.
     pub fn calibrates(&self) -> bool {
-        matches!(self, Self::Gptq(_) | Self::Awq(_))
+        match self {
+            Self::Gguf(p) => p.imatrix,
+            other => matches!(other, Self::Gptq(_) | Self::Awq(_)),
+        }
     }
 
     /// Whether the job produces a model (everything but `eval`).
@@ -68,6 +71,7 @@ impl MethodSpec {
     /// The variant part of the default output id (`base:variant`), for methods that make one.
     pub fn default_variant(&self) -> Option<String> {
         match self {
+            Self::Gguf(p) if p.imatrix => Some(format!("{}-imat", p.gguf_type.variant())),
             Self::Gguf(p) => Some(p.gguf_type.variant()),
             Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
             Self::Gptq(p) => Some(format!("gptq-{}", p.variant())),
@@ -517,6 +521,10 @@ pub struct GgufParams {
     /// Per-tensor type overrides by regex, applied in order; the last match wins.
     #[serde(default)]
     pub overrides: Vec<OverrideSpec>,
+    /// Collect an importance matrix on the job's calibration windows and weight the block
+    /// encoders with it (llama-quantize's `--imatrix`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imatrix: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -535,6 +543,21 @@ pub struct ParamError {
 }
 
 impl GgufParams {
+    /// An importance matrix only changes types whose encoders read one.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.imatrix && !self.gguf_type.reads_importance() {
+            return Err(param_error(
+                "imatrix",
+                format!(
+                    "{} has no block encoder that reads an importance matrix (llama.cpp ignores \
+                     it for F32, F16, BF16 and Q8_0)",
+                    self.gguf_type.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Compiled overrides; the patterns were checked at submit, so this only fails on
     /// tampered rows.
     pub fn compiled_overrides(&self) -> Result<Vec<Override>, ParamError> {
@@ -581,6 +604,7 @@ mod tests {
             method: MethodSpec::Gguf(GgufParams {
                 gguf_type: GgufType::Q4_K_M,
                 overrides: vec![],
+                imatrix: false,
             }),
             calibration: None,
             eval: None,

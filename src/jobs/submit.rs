@@ -56,6 +56,7 @@ pub fn quantization_plan(
                 &ckpt.tensor_shapes(),
                 p.gguf_type,
                 &overrides,
+                p.imatrix,
                 threads,
             ))
         }

@@ -125,6 +125,12 @@ impl GgufType {
         matches!(self, Self::F32 | Self::F16 | Self::BF16)
     }
 
+    /// Whether an importance matrix changes this type's bytes (its main block types have
+    /// weighted encoders).
+    pub fn reads_importance(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0)
+    }
+
     /// The lower-case variant name used in model ids (`smollm2:q4_k_m`).
     pub fn variant(self) -> String {
         self.name().to_ascii_lowercase()

@@ -13,14 +13,14 @@ use half::f16;
 /// Values per super-block.
 pub const QK_K: usize = 256;
 /// ggml's threshold for an all-zero group.
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 pub const Q4K_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
 pub const Q5K_BYTES: usize = 2 + 2 + 12 + QK_K / 8 + QK_K / 2;
 pub const Q6K_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 
 /// ggml's `nearest_int`: round half to even through the float mantissa.
-fn nearest_int(v: f32) -> i32 {
+pub(super) fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0f32).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
 }
@@ -105,8 +105,9 @@ fn make_qkx2_quants(
 }
 
 /// Symmetric scale of one group, refined over ±0.9 around nmax (ggml's `make_qx_quants` with
-/// `rmse_type` 1 and no importance weights); fills `l` with levels offset by nmax.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+/// `rmse_type` 1): the error of each value is weighted by `qw` (an importance matrix) or, without
+/// one, by the value's square. Fills `l` with levels offset by nmax.
+pub(super) fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32 {
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {
@@ -124,7 +125,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     for (i, &v) in x.iter().enumerate() {
         let q = level(iscale, v);
         l[i] = (q + nmax) as i8;
-        let w = v * v;
+        let w = qw.map_or(v * v, |qw| qw[i]);
         sumlx += w * v * q as f32;
         suml2 += w * q as f32 * q as f32;
     }
@@ -137,9 +138,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v);
-            let w = v * v;
+            let w = qw.map_or(v * v, |qw| qw[i]);
             sumlx += w * v * q as f32;
             suml2 += w * q as f32 * q as f32;
         }
@@ -155,7 +156,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 }
 
 /// 6-bit scales and mins of 8 groups packed into 12 bytes, as `get_scale_min_k4` reads them.
-fn pack_scales_mins(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+pub(super) fn pack_scales_mins(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     let mut s = [0u8; 12];
     for j in 0..8 {
         if j < 4 {
@@ -170,7 +171,7 @@ fn pack_scales_mins(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -295,7 +296,19 @@ pub fn quantize_q5k(x: &[f32], out: &mut Vec<u8>) {
 
 /// Encodes rows of f32 as Q6_K blocks.
 pub fn quantize_q6k(x: &[f32], out: &mut Vec<u8>) {
-    for sb in x.chunks_exact(QK_K) {
+    encode_q6k(x, None, out)
+}
+
+/// Q6_K with ggml's `quantize_row_q6_K_impl`: `importance` (one value per column of a row of
+/// `importance.len()` values) weights each group's scale search; None is the reference encoder.
+pub(super) fn encode_q6k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (i, sb) in x.chunks_exact(QK_K).enumerate() {
+        let qw_of = |ib: usize| {
+            importance.map(|w| {
+                let at = (i * QK_K) % w.len() + 16 * ib;
+                &w[at..at + 16]
+            })
+        };
         let mut l = [0i8; QK_K];
         let mut scales = [0f32; QK_K / 16];
         let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
@@ -304,6 +317,7 @@ pub fn quantize_q6k(x: &[f32], out: &mut Vec<u8>) {
                 32,
                 &sb[16 * ib..16 * ib + 16],
                 &mut l[16 * ib..16 * ib + 16],
+                qw_of(ib),
             );
             scales[ib] = s;
             if s.abs() > max_abs_scale {

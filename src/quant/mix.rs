@@ -22,6 +22,8 @@ pub struct MixContext {
     pub n_gqa: usize,
     /// Whether the model has a separate `output.weight` (untied LM head).
     pub has_output: bool,
+    /// Whether an importance matrix weights the encoders (llama.cpp's `qs.has_imatrix`).
+    pub has_imatrix: bool,
 }
 
 impl MixContext {
@@ -30,6 +32,7 @@ impl MixContext {
             n_layers: cfg.num_hidden_layers,
             n_gqa: cfg.num_attention_heads / cfg.num_key_value_heads,
             has_output: !cfg.tie_word_embeddings,
+            has_imatrix: false,
         }
     }
 }
@@ -126,6 +129,10 @@ fn rule_type(ctx: &MixContext, ftype: GgufType, name: &str, row_len: usize) -> G
             F::Q4_K_M if use_more_bits(layer, n) => Q6K,
             F::Q5_K_M if use_more_bits(layer, n) => Q6K,
             F::Q4_K_S if layer < n / 8 => Q5K,
+            // With an importance matrix llama.cpp guards the first ffn_down layers of Q4_0/Q5_0
+            // with the asymmetric type (without one it keeps the old output unchanged).
+            F::Q4_0 if ctx.has_imatrix && layer < n / 8 => Q4_1,
+            F::Q5_0 if ctx.has_imatrix && layer < n / 8 => Q5_1,
             _ => base,
         },
         "attn_output" => match ftype {
@@ -209,8 +216,15 @@ mod tests {
     }
 
     fn histogram(ftype: GgufType) -> BTreeMap<&'static str, usize> {
+        histogram_with(ftype, false)
+    }
+
+    fn histogram_with(ftype: GgufType, has_imatrix: bool) -> BTreeMap<&'static str, usize> {
         let cfg = smollm2();
-        let ctx = MixContext::new(&cfg);
+        let ctx = MixContext {
+            has_imatrix,
+            ..MixContext::new(&cfg)
+        };
         let mut h = BTreeMap::new();
         for name in required_tensors(&cfg) {
             let shape = expected_shape(&cfg, &name).unwrap();
@@ -231,6 +245,21 @@ mod tests {
         assert_eq!(
             h,
             BTreeMap::from([("Q5_0", 166), ("Q4_K", 16), ("Q6_K", 14), ("Q8_0", 15)])
+        );
+    }
+
+    /// With an importance matrix llama.cpp moves ffn_down of the first n_layer/8 layers (3 of
+    /// SmolLM2's 30) from Q4_0/Q5_0 to Q4_1/Q5_1; the k-quant mixes do not change.
+    #[test]
+    fn an_importance_matrix_guards_the_first_ffn_down_layers_of_q4_0_and_q5_0() {
+        assert_eq!(
+            histogram_with(GgufType::Q4_0, true),
+            BTreeMap::from([("Q4_0", 207), ("Q4_1", 3), ("Q8_0", 1)])
+        );
+        assert_eq!(histogram_with(GgufType::Q5_0, true)["Q5_1"], 3);
+        assert_eq!(
+            histogram_with(GgufType::Q4_K_M, true),
+            histogram(GgufType::Q4_K_M)
         );
     }
 

@@ -2,7 +2,8 @@
 //! `gguf`: GGML block quantization with llama.cpp's per-tensor mixes; `rtn`: integer groups
 //! (GPTQ's definition) packed exactly into GGML blocks; `gptq`: the same groups chosen by GPTQ
 //! on calibration inputs, layer by layer (`layerwise`); `awq`: activation-aware scales folded
-//! into the previous op, clipping, then the same groups.
+//! into the previous op, clipping, then the same groups. An importance matrix (`imatrix`)
+//! weights `gguf`'s block encoders (`weighted_blocks`) as llama-quantize's `--imatrix` does.
 
 pub mod awq;
 pub mod calibration;
@@ -10,11 +11,13 @@ pub mod gguf_types;
 pub mod gptq;
 pub mod gptq_model;
 pub mod groups;
+pub mod imatrix;
 pub mod kquants;
 pub mod layerwise;
 pub mod mix;
 pub mod plan;
 pub mod tensor_quant;
+pub mod weighted_blocks;
 
 pub use gguf_types::GgufType;
 pub use plan::{Plan, PlannedTensor};

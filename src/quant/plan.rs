@@ -51,15 +51,20 @@ pub struct Plan {
 const BASELINE_BYTES: u64 = 64 << 20;
 
 impl Plan {
-    /// `tensors` are (GGUF name, row-major shape) in write order.
+    /// `tensors` are (GGUF name, row-major shape) in write order. `imatrix`: an importance
+    /// matrix will weight the encoders, which changes one of llama.cpp's mix rules.
     pub fn gguf(
         cfg: &ModelConfig,
         tensors: &[(String, Vec<usize>)],
         gguf_type: GgufType,
         overrides: &[Override],
+        imatrix: bool,
         threads: usize,
     ) -> Self {
-        let ctx = MixContext::new(cfg);
+        let ctx = MixContext {
+            has_imatrix: imatrix,
+            ..MixContext::new(cfg)
+        };
         let mut planned = Vec::with_capacity(tensors.len());
         for (name, shape) in tensors {
             let c = choose(&ctx, gguf_type, name, shape, overrides);

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::groups::GroupFormat;
 use super::kquants::{self, QK_K};
+use super::weighted_blocks;
 
 /// Error of a quantized tensor against its f32 source.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -40,12 +41,14 @@ pub enum TensorQuantError {
 const SLICE_ROWS: usize = 256;
 
 /// Quantizes `data` (row-major `shape`) to `dtype` on `pool`; returns the stored bytes and the
-/// error against `data`.
+/// error against `data`. `importance` (one value per column, from an importance matrix)
+/// weights the encoders of the types that read one (`weighted_blocks::uses_importance`).
 pub fn quantize_tensor(
     name: &str,
     data: &[f32],
     shape: &[usize],
     dtype: GgmlDType,
+    importance: Option<&[f32]>,
     pool: &rayon::ThreadPool,
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
     check_finite(name, data)?;
@@ -58,7 +61,7 @@ pub fn quantize_tensor(
     let parts: Vec<Result<(Vec<u8>, ErrorAcc), candle_core::Error>> = pool.install(|| {
         slices
             .par_iter()
-            .map(|s| quantize_slice(s, row_len, dtype))
+            .map(|s| quantize_slice(s, row_len, dtype, importance))
             .collect()
     });
     let mut bytes = Vec::new();
@@ -135,6 +138,7 @@ fn quantize_slice(
     src: &[f32],
     row_len: usize,
     dtype: GgmlDType,
+    importance: Option<&[f32]>,
 ) -> candle_core::Result<(Vec<u8>, ErrorAcc)> {
     let mut acc = ErrorAcc::default();
     let bytes = match dtype {
@@ -159,7 +163,10 @@ fn quantize_slice(
         }
         _ => {
             let rows = src.len() / row_len;
+            let weighted =
+                importance.and_then(|w| weighted_blocks::quantize_rows(dtype, src, row_len, w));
             let bytes = match dtype {
+                _ if weighted.is_some() => weighted.expect("checked"),
                 GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
                     let mut out = Vec::with_capacity(src.len() / QK_K * dtype.type_size());
                     match dtype {
@@ -254,10 +261,24 @@ mod tests {
     #[test]
     fn q8_0_is_accurate_and_q4_0_is_less_so() {
         let shape = [64, 256];
-        let (b8, e8) =
-            quantize_tensor("w", &ramp(64 * 256), &shape, GgmlDType::Q8_0, &pool(2)).unwrap();
-        let (b4, e4) =
-            quantize_tensor("w", &ramp(64 * 256), &shape, GgmlDType::Q4_0, &pool(2)).unwrap();
+        let (b8, e8) = quantize_tensor(
+            "w",
+            &ramp(64 * 256),
+            &shape,
+            GgmlDType::Q8_0,
+            None,
+            &pool(2),
+        )
+        .unwrap();
+        let (b4, e4) = quantize_tensor(
+            "w",
+            &ramp(64 * 256),
+            &shape,
+            GgmlDType::Q4_0,
+            None,
+            &pool(2),
+        )
+        .unwrap();
         assert_eq!(b8.len(), 64 * 256 / 32 * 34);
         assert_eq!(b4.len(), 64 * 256 / 32 * 18);
         assert!(e8.rel_rmse < 0.01, "{e8:?}");
@@ -275,12 +296,12 @@ mod tests {
         let mut whole_q4k = Vec::new();
         kquants::quantize_q4k(&data, &mut whole_q4k);
         let (sliced, _) =
-            quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q4K, &pool(2)).unwrap();
+            quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q4K, None, &pool(2)).unwrap();
         assert_eq!(sliced, whole_q4k);
         let tensor = Tensor::from_slice(&data, (rows, cols), &Device::Cpu).unwrap();
         let whole_q5_0 = QTensor::quantize(&tensor, GgmlDType::Q5_0).unwrap();
         let (sliced, _) =
-            quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q5_0, &pool(2)).unwrap();
+            quantize_tensor("w", &data, &[rows, cols], GgmlDType::Q5_0, None, &pool(2)).unwrap();
         assert_eq!(sliced, whole_q5_0.data().unwrap().into_owned());
     }
 
@@ -293,6 +314,7 @@ mod tests {
             &d,
             &[1, 32],
             GgmlDType::Q8_0,
+            None,
             &pool(1),
         )
         .unwrap_err();
@@ -301,9 +323,11 @@ mod tests {
 
     #[test]
     fn f32_is_lossless_and_f16_is_nearly_so() {
-        let (_, e) = quantize_tensor("w", &ramp(32), &[32], GgmlDType::F32, &pool(1)).unwrap();
+        let (_, e) =
+            quantize_tensor("w", &ramp(32), &[32], GgmlDType::F32, None, &pool(1)).unwrap();
         assert_eq!(e.rel_rmse, 0.0);
-        let (b, e) = quantize_tensor("w", &ramp(64), &[2, 32], GgmlDType::F16, &pool(2)).unwrap();
+        let (b, e) =
+            quantize_tensor("w", &ramp(64), &[2, 32], GgmlDType::F16, None, &pool(2)).unwrap();
         assert_eq!(b.len(), 128);
         assert!(e.rel_rmse > 0.0 && e.rel_rmse < 1e-3, "{e:?}");
     }

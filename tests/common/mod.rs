@@ -215,6 +215,31 @@ pub fn fixture() -> PathBuf {
     dir
 }
 
+/// The files of one of the fixture's folders (`hf-f32`, `hf-f16`), sorted.
+pub fn fixture_files(folder: &str) -> Vec<PathBuf> {
+    let dir = fixture().join(folder);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// The Python with llama-cpp-python: QUANTD_PEER_PYTHON, or the venv scripts/test.sh makes.
+pub fn peer_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUANTD_PEER_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let venv = PathBuf::from(home).join(".cache/quantd-peers/venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with llama-cpp-python: set QUANTD_PEER_PYTHON or run scripts/test.sh"
+    );
+    venv
+}
+
 /// Python with `gguf`, `numpy` and `safetensors` (the fixture's venv unless QUANTD_PYTHON says).
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("QUANTD_PYTHON") {
