@@ -1,5 +1,5 @@
 //! The command line: `serve`, `quantize` (offline, the job code path with a progress bar),
-//! `convert` (GGUF ⇄ HF safetensors) and `migrate`.
+//! `convert` (GGUF ⇄ HF safetensors), `export` (GPTQ/AWQ checkpoints) and `migrate`.
 
 mod bench;
 mod eval;
@@ -40,6 +40,8 @@ enum Command {
     Quantize(offline::QuantizeArgs),
     /// Convert between GGUF and HF safetensors (direction from the input).
     Convert(offline::ConvertArgs),
+    /// Write an rtn/gptq/awq GGUF as a GPTQ or AWQ (GEMM) safetensors checkpoint.
+    Export(offline::ExportArgs),
     /// Perplexity of a model on a text, and KL divergence / top-1 against a reference.
     Eval(eval::EvalArgs),
     /// Measure inference speed (prompt processing, decoding, concurrent streams).
@@ -61,6 +63,7 @@ pub fn main() -> ExitCode {
         } => serve(config, allow_unauthenticated),
         Command::Quantize(args) => offline::quantize(args),
         Command::Convert(args) => offline::convert(args),
+        Command::Export(args) => offline::export(args),
         Command::Bench(args) => bench::bench(args),
         Command::Eval(args) => eval::eval(args),
         Command::Migrate { config } => migrate(config),

@@ -1,5 +1,5 @@
-//! `quantd quantize` and `quantd convert`: the same checkpoint reader, plan and pipeline as
-//! jobs, run in-process with a progress bar and no server or database.
+//! `quantd quantize`, `quantd convert` and `quantd export`: the same checkpoint reader, plan and
+//! pipeline as jobs, run in-process with a progress bar and no server or database.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{cpu_count, Settings};
 use crate::export::gguf_meta;
+use crate::export::gptq::{write_grouped_folder, Layout};
 use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
@@ -101,6 +102,18 @@ pub struct ConvertArgs {
     /// Float type of the output: f32, f16 or bf16 (default: f32 for HF output, f16 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A GGUF written by `quantd quantize --method rtn|gptq|awq` (or such a job's artifact).
+    input: PathBuf,
+    /// `gptq` (AutoGPTQ/GPTQModel layout, `checkpoint_format: gptq`) or `awq` (AutoAWQ GEMM).
+    #[arg(long)]
+    format: String,
+    /// The output folder (created; must be empty).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Opens a path as a checkpoint: a .gguf file, or every regular file in a folder.
@@ -372,6 +385,18 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         (_, None) => Calibrated::default(),
     };
     write_gguf(&ckpt, &plan, &name, params, calibrated, &out, threads)
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let layout = Layout::parse(&args.format)
+        .with_context(|| format!("--format {}: must be gptq or awq", args.format))?;
+    if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
+        bail!("{} exists and is not empty", args.out.display());
+    }
+    let ckpt = open_path(&args.input)?;
+    let report = write_grouped_folder(&ckpt, &args.out, layout)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {

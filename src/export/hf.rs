@@ -35,6 +35,14 @@ impl HfDtype {
         }
     }
 
+    fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
     fn size(self) -> usize {
         if self == Self::F32 {
             4
@@ -72,6 +80,39 @@ pub enum HfExportError {
     Io(#[from] std::io::Error),
 }
 
+/// One tensor of a safetensors file, declared before its data is written.
+pub(super) struct StEntry {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+/// Creates a safetensors file and writes its header; the caller then writes each entry's
+/// bytes in order.
+pub(super) fn create_safetensors(
+    path: &Path,
+    entries: &[StEntry],
+) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for e in entries {
+        header.insert(e.name.clone(), serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}));
+        offset += e.bytes;
+    }
+    let mut header_bytes =
+        serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON map serializes");
+    // Pad with spaces to a multiple of 8, as the reference writer does, so data stays aligned.
+    while !header_bytes.len().is_multiple_of(8) {
+        header_bytes.push(b' ');
+    }
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+    out.write_all(&header_bytes)?;
+    Ok(out)
+}
+
 /// Writes `ckpt` as an HF folder into `dir` (created; must not hold another model).
 /// `progress(done, total)` is called after each tensor.
 pub fn write_hf_folder(
@@ -82,9 +123,7 @@ pub fn write_hf_folder(
 ) -> Result<(), HfExportError> {
     std::fs::create_dir_all(dir)?;
     let mut entries = Vec::with_capacity(ckpt.tensors.len());
-    let mut offset = 0usize;
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut declared = Vec::with_capacity(ckpt.tensors.len());
     for t in &ckpt.tensors {
         // Llama 3 RoPE factors live in config.json's rope_scaling on the HF side.
         if names::OPTIONAL_TENSORS.contains(&t.name.as_str()) {
@@ -92,21 +131,15 @@ pub fn write_hf_folder(
         }
         let hf =
             names::gguf_to_hf(&t.name).ok_or_else(|| HfExportError::Unnamed(t.name.clone()))?;
-        let len = t.elem_count() * dtype.size();
-        header.insert(hf.clone(), serde_json::json!({"dtype": dtype.st_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}));
-        offset += len;
+        declared.push(StEntry {
+            name: hf,
+            dtype: dtype.st_name(),
+            shape: t.shape.clone(),
+            bytes: t.elem_count() * dtype.size(),
+        });
         entries.push(t);
     }
-    let mut header_bytes =
-        serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON map serializes");
-    // Pad with spaces to a multiple of 8, as the reference writer does, so data stays aligned.
-    while !header_bytes.len().is_multiple_of(8) {
-        header_bytes.push(b' ');
-    }
-    let st_path = dir.join("model.safetensors");
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&st_path)?);
-    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-    out.write_all(&header_bytes)?;
+    let mut out = create_safetensors(&dir.join("model.safetensors"), &declared)?;
     let mut buf = Vec::new();
     for (i, t) in entries.iter().enumerate() {
         let values = ckpt.read_f32_hf_layout(t)?;
@@ -117,12 +150,24 @@ pub fn write_hf_folder(
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
 
+    write_side_files(ckpt, dir, dtype.torch_name(), None)?;
+    sync_dir(dir)?;
+    Ok(())
+}
+
+/// Writes config.json (with `torch_dtype` and, for quantized exports, `quantization_config`),
+/// generation_config.json and the tokenizer files of `ckpt` into `dir`.
+pub(super) fn write_side_files(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    torch_dtype: &str,
+    quantization_config: Option<serde_json::Value>,
+) -> Result<(), HfExportError> {
     let mut config = ckpt.config.to_hf_json();
-    config["torch_dtype"] = serde_json::json!(match dtype {
-        HfDtype::F32 => "float32",
-        HfDtype::F16 => "float16",
-        HfDtype::BF16 => "bfloat16",
-    });
+    config["torch_dtype"] = serde_json::json!(torch_dtype);
+    if let Some(q) = quantization_config {
+        config["quantization_config"] = q;
+    }
     write_json(&dir.join("config.json"), &config)?;
     write_json(
         &dir.join("generation_config.json"),
@@ -155,7 +200,6 @@ pub fn write_hf_folder(
             }
         }
     }
-    sync_dir(dir)?;
     Ok(())
 }
 

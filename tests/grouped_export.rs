@@ -1,0 +1,158 @@
+//! GPTQ and AWQ (GEMM) checkpoints exported from integer-group GGUFs of a tiny generated model:
+//! an independent Python reader (`scripts/interop/check_grouped_export.py`, `safetensors` and
+//! numpy only) dequantizes every linear by the format's own definition and gets exactly the
+//! weights the variant serves for symmetric groups, and within the f16 rounding of the zero
+//! point (< 1% of a step) for asymmetric ones. Files without integer groups are refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::models::open_dir;
+use common::tiny;
+use quantd::export::gguf_meta;
+use quantd::export::gptq::{write_grouped_folder, Layout};
+use quantd::export::hf::{write_hf_folder, HfDtype};
+use quantd::jobs::pipeline::{quantize_gguf, Hooks};
+use quantd::jobs::spec::{GgufParams, MethodSpec, RtnParams};
+use quantd::jobs::submit::quantization_plan;
+use quantd::model::checkpoint::Checkpoint;
+use quantd::quant::GgufType;
+use serde_json::Value;
+
+struct Quiet;
+
+impl Hooks for Quiet {
+    fn progress(&self, _: &'static str, _: u64, _: u64, _: &'static str) {}
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Quantizes the tiny model in `base_dir` with `method` into `out` (a .gguf).
+fn quantize(base_dir: &Path, method: &MethodSpec, out: &Path) {
+    let base = open_dir(base_dir);
+    let plan = quantization_plan(method, &base, 1).unwrap();
+    let mut metadata = gguf_meta::model_metadata(&base, "tiny", plan.file_type, true).unwrap();
+    metadata.extend(gguf_meta::provenance(
+        method.name(),
+        &method.params_json(),
+        None,
+        None,
+    ));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    quantize_gguf(
+        &base,
+        &plan,
+        Default::default(),
+        None,
+        &metadata,
+        out,
+        &pool,
+        &Quiet,
+    )
+    .unwrap();
+}
+
+fn check(export: &Path, dense: &Path) -> Value {
+    let script = common::repo_root().join("scripts/interop/check_grouped_export.py");
+    let out = Command::new(common::python())
+        .arg(script)
+        .args([export, dense])
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn gptq_and_awq_exports_dequantize_in_python_to_the_served_weights() {
+    let work = tempfile::tempdir().unwrap();
+    let base_dir = work.path().join("base");
+    tiny::write_model(&base_dir);
+    let cases = [
+        (4, 32, true, Layout::Gptq),
+        (4, 32, false, Layout::Gptq),
+        (8, -1, true, Layout::Gptq),
+        (4, 32, false, Layout::AwqGemm),
+    ];
+    for (i, (bits, group_size, sym, layout)) in cases.into_iter().enumerate() {
+        let method = MethodSpec::Rtn(RtnParams {
+            bits,
+            group_size,
+            sym,
+        });
+        let gguf = work.path().join(format!("case{i}.gguf"));
+        quantize(&base_dir, &method, &gguf);
+        let variant = Checkpoint::open_gguf(&gguf, "variant").unwrap();
+        let dense = work.path().join(format!("case{i}-dense"));
+        write_hf_folder(&variant, &dense, HfDtype::F32, &|_, _| {}).unwrap();
+        let export = work.path().join(format!("case{i}-export"));
+        let report = write_grouped_folder(&variant, &export, layout).unwrap();
+        // 2 layers × 7 linears.
+        assert_eq!(report.quantized_linears, 14);
+        assert_eq!(report.max_zero_rounding == 0.0, sym, "{report:?}");
+        assert!(report.max_zero_rounding < 0.01, "{report:?}");
+        let got = check(&export, &dense);
+        assert_eq!(got["linears"], 14, "{got}");
+        assert_eq!(got["sym"], sym, "{got}");
+        if sym {
+            assert_eq!(got["max_abs_diff"], 0.0, "{got}");
+        }
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(export.join("config.json")).unwrap()).unwrap();
+        let qc = &config["quantization_config"];
+        assert_eq!(qc["bits"], bits, "{qc}");
+        assert_eq!(qc["group_size"], group_size, "{qc}");
+        assert_eq!(
+            qc["quant_method"],
+            if layout == Layout::Gptq {
+                "gptq"
+            } else {
+                "awq"
+            }
+        );
+        assert_eq!(config["torch_dtype"], "float16");
+        assert!(export.join("tokenizer.json").exists());
+    }
+}
+
+#[test]
+fn files_without_integer_groups_are_refused_with_the_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let base_dir = work.path().join("base");
+    tiny::write_model(&base_dir);
+    let gguf = work.path().join("q8.gguf");
+    let method = MethodSpec::Gguf(GgufParams {
+        gguf_type: GgufType::Q8_0,
+        overrides: vec![],
+        imatrix: false,
+    });
+    quantize(&base_dir, &method, &gguf);
+    let open = |p: &Path| Checkpoint::open_gguf(p, "variant").unwrap();
+    let e = write_grouped_folder(&open(&gguf), &work.path().join("x"), Layout::Gptq)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("integer groups"), "{e}");
+    let rtn8 = work.path().join("rtn8.gguf");
+    let method = MethodSpec::Rtn(RtnParams {
+        bits: 8,
+        group_size: 32,
+        sym: true,
+    });
+    quantize(&base_dir, &method, &rtn8);
+    let e = write_grouped_folder(&open(&rtn8), &work.path().join("y"), Layout::AwqGemm)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4-bit"), "{e}");
+}
