@@ -122,6 +122,11 @@ fn gptq_and_awq_exports_dequantize_in_python_to_the_served_weights() {
                 "awq"
             }
         );
+        if layout == Layout::Gptq {
+            // v1 stores zero − 1 and cannot hold a zero of 0: asymmetric groups go to v2.
+            let format = if sym { "gptq" } else { "gptq_v2" };
+            assert_eq!(qc["checkpoint_format"], format, "{qc}");
+        }
         assert_eq!(config["torch_dtype"], "float16");
         assert!(export.join("tokenizer.json").exists());
     }

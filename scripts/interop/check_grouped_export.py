@@ -3,8 +3,9 @@
 format's own definition, and compare with the dense weights the same variant serves (an f32 HF
 folder written by `quantd convert VARIANT.gguf DIR --dtype f32`).
 
-GPTQ (checkpoint_format "gptq"): qweight int32 [in/pack, out], level of input row i in bits
-(i % pack)·b of word i // pack; qzeros int32 [groups, out/pack] holding zero − 1;
+GPTQ: qweight int32 [in/pack, out], level of input row i in bits (i % pack)·b of word
+i // pack; qzeros int32 [groups, out/pack] holding zero − 1 (checkpoint_format "gptq") or the
+zero itself ("gptq_v2");
 w[out j, in i] = scales[g_idx[i], j] · (q − zero). AWQ GEMM: qweight int32 [in, out/8] and
 qzeros [groups, out/8] with eight output columns per word in the order 0 2 4 6 1 3 5 7; zeros
 stored as they are; group of input row i = i // group_size.
@@ -25,7 +26,7 @@ from safetensors.numpy import load_file
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-def unpack_gptq(qweight, qzeros, bits):
+def unpack_gptq(qweight, qzeros, bits, v1):
     pack = 32 // bits
     mask = (1 << bits) - 1
     qw = qweight.view(np.uint32)
@@ -33,7 +34,9 @@ def unpack_gptq(qweight, qzeros, bits):
     q = q.reshape(-1, qw.shape[1])  # [in, out]
     qz = qzeros.view(np.uint32)
     z = np.stack([(qz >> (bits * k)) & mask for k in range(pack)], axis=2)  # [groups, out/pack, pack]
-    z = (z.reshape(qz.shape[0], -1) + 1) & mask  # the format stores zero − 1
+    z = z.reshape(qz.shape[0], -1)
+    if v1:
+        z = (z + 1) & mask  # v1 stores zero − 1
     return q.astype(np.int64), z.astype(np.int64)
 
 
@@ -65,7 +68,8 @@ def main():
         prefix = name[: -len(".qweight")]
         scales = packed[prefix + ".scales"].astype(np.float32)
         if method == "gptq":
-            q, z = unpack_gptq(packed[name], packed[prefix + ".qzeros"], bits)
+            v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+            q, z = unpack_gptq(packed[name], packed[prefix + ".qzeros"], bits, v1)
             g_idx = packed[prefix + ".g_idx"].astype(np.int64)
         else:
             q, z = unpack_awq(packed[name], packed[prefix + ".qzeros"])

@@ -1,11 +1,15 @@
 //! GPTQ and AWQ checkpoints from quantd's integer-group GGUFs (`rtn`, `gptq`, `awq` variants),
 //! in the layouts transformers, GPTQModel, AutoAWQ and vLLM load:
 //!
-//! - **GPTQ** (AutoGPTQ/GPTQModel `checkpoint_format: "gptq"`): per linear `qweight` int32
-//!   [in/pack, out] with `pack = 32/bits` levels of consecutive input rows per word (lowest bits
-//!   first), `qzeros` int32 [groups, out/pack] holding zero − 1 (the format's historical
-//!   offset, which loaders add back), `scales` f16 [groups, out], `g_idx` int32 [in] = column /
-//!   group size. w = scales[g_idx[i], j] · (q[i, j] − zero[g_idx[i], j]).
+//! - **GPTQ** (AutoGPTQ/GPTQModel): per linear `qweight` int32 [in/pack, out] with
+//!   `pack = 32/bits` levels of consecutive input rows per word (lowest bits first), `qzeros`
+//!   int32 [groups, out/pack], `scales` f16 [groups, out], `g_idx` int32 [in] = column / group
+//!   size; w = scales[g_idx[i], j] · (q[i, j] − zero[g_idx[i], j]). Symmetric variants use
+//!   `checkpoint_format: "gptq"` (v1, what every loader reads), whose `qzeros` hold zero − 1.
+//!   Asymmetric ones use `"gptq_v2"`, whose `qzeros` hold the zero itself: v1 cannot store a
+//!   zero of 0 (loaders add 1 to every nibble of the word, so 0 − 1 = 0xF carries into its
+//!   neighbour), and GPTQModel refuses asymmetric v1 files from other quantizers for that
+//!   reason; transformers and GPTQModel load v2.
 //! - **AWQ GEMM** (AutoAWQ `version: "gemm"`): `qweight` int32 [in, out/8] packing eight output
 //!   columns per word in the order 0, 2, 4, 6, 1, 3, 5, 7; `qzeros` int32 [groups, out/8] the
 //!   same way, zeros stored as they are; `scales` f16 [groups, out].
@@ -233,8 +237,8 @@ fn pack(layout: Layout, g: &Groups, bits: u8) -> Vec<(&'static str, &'static str
     }
 }
 
-/// The bytes of `pack`'s tensors, in the same order.
-fn packed_bytes(layout: Layout, g: &Groups, bits: u8) -> Vec<Vec<u8>> {
+/// The bytes of `pack`'s tensors, in the same order. `v1`: GPTQ's zero − 1 convention.
+fn packed_bytes(layout: Layout, g: &Groups, bits: u8, v1: bool) -> Vec<Vec<u8>> {
     let per_word = 32 / bits as usize;
     let mask = (1u32 << bits) - 1;
     let ng = g.n_groups();
@@ -265,8 +269,9 @@ fn packed_bytes(layout: Layout, g: &Groups, bits: u8) -> Vec<Vec<u8>> {
                     &mut qzeros,
                     (0..g.rows / per_word).map(|word| {
                         (0..per_word).fold(0u32, |w, k| {
-                            // The format stores zero − 1; loaders add the 1 back.
-                            let stored = zero(word * per_word + k, group).wrapping_sub(1) & mask;
+                            // v1 stores zero − 1 (loaders add the 1 back); v2 the zero.
+                            let z = zero(word * per_word + k, group);
+                            let stored = if v1 { z.wrapping_sub(1) & mask } else { z };
                             w | (stored << (bits as usize * k))
                         })
                     }),
@@ -299,6 +304,24 @@ fn packed_bytes(layout: Layout, g: &Groups, bits: u8) -> Vec<Vec<u8>> {
             }
             vec![qweight, qzeros, scales]
         }
+    }
+}
+
+/// The supported group sizes that divide the column count of every quantized linear.
+fn dividing_group_sizes(ckpt: &Checkpoint) -> String {
+    let fits: Vec<String> = [32usize, 64, 128]
+        .into_iter()
+        .filter(|g| {
+            ckpt.tensors.iter().all(|t| {
+                t.shape.len() != 2 || !t.name.starts_with("blk.") || t.shape[1].is_multiple_of(*g)
+            })
+        })
+        .map(|g| g.to_string())
+        .collect();
+    if fits.is_empty() {
+        "none of 32, 64, 128 does".into()
+    } else {
+        fits.join(" or ")
     }
 }
 
@@ -339,6 +362,17 @@ pub fn write_grouped_folder(
                 } else {
                     (group_size as usize).min(cols)
                 };
+                if layout == Layout::AwqGemm && !cols.is_multiple_of(group_len) {
+                    // AutoAWQ's WQLinear_GEMM asserts in_features % group_size == 0, and
+                    // GPTQModel's AWQ kernels refuse such layers too.
+                    return Err(GroupExportError::NotGrouped(format!(
+                        "{}: {cols} columns do not split into groups of {group_len}, which AWQ \
+                         loaders require; quantize with a group size that divides every \
+                         linear's columns (here {})",
+                        t.name,
+                        dividing_group_sizes(ckpt)
+                    )));
+                }
                 let per_word = 32 / bits as usize;
                 let out_pack = if layout == Layout::AwqGemm {
                     8
@@ -408,7 +442,7 @@ pub fn write_grouped_folder(
                     zeros: hf_rows(ckpt, &t.name, g.zeros, ng),
                     ..g
                 };
-                for bytes in packed_bytes(layout, &g, bits) {
+                for bytes in packed_bytes(layout, &g, bits, sym) {
                     out.write_all(&bytes)?;
                 }
                 report.quantized_linears += 1;
@@ -431,7 +465,7 @@ pub fn write_grouped_folder(
             // Groups are contiguous columns (g_idx = column / group size) even when quantd's
             // GPTQ ran with act_order: static groups, so loaders may take the plain path.
             "desc_act": false, "static_groups": true, "sym": sym, "true_sequential": true,
-            "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": false,
+            "checkpoint_format": if sym { "gptq" } else { "gptq_v2" }, "pack_dtype": "int32", "lm_head": false,
             "meta": {"quantizer": [format!("quantd:{}", env!("CARGO_PKG_VERSION"))]},
         }),
         Layout::AwqGemm => serde_json::json!({
