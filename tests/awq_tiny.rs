@@ -10,15 +10,6 @@ use common::models::open_dir;
 use common::{tiny, TestApp};
 use serde_json::{json, Value};
 
-fn corpus(file: &str, chars: usize) -> String {
-    let path = common::repo_root().join("../shared/corpus").join(file);
-    std::fs::read_to_string(path)
-        .unwrap()
-        .chars()
-        .take(chars)
-        .collect()
-}
-
 async fn run(app: &TestApp, body: Value) -> Value {
     let (status, job) = app.post_json("/v1/jobs", &body).await;
     assert_eq!(status, 202, "{body} → {job}");
@@ -30,9 +21,11 @@ async fn run(app: &TestApp, body: Value) -> Value {
 async fn an_awq_job_folds_searched_scales_and_loses_less_than_rtn() {
     let app = TestApp::spawn().await;
     tiny::upload(&app, "tiny").await;
-    let calib = app.post_dataset(&corpus("calib-emma.txt", 6000)).await;
+    let calib = app
+        .post_dataset(&common::corpus("calib-emma.txt", 6000))
+        .await;
     let eval_ds = app
-        .post_dataset(&corpus("eval-pride-and-prejudice.txt", 4000))
+        .post_dataset(&common::corpus("eval-pride-and-prejudice.txt", 4000))
         .await;
     let eval = json!({"dataset": eval_ds, "ctx": 64, "max_tokens": 992, "speed": false});
 
@@ -105,7 +98,9 @@ async fn an_awq_job_folds_searched_scales_and_loses_less_than_rtn() {
 async fn awq_parameters_are_checked_by_name() {
     let app = TestApp::spawn().await;
     tiny::upload(&app, "tiny").await;
-    let ds = app.post_dataset(&corpus("calib-emma.txt", 2000)).await;
+    let ds = app
+        .post_dataset(&common::corpus("calib-emma.txt", 2000))
+        .await;
     for (params, field) in [
         (json!({"bits": 8}), "params.bits"),
         (json!({"grid": 0}), "params.grid"),

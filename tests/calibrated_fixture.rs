@@ -20,14 +20,13 @@ use common::models::open_dir;
 use quantd::eval::{eval_tokens, evaluate, EvalSpec, Summary};
 use quantd::export::gguf_meta;
 use quantd::export::hf::{write_hf_folder, HfDtype};
-use quantd::jobs::calibrate::calibrate;
+use quantd::jobs::calibrate::{calibrate, Calibrated};
 use quantd::jobs::pipeline::{quantize_gguf, Hooks};
 use quantd::jobs::spec::{AwqParams, CalibrationParams, GptqParams, MethodSpec, RtnParams};
 use quantd::jobs::submit::quantization_plan;
 use quantd::model::checkpoint::Checkpoint;
 use quantd::model::servable;
 use quantd::nn::{KvCache, Llama, Logits, SeqStep};
-use quantd::quant::gptq_model::QuantizedTensors;
 
 struct Quiet;
 
@@ -38,21 +37,17 @@ impl Hooks for Quiet {
     }
 }
 
-fn corpus(file: &str) -> String {
-    std::fs::read_to_string(common::repo_root().join("../shared/corpus").join(file)).unwrap()
-}
-
 /// Quantizes the fixture with `method` (calibrating when it does) into `dir/model.gguf`.
 fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
     let plan = quantization_plan(method, base, 2).unwrap();
-    let tensors = if method.calibrates() {
+    let calibrated = if method.calibrates() {
         let params = CalibrationParams {
             dataset: "calib-emma.txt".into(),
             samples: 8,
             seq_len: 256,
             seed: 0,
         };
-        let text = corpus("calib-emma.txt");
+        let text = common::corpus("calib-emma.txt", usize::MAX);
         calibrate(
             base,
             method,
@@ -64,9 +59,8 @@ fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
         )
         .unwrap()
         .0
-        .tensors
     } else {
-        QuantizedTensors::default()
+        Calibrated::default()
     };
     let metadata = gguf_meta::model_metadata(base, "smollm2", plan.file_type, true).unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -75,7 +69,7 @@ fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
         .unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("model.gguf");
-    quantize_gguf(base, &plan, tensors, None, &metadata, &path, &pool, &Quiet).unwrap();
+    quantize_gguf(base, &plan, calibrated, &metadata, &path, &pool, &Quiet).unwrap();
     path
 }
 
@@ -99,7 +93,7 @@ fn gptq_and_awq_lose_clearly_less_than_round_to_nearest() {
     let reference = servable::load(&base, 512).unwrap();
     let tokens = eval_tokens(
         &reference.tokenizer,
-        &corpus("eval-pride-and-prejudice.txt"),
+        &common::corpus("eval-pride-and-prejudice.txt", usize::MAX),
     )
     .unwrap()
     .ids;

@@ -49,7 +49,6 @@ fn quantize(base_dir: &Path, method: &MethodSpec, out: &Path) {
         &base,
         &plan,
         Default::default(),
-        None,
         &metadata,
         out,
         &pool,

@@ -15,15 +15,6 @@ use common::TestApp;
 use quantd::export::gguf::{GgufFile, Value as GgufValue};
 use serde_json::{json, Value};
 
-fn corpus(file: &str, chars: usize) -> String {
-    let path = common::repo_root().join("../shared/corpus").join(file);
-    std::fs::read_to_string(path)
-        .unwrap()
-        .chars()
-        .take(chars)
-        .collect()
-}
-
 fn run(program: &Path, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect("runs");
     let text = format!(
@@ -42,7 +33,9 @@ async fn an_imatrix_job_writes_llama_cpp_bytes_and_publishes_its_importance_matr
         .upload(&common::fixture_files("hf-f32"), Some("smol"))
         .await;
     assert_eq!(status, 201, "{body}");
-    let calib = app.post_dataset(&corpus("calib-emma.txt", 20_000)).await;
+    let calib = app
+        .post_dataset(&common::corpus("calib-emma.txt", 20_000))
+        .await;
     let (status, job) = app
         .post_json(
             "/v1/jobs",
@@ -183,7 +176,9 @@ async fn an_imatrix_job_writes_llama_cpp_bytes_and_publishes_its_importance_matr
 async fn imatrix_requests_are_checked_by_name() {
     let app = TestApp::spawn().await;
     common::tiny::upload(&app, "tiny").await;
-    let ds = app.post_dataset(&corpus("calib-emma.txt", 2000)).await;
+    let ds = app
+        .post_dataset(&common::corpus("calib-emma.txt", 2000))
+        .await;
     let calibration = json!({"dataset": ds, "samples": 2, "seq_len": 32});
     let cases: [(Value, &str, &str); 3] = [
         (

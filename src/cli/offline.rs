@@ -19,7 +19,6 @@ use crate::jobs::spec::{
 };
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
-use crate::quant::gptq_model::QuantizedTensors;
 use crate::quant::imatrix::ImportanceMatrix;
 use crate::quant::{GgufType, Plan};
 use crate::store::sync_dir;
@@ -201,16 +200,7 @@ fn write_gguf(
         .build()?;
     let tmp = out.with_extension("gguf.tmp");
     let hooks = BarHooks(bar());
-    let result = quantize_gguf(
-        ckpt,
-        plan,
-        calibrated.tensors,
-        calibrated.imatrix.as_ref(),
-        &metadata,
-        &tmp,
-        &pool,
-        &hooks,
-    );
+    let result = quantize_gguf(ckpt, plan, calibrated, &metadata, &tmp, &pool, &hooks);
     hooks.0.finish();
     let (digest, size, report) = match result {
         Ok(r) => r,
@@ -338,8 +328,8 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
                 m.chunk_size
             );
             Calibrated {
-                tensors: QuantizedTensors::default(),
                 imatrix: Some(m),
+                ..Calibrated::default()
             }
         }
         (m, None) if m.calibrates() => bail!("--method {} needs --calib FILE", m.name()),

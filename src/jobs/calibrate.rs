@@ -93,14 +93,18 @@ pub fn calibrate(
         .filter(|t| t.groups.is_some())
         .map(|t| t.name.clone())
         .collect();
-    let progress = |done: usize, total: usize| {
-        hooks.progress("calibrating", done as u64, total as u64, "layers");
-        if hooks.cancelled() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
+    // Progress in `unit`s; a cancelled job stops the pass at the next report.
+    let progress_in = |unit: &'static str| {
+        move |done: usize, total: usize| {
+            hooks.progress("calibrating", done as u64, total as u64, unit);
+            if hooks.cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         }
     };
+    let progress = progress_in("layers");
     let layerwise_error = |e: LayerwiseError| match e {
         LayerwiseError::Cancelled => PipelineError::Cancelled,
         other => failed(other.to_string()),
@@ -110,15 +114,7 @@ pub fn calibrate(
         MethodSpec::Gguf(_) => {
             let llama = servable::load_llama(ckpt, params.seq_len)
                 .map_err(|e| failed(format!("loading the model: {e}")))?;
-            let window_progress = |done: usize, total: usize| {
-                hooks.progress("calibrating", done as u64, total as u64, "windows");
-                if hooks.cancelled() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            };
-            let m = ImportanceMatrix::collect(&llama, &windows, source, window_progress)?
+            let m = ImportanceMatrix::collect(&llama, &windows, source, progress_in("windows"))?
                 .ok_or(PipelineError::Cancelled)?;
             let details = serde_json::json!({"imatrix_entries": m.entries.len()});
             imatrix = Some(m);

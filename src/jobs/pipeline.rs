@@ -8,11 +8,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::calibrate::CalibrationReport;
+use super::calibrate::{Calibrated, CalibrationReport};
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
-use crate::quant::gptq_model::QuantizedTensors;
-use crate::quant::imatrix::{ImatrixError, ImportanceMatrix};
+use crate::quant::imatrix::ImatrixError;
 use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
 use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
@@ -88,20 +87,23 @@ pub struct GgufReport {
 }
 
 /// Writes the GGUF for `plan` to `out_path`; returns its digest, size and the report.
-/// Tensors in `precomputed` (a calibrated method's output) are written as they are; the others
-/// are encoded with `importance`'s weights where it has an entry for them.
-#[allow(clippy::too_many_arguments)]
+/// Tensors a calibrated method quantized itself are written as they are; the others are
+/// encoded with the importance matrix's weights where it has an entry for them.
 pub fn quantize_gguf(
     ckpt: &Checkpoint,
     plan: &Plan,
-    mut precomputed: QuantizedTensors,
-    importance: Option<&ImportanceMatrix>,
+    calibrated: Calibrated,
     metadata: &[(String, Value)],
     out_path: &Path,
     pool: &rayon::ThreadPool,
     hooks: &dyn Hooks,
 ) -> Result<(Digest, u64, GgufReport), PipelineError> {
     let start = Instant::now();
+    let Calibrated {
+        tensors: mut precomputed,
+        imatrix,
+    } = calibrated;
+    let importance = imatrix.as_ref();
     let decls: Vec<TensorDecl<'_>> = plan
         .tensors
         .iter()

@@ -403,8 +403,7 @@ async fn quantize(
         pipeline::quantize_gguf(
             &ckpt_for_run,
             &plan_for_run,
-            calibrated.tensors,
-            calibrated.imatrix.as_ref(),
+            calibrated,
             &metadata,
             &out_path,
             &pool,

@@ -27,7 +27,7 @@ pub(super) fn nearest_int(v: f32) -> i32 {
 
 /// Scale and min of one group by weighted least squares over a grid of `nstep + 1` scales
 /// (ggml's `make_qkx2_quants`); returns (scale, -min) and fills `l` with levels 0..=nmax.
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],

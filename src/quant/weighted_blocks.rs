@@ -13,8 +13,11 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+// ggml's `make_qkx3_quants` with weights and squared error (how every `_impl` calls it) is
+// the same computation as its `make_qkx2_quants`, which `kquants` already ports.
 use super::kquants::{
-    self, make_qx_quants, nearest_int, pack_scales_mins, scale_min_k4, GROUP_MAX_EPS, QK_K,
+    self, make_qkx2_quants, make_qx_quants, nearest_int, pack_scales_mins, scale_min_k4,
+    GROUP_MAX_EPS, QK_K,
 };
 
 /// Whether `dtype`'s encoder reads an importance matrix.
@@ -67,89 +70,15 @@ fn row_sigma2(x: &[f32]) -> f32 {
     sum_x2 / x.len() as f32
 }
 
-/// ggml's per-value weight: importance × √(σ² + x²).
-fn weights_of(x: &[f32], qw: &[f32], sigma2: f32, out: &mut [f32]) {
+/// ggml's per-value weight: importance × √(σ² + x²); returns their sum (summed in order, as
+/// the k-quant `_impl`s sum them for the super-scale search).
+fn weights_of(x: &[f32], qw: &[f32], sigma2: f32, out: &mut [f32]) -> f32 {
+    let mut sum = 0f32;
     for ((w, &v), &q) in out.iter_mut().zip(x).zip(qw) {
         *w = q * (sigma2 + v * v).sqrt();
+        sum += *w;
     }
-}
-
-/// Asymmetric scale and min of one group by weighted least squares over `nstep + 1` candidate
-/// scales (ggml's `make_qkx3_quants` with squared error); returns (scale, -min) and fills `l`.
-fn make_qkx3_quants(
-    nmax: i32,
-    x: &[f32],
-    weights: &[f32],
-    l: &mut [u8],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f32, f32) {
-    let n = x.len();
-    let (mut min, mut max) = (x[0], x[0]);
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l[..n].iter_mut().for_each(|v| *v = 0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_mad = 0f32;
-    for i in 0..n {
-        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l[i] = q as u8;
-        let diff = scale * l[i] as f32 + min - x[i];
-        best_mad += weights[i] * (diff * diff);
-    }
-    let mut laux = [0u8; 32];
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = q as u8;
-            let (w, lf) = (weights[i], q as f32);
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut mad = 0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                mad += weights[i] * (diff * diff);
-            }
-            if mad < best_mad {
-                l[..n].copy_from_slice(&laux[..n]);
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
+    sum
 }
 
 /// Quantizes non-negative group scales (or mins) to levels 0..=nmax against one super-scale,
@@ -268,7 +197,7 @@ fn asym_blocks(x: &[f32], qw: &[f32], nmax: i32, mut emit: impl FnMut(f16, f16, 
     for (xb, qb) in x.chunks_exact(32).zip(qw.chunks_exact(32)) {
         weights_of(xb, qb, sigma2, &mut weight);
         let mut l = [0u8; 32];
-        let (d, min) = make_qkx3_quants(nmax, xb, &weight, &mut l, -0.9, 0.05, 36);
+        let (d, min) = make_qkx2_quants(nmax, xb, &weight, &mut l, -0.9, 0.05, 36);
         emit(f16::from_f32(d), f16::from_f32(-min), &l);
     }
 }
@@ -323,14 +252,9 @@ fn asym_k_row(x: &[f32], qw_row: &[f32], nmax: i32, out: &mut Vec<u8>) {
         let mut weights = [0f32; 32];
         for j in 0..8 {
             let g = 32 * j..32 * j + 32;
-            weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weights);
-            let mut sumw = 0f32;
-            for &w in &weights {
-                sumw += w;
-            }
-            sw[j] = sumw;
+            sw[j] = weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weights);
             (scales[j], mins[j]) =
-                make_qkx3_quants(nmax, &sb[g.clone()], &weights, &mut l[g], -0.9, 0.05, 36);
+                make_qkx2_quants(nmax, &sb[g.clone()], &weights, &mut l[g], -0.9, 0.05, 36);
         }
         let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
         let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
@@ -406,12 +330,9 @@ fn q2k_row(x: &[f32], qw_row: &[f32], out: &mut Vec<u8>) {
         let mut weight = [0f32; 16];
         for j in 0..16 {
             let g = 16 * j..16 * j + 16;
-            weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weight);
-            for &w in &weight {
-                sw[j] += w;
-            }
+            sw[j] = weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weight);
             (scales[j], mins[j]) =
-                make_qkx3_quants(3, &sb[g.clone()], &weight, &mut l[g], -0.9, 0.05, 36);
+                make_qkx2_quants(3, &sb[g.clone()], &weight, &mut l[g], -0.9, 0.05, 36);
         }
         let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
         let d = f16::from_f32(make_qp_quants(15, &scales, &mut ls, &sw));
@@ -444,12 +365,7 @@ fn q3k_row(x: &[f32], qw_row: &[f32], out: &mut Vec<u8>) {
         let mut weight = [0f32; 16];
         for j in 0..16 {
             let g = 16 * j..16 * j + 16;
-            weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weight);
-            let mut sumw = 0f32;
-            for &w in &weight {
-                sumw += w;
-            }
-            sw[j] = sumw;
+            sw[j] = weights_of(&sb[g.clone()], &qw[g.clone()], sigma2, &mut weight);
             scales[j] = make_qx_quants(4, &sb[g.clone()], &mut l[g], Some(&weight));
         }
         let mut ls = [0i8; 16];

@@ -253,6 +253,16 @@ pub fn python() -> PathBuf {
     venv
 }
 
+/// The first `chars` characters of a text in ../shared/corpus (`usize::MAX`: all of it).
+pub fn corpus(file: &str, chars: usize) -> String {
+    let path = repo_root().join("../shared/corpus").join(file);
+    std::fs::read_to_string(path)
+        .unwrap()
+        .chars()
+        .take(chars)
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
