@@ -2,7 +2,8 @@
 //! an independent Python reader (`scripts/interop/check_grouped_export.py`, `safetensors` and
 //! numpy only) dequantizes every linear by the format's own definition and gets exactly the
 //! weights the variant serves for symmetric groups, and within the f16 rounding of the zero
-//! point (< 1% of a step) for asymmetric ones. Files without integer groups are refused.
+//! point (< 1% of a step) for asymmetric ones; 3-/2-bit and asymmetric 8-bit variants, stored
+//! in the GPTQ layout already, export exactly. Files without integer groups are refused.
 
 mod common;
 
@@ -57,11 +58,12 @@ fn quantize(base_dir: &Path, method: &MethodSpec, out: &Path) {
     .unwrap();
 }
 
-fn check(export: &Path, dense: &Path) -> Value {
+fn check(export: &Path, dense: &Path, exact: bool) -> Value {
     let script = common::repo_root().join("scripts/interop/check_grouped_export.py");
     let out = Command::new(common::python())
         .arg(script)
         .args([export, dense])
+        .args(exact.then_some("--exact"))
         .output()
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -84,6 +86,10 @@ fn gptq_and_awq_exports_dequantize_in_python_to_the_served_weights() {
         (4, 32, false, Layout::Gptq),
         (8, -1, true, Layout::Gptq),
         (4, 32, false, Layout::AwqGemm),
+        // Stored in the GPTQ layout already, integer zeros included: exact both ways.
+        (3, 32, false, Layout::Gptq),
+        (2, 64, true, Layout::Gptq),
+        (8, -1, false, Layout::Gptq),
     ];
     for (i, (bits, group_size, sym, layout)) in cases.into_iter().enumerate() {
         let method = MethodSpec::Rtn(RtnParams {
@@ -100,12 +106,14 @@ fn gptq_and_awq_exports_dequantize_in_python_to_the_served_weights() {
         let report = write_grouped_folder(&variant, &export, layout).unwrap();
         // 2 layers × 7 linears.
         assert_eq!(report.quantized_linears, 14);
-        assert_eq!(report.max_zero_rounding == 0.0, sym, "{report:?}");
+        let layout_stored = !(bits == 4 || (bits == 8 && sym));
+        let exact = sym || layout_stored;
+        assert_eq!(report.max_zero_rounding == 0.0, exact, "{report:?}");
         assert!(report.max_zero_rounding < 0.01, "{report:?}");
-        let got = check(&export, &dense);
+        let got = check(&export, &dense, exact);
         assert_eq!(got["linears"], 14, "{got}");
         assert_eq!(got["sym"], sym, "{got}");
-        if sym {
+        if exact {
             assert_eq!(got["max_abs_diff"], 0.0, "{got}");
         }
         let config: Value =

@@ -3,9 +3,11 @@
 format's own definition, and compare with the dense weights the same variant serves (an f32 HF
 folder written by `quantd convert VARIANT.gguf DIR --dtype f32`).
 
-GPTQ: qweight int32 [in/pack, out], level of input row i in bits (i % pack)·b of word
-i // pack; qzeros int32 [groups, out/pack] holding zero − 1 (checkpoint_format "gptq") or the
-zero itself ("gptq_v2");
+GPTQ: qweight int32 [in·bits/32, out], the levels of each output column as one little-endian
+bit stream along the inputs (level of input row i at stream bits i·b .. i·b+b−1, so 3-bit levels
+may cross words; for 2/4/8 bits that is bits (i % pack)·b of word i // pack); qzeros int32
+[groups, out·bits/32], streams along the outputs, holding zero − 1 (checkpoint_format "gptq")
+or the zero itself ("gptq_v2");
 w[out j, in i] = scales[g_idx[i], j] · (q − zero). AWQ GEMM: qweight int32 [in, out/8] and
 qzeros [groups, out/8] with eight output columns per word in the order 0 2 4 6 1 3 5 7; zeros
 stored as they are; group of input row i = i // group_size.
@@ -13,7 +15,7 @@ stored as they are; group of input row i = i // group_size.
 Prints one JSON line; exits 1 unless symmetric exports are exact and asymmetric ones are within
 `--tolerance` quantization steps (the f16 rounding of the zero point, see src/export/gptq.rs).
 
-Usage: check_grouped_export.py EXPORT_DIR DENSE_DIR [--tolerance 0.01]
+Usage: check_grouped_export.py EXPORT_DIR DENSE_DIR [--tolerance 0.01] [--exact]
 """
 import argparse
 import json
@@ -26,15 +28,18 @@ from safetensors.numpy import load_file
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
+def unpack_streams(words, bits):
+    """words uint32 [n, W]: each row a little-endian bit stream → values [n, W·32/bits]."""
+    little = np.ascontiguousarray(words.astype("<u4")).view(np.uint8)  # [n, 4W]
+    stream = np.unpackbits(little, axis=1, bitorder="little").astype(np.int64)  # [n, 32W]
+    stream = stream.reshape(words.shape[0], -1, bits)
+    return (stream << np.arange(bits)).sum(axis=2)
+
+
 def unpack_gptq(qweight, qzeros, bits, v1):
-    pack = 32 // bits
     mask = (1 << bits) - 1
-    qw = qweight.view(np.uint32)
-    q = np.stack([(qw >> (bits * k)) & mask for k in range(pack)], axis=1)  # [in/pack, pack, out]
-    q = q.reshape(-1, qw.shape[1])  # [in, out]
-    qz = qzeros.view(np.uint32)
-    z = np.stack([(qz >> (bits * k)) & mask for k in range(pack)], axis=2)  # [groups, out/pack, pack]
-    z = z.reshape(qz.shape[0], -1)
+    q = unpack_streams(qweight.view(np.uint32).T, bits).T  # [in, out]
+    z = unpack_streams(qzeros.view(np.uint32), bits)  # [groups, out]
     if v1:
         z = (z + 1) & mask  # v1 stores zero − 1
     return q.astype(np.int64), z.astype(np.int64)
@@ -56,6 +61,8 @@ def main():
     ap.add_argument("export")
     ap.add_argument("dense")
     ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--exact", action="store_true",
+                    help="require exact equality (GPTQ-layout variants store integer zeros)")
     a = ap.parse_args()
     config = json.load(open(os.path.join(a.export, "config.json")))
     qc = config["quantization_config"]
@@ -86,6 +93,8 @@ def main():
             worst_steps = max(worst_steps, float((diff[nz] / step[nz]).max()))
         linears += 1
     ok = linears > 0 and (worst_abs == 0.0 if sym else worst_steps <= a.tolerance)
+    if a.exact:
+        ok = linears > 0 and worst_abs == 0.0
     print(json.dumps({"format": method, "bits": bits, "group_size": group_size, "sym": sym,
                       "linears": linears, "max_abs_diff": worst_abs,
                       "max_diff_in_steps": worst_steps, "ok": ok}))

@@ -1,10 +1,13 @@
 //! GPTQ and AWQ checkpoints from quantd's integer-group GGUFs (`rtn`, `gptq`, `awq` variants),
 //! in the layouts transformers, GPTQModel, AutoAWQ and vLLM load:
 //!
-//! - **GPTQ** (AutoGPTQ/GPTQModel): per linear `qweight` int32 [in/pack, out] with
-//!   `pack = 32/bits` levels of consecutive input rows per word (lowest bits first), `qzeros`
-//!   int32 [groups, out/pack], `scales` f16 [groups, out], `g_idx` int32 [in] = column / group
-//!   size; w = scales[g_idx[i], j] · (q[i, j] − zero[g_idx[i], j]). Symmetric variants use
+//! - **GPTQ** (AutoGPTQ/GPTQModel): per linear `qweight` int32 [in·bits/32, out] holding the
+//!   levels of consecutive input rows as a little-endian bit stream (for 2/4/8 bits,
+//!   32/bits levels per word, lowest bits first; 3-bit levels cross words), `qzeros` int32
+//!   [groups, out·bits/32] the same way along outputs, `scales` f16 [groups, out], `g_idx`
+//!   int32 [in] = column / group size; w = scales[g_idx[i], j] · (q[i, j] − zero[g_idx[i], j]).
+//!   3- and 2-bit (and asymmetric 8-bit) variants are stored in this layout already
+//!   (`quant::gptq_layout`) and export exactly. Symmetric variants use
 //!   `checkpoint_format: "gptq"` (v1, what every loader reads), whose `qzeros` hold zero − 1.
 //!   Asymmetric ones use `"gptq_v2"`, whose `qzeros` hold the zero itself: v1 cannot store a
 //!   zero of 0 (loaders add 1 to every nibble of the word, so 0 − 1 = 0xF carries into its
@@ -30,6 +33,7 @@ use half::f16;
 use super::hf::{create_safetensors, write_side_files, HfExportError, StEntry};
 use crate::model::checkpoint::{Checkpoint, SourceDtype};
 use crate::model::names;
+use crate::quant::gptq_layout::{pack_stream, PackedLinear};
 use crate::quant::groups::BLOCK;
 use crate::store::sync_dir;
 
@@ -201,6 +205,29 @@ fn decode_groups(
     Ok((g, worst))
 }
 
+/// A GPTQ-layout tensor's groups (stored exactly; no rounding to report).
+fn layout_groups(name: &str, packed: &PackedLinear) -> Result<Groups, GroupExportError> {
+    let group_len = packed.contiguous_group_len().ok_or_else(|| {
+        GroupExportError::NotGrouped(format!("{name}: groups are not contiguous columns"))
+    })?;
+    let (rows, cols, ng) = (packed.rows, packed.cols, packed.groups());
+    let mut g = Groups {
+        rows,
+        cols,
+        group_len,
+        levels: Vec::with_capacity(rows * cols),
+        scales: Vec::with_capacity(rows * ng),
+        zeros: Vec::with_capacity(rows * ng),
+    };
+    for r in 0..rows {
+        g.levels.extend((0..cols).map(|c| packed.level(r, c) as u8));
+        g.scales
+            .extend((0..ng).map(|gi| packed.scales[gi * rows + r]));
+        g.zeros.extend((0..ng).map(|gi| packed.zero(gi, r) as u8));
+    }
+    Ok(g)
+}
+
 /// Reorders rows (output channels) of per-row data from GGUF to HF order (Q/K only).
 fn hf_rows<T: Copy>(ckpt: &Checkpoint, gguf_name: &str, data: Vec<T>, row_len: usize) -> Vec<T> {
     match names::qk_permute_heads(&ckpt.config, gguf_name) {
@@ -220,12 +247,12 @@ const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 
 /// The tensors (name suffix, dtype, shape, bytes) a linear becomes.
 fn pack(layout: Layout, g: &Groups, bits: u8) -> Vec<(&'static str, &'static str, Vec<usize>)> {
-    let pack = 32 / bits as usize;
+    let b = bits as usize;
     let ng = g.n_groups();
     match layout {
         Layout::Gptq => vec![
-            ("qweight", "I32", vec![g.cols / pack, g.rows]),
-            ("qzeros", "I32", vec![ng, g.rows / pack]),
+            ("qweight", "I32", vec![g.cols * b / 32, g.rows]),
+            ("qzeros", "I32", vec![ng, g.rows * b / 32]),
             ("scales", "F16", vec![ng, g.rows]),
             ("g_idx", "I32", vec![g.cols]),
         ],
@@ -239,7 +266,6 @@ fn pack(layout: Layout, g: &Groups, bits: u8) -> Vec<(&'static str, &'static str
 
 /// The bytes of `pack`'s tensors, in the same order. `v1`: GPTQ's zero − 1 convention.
 fn packed_bytes(layout: Layout, g: &Groups, bits: u8, v1: bool) -> Vec<Vec<u8>> {
-    let per_word = 32 / bits as usize;
     let mask = (1u32 << bits) - 1;
     let ng = g.n_groups();
     let level = |row: usize, col: usize| g.levels[row * g.cols + col] as u32;
@@ -252,31 +278,34 @@ fn packed_bytes(layout: Layout, g: &Groups, bits: u8, v1: bool) -> Vec<Vec<u8>> 
     }
     match layout {
         Layout::Gptq => {
-            let mut qweight = Vec::with_capacity(g.cols * g.rows * bits as usize / 8);
-            for word_row in 0..g.cols / per_word {
-                push_i32s(
-                    &mut qweight,
-                    (0..g.rows).map(|row| {
-                        (0..per_word).fold(0u32, |w, k| {
-                            w | (level(row, word_row * per_word + k) << (bits as usize * k))
-                        })
-                    }),
-                );
+            // One bit stream per output along the inputs, stored word row by word row.
+            let words_per_row = g.cols * bits as usize / 32;
+            let mut streams = vec![0u32; words_per_row * g.rows];
+            let mut stream = Vec::with_capacity(words_per_row);
+            for row in 0..g.rows {
+                stream.clear();
+                pack_stream((0..g.cols).map(|c| level(row, c)), bits, &mut stream);
+                for (k, &w) in stream.iter().enumerate() {
+                    streams[k * g.rows + row] = w;
+                }
             }
-            let mut qzeros = Vec::new();
+            let mut qweight = Vec::with_capacity(streams.len() * 4);
+            push_i32s(&mut qweight, streams.into_iter());
+            let mut zero_words = Vec::new();
             for group in 0..ng {
-                push_i32s(
-                    &mut qzeros,
-                    (0..g.rows / per_word).map(|word| {
-                        (0..per_word).fold(0u32, |w, k| {
-                            // v1 stores zero − 1 (loaders add the 1 back); v2 the zero.
-                            let z = zero(word * per_word + k, group);
-                            let stored = if v1 { z.wrapping_sub(1) & mask } else { z };
-                            w | (stored << (bits as usize * k))
-                        })
-                    }),
-                );
+                // v1 stores zero − 1 (loaders add the 1 back); v2 the zero.
+                let stored = (0..g.rows).map(|row| {
+                    let z = zero(row, group);
+                    if v1 {
+                        z.wrapping_sub(1) & mask
+                    } else {
+                        z
+                    }
+                });
+                pack_stream(stored, bits, &mut zero_words);
             }
+            let mut qzeros = Vec::with_capacity(zero_words.len() * 4);
+            push_i32s(&mut qzeros, zero_words.into_iter());
             let mut g_idx = Vec::with_capacity(g.cols * 4);
             push_i32s(&mut g_idx, (0..g.cols).map(|c| (c / g.group_len) as u32));
             vec![qweight, qzeros, scales, g_idx]
@@ -341,7 +370,7 @@ pub fn write_grouped_folder(
     // Plan every tensor first (the header precedes the data), then decode and write one at a
     // time, so memory holds one tensor.
     enum Source<'a> {
-        Grouped(&'a crate::model::checkpoint::TensorRef, GgmlDType),
+        Grouped(&'a crate::model::checkpoint::TensorRef),
         Float(&'a crate::model::checkpoint::TensorRef),
     }
     let mut plan = Vec::new();
@@ -353,7 +382,8 @@ pub fn write_grouped_folder(
         let hf =
             names::gguf_to_hf(&t.name).ok_or_else(|| HfExportError::Unnamed(t.name.clone()))?;
         match t.dtype {
-            SourceDtype::Ggml(dtype @ (GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0))
+            SourceDtype::Ggml(GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            | SourceDtype::GptqLayout { .. }
                 if t.shape.len() == 2 =>
             {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -373,15 +403,14 @@ pub fn write_grouped_folder(
                         dividing_group_sizes(ckpt)
                     )));
                 }
-                let per_word = 32 / bits as usize;
-                let out_pack = if layout == Layout::AwqGemm {
-                    8
-                } else {
-                    per_word
+                let b = bits as usize;
+                let fits = match layout {
+                    Layout::AwqGemm => rows.is_multiple_of(8),
+                    Layout::Gptq => (rows * b).is_multiple_of(32) && (cols * b).is_multiple_of(32),
                 };
-                if !rows.is_multiple_of(out_pack) || !cols.is_multiple_of(per_word) {
+                if !fits {
                     return Err(GroupExportError::NotGrouped(format!(
-                        "{}: {rows}×{cols} does not pack {per_word} levels per word",
+                        "{}: {rows}×{cols} does not pack {bits}-bit levels into whole words",
                         t.name
                     )));
                 }
@@ -403,7 +432,7 @@ pub fn write_grouped_folder(
                         bytes: elems * if st_dtype == "F16" { 2 } else { 4 },
                     });
                 }
-                plan.push(Source::Grouped(t, dtype));
+                plan.push(Source::Grouped(t));
             }
             _ => {
                 entries.push(StEntry {
@@ -426,15 +455,30 @@ pub fn write_grouped_folder(
     };
     for source in plan {
         match source {
-            Source::Grouped(t, dtype) => {
+            Source::Grouped(t) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let group_len = if group_size < 0 {
                     cols
                 } else {
                     (group_size as usize).min(cols)
                 };
-                let (g, worst) =
-                    decode_groups(&t.name, ckpt.raw_bytes(t), dtype, rows, cols, group_len)?;
+                let (g, worst) = match (t.dtype, ckpt.packed_linear(t)) {
+                    (_, Some(packed)) => {
+                        let packed =
+                            packed.map_err(|e| GroupExportError::NotGrouped(e.to_string()))?;
+                        if packed.bits != bits {
+                            return Err(GroupExportError::NotGrouped(format!(
+                                "{}: {}-bit groups in a {bits}-bit file",
+                                t.name, packed.bits
+                            )));
+                        }
+                        (layout_groups(&t.name, &packed)?, 0.0)
+                    }
+                    (SourceDtype::Ggml(dtype), None) => {
+                        decode_groups(&t.name, ckpt.raw_bytes(t), dtype, rows, cols, group_len)?
+                    }
+                    _ => unreachable!("planned tensors are blocks or GPTQ layout"),
+                };
                 let ng = g.n_groups();
                 let g = Groups {
                     levels: hf_rows(ckpt, &t.name, g.levels, cols),

@@ -9,13 +9,17 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::calibrate::{Calibrated, CalibrationReport};
+use crate::export::gguf::TensorType;
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::gptq_layout::{PackedLinear, PartType, PARTS};
 use crate::quant::imatrix::ImatrixError;
+use crate::quant::plan::PlannedTensor;
 use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
 use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter};
+use candle_core::quantized::GgmlDType;
 
 /// What the pipeline tells its caller while it runs.
 pub trait Hooks: Sync {
@@ -104,15 +108,22 @@ pub fn quantize_gguf(
         imatrix,
     } = calibrated;
     let importance = imatrix.as_ref();
-    let decls: Vec<TensorDecl<'_>> = plan
-        .tensors
-        .iter()
-        .map(|t| TensorDecl {
-            name: &t.name,
-            shape: &t.shape,
-            dtype: t.dtype,
-        })
-        .collect();
+    let layout_parts = layout_part_decls(plan);
+    let mut decls: Vec<TensorDecl<'_>> = Vec::with_capacity(plan.tensors.len());
+    for (t, parts) in plan.tensors.iter().zip(&layout_parts) {
+        match parts {
+            Some(parts) => decls.extend(parts.iter().map(|(name, shape, dtype)| TensorDecl {
+                name,
+                shape,
+                dtype: *dtype,
+            })),
+            None => decls.push(TensorDecl {
+                name: &t.name,
+                shape: &t.shape,
+                dtype: t.dtype.into(),
+            }),
+        }
+    }
     let mut writer = GgufWriter::begin(HashingWriter::create(out_path)?, metadata, &decls)?;
     let total = plan.tensors.len() as u64;
     hooks.progress("quantizing", 0, total, "tensors");
@@ -153,7 +164,21 @@ pub fn quantize_gguf(
                 }
             }
         };
-        writer.write_tensor(&t.name, &bytes)?;
+        match &layout_parts[done] {
+            // The parts were encoded back to back, in declaration order.
+            Some(parts) => {
+                let mut at = 0;
+                for (name, _, len) in parts
+                    .iter()
+                    .zip(layout_lengths(t))
+                    .map(|((n, s, _), l)| (n, s, l))
+                {
+                    writer.write_tensor(name, &bytes[at..at + len])?;
+                    at += len;
+                }
+            }
+            None => writer.write_tensor(&t.name, &bytes)?,
+        }
         reports.push(TensorReport {
             name: t.name.clone(),
             type_name: t.type_name,
@@ -187,4 +212,45 @@ pub fn quantize_gguf(
             }),
         },
     ))
+}
+
+/// For each planned tensor, the GGUF tensors of its GPTQ-layout parts (name, shape, type), or
+/// `None` when it is stored as one GGML tensor.
+#[allow(clippy::type_complexity)]
+fn layout_part_decls(plan: &Plan) -> Vec<Option<Vec<(String, Vec<usize>, TensorType)>>> {
+    plan.tensors
+        .iter()
+        .map(|t| {
+            let format = t.groups.filter(|_| t.is_layout())?;
+            let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let groups = cols.div_ceil(format.group_len(cols));
+            let shapes = PackedLinear::part_shapes(format.bits, rows, cols, groups);
+            Some(
+                PARTS
+                    .iter()
+                    .zip(shapes)
+                    .map(|((suffix, ty), shape)| {
+                        let dtype = match ty {
+                            PartType::I32 => TensorType::I32,
+                            PartType::F16 => GgmlDType::F16.into(),
+                        };
+                        (format!("{prefix}.{suffix}"), shape, dtype)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Byte lengths of a GPTQ-layout tensor's parts.
+fn layout_lengths(t: &PlannedTensor) -> [usize; 4] {
+    let format = t.groups.expect("layout tensors have groups");
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    PackedLinear::part_lengths(
+        format.bits,
+        rows,
+        cols,
+        cols.div_ceil(format.group_len(cols)),
+    )
 }

@@ -129,7 +129,7 @@ impl RtnParams {
     }
 
     pub fn validate(&self) -> Result<(), ParamError> {
-        validate_groups(self.bits, self.group_size, self.sym)
+        validate_groups(self.bits, self.group_size)
     }
 }
 
@@ -151,7 +151,7 @@ fn param_error(param: &str, message: String) -> ParamError {
 }
 
 /// The integer-group parameters `rtn` and `gptq` share.
-fn validate_groups(bits: u8, group_size: i64, sym: bool) -> Result<(), ParamError> {
+fn validate_groups(bits: u8, group_size: i64) -> Result<(), ParamError> {
     if ![8, 4, 3, 2].contains(&bits) {
         return Err(param_error(
             "bits",
@@ -162,23 +162,6 @@ fn validate_groups(bits: u8, group_size: i64, sym: bool) -> Result<(), ParamErro
         return Err(param_error(
             "group_size",
             format!("{group_size} is not one of -1, 32, 64, 128"),
-        ));
-    }
-    let format = GroupFormat {
-        bits,
-        group_size: None,
-        sym,
-    };
-    if format.ggml_dtype().is_none() {
-        // 3- and 2-bit groups and asymmetric 8-bit have no GGML block; they need the GPTQ
-        // layout and a kernel of quantd's own, which this version does not have yet.
-        return Err(param_error(
-            "bits",
-            format!(
-                "{bits}-bit {} groups are not available in this version: 4-bit (sym or asym) and \
-                 8-bit sym pack into GGML blocks",
-                if sym { "symmetric" } else { "asymmetric" }
-            ),
         ));
     }
     Ok(())
@@ -235,7 +218,7 @@ impl GptqParams {
     }
 
     pub fn validate(&self) -> Result<(), ParamError> {
-        validate_groups(self.bits, self.group_size, self.sym)?;
+        validate_groups(self.bits, self.group_size)?;
         if !(self.damp_percent.is_finite() && (0.0..1.0).contains(&self.damp_percent)) {
             return Err(param_error(
                 "damp_percent",
@@ -306,7 +289,7 @@ impl AwqParams {
                 format!("{} is not available: AWQ here is 4-bit", self.bits),
             ));
         }
-        validate_groups(self.bits, self.group_size, !self.zero_point)?;
+        validate_groups(self.bits, self.group_size)?;
         if !Self::GRID_RANGE.contains(&self.grid) {
             return Err(param_error(
                 "grid",

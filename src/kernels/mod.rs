@@ -1,6 +1,8 @@
 //! quantd's own CPU kernels (DESIGN §1 `kernels/`), plugged into `nn::QLinear` through
-//! `LinearKernel`. Today: AVX2 matmuls for the GGML block types candle leaves scalar.
+//! `LinearKernel`: AVX2 matmuls for the GGML block types candle leaves scalar, and the
+//! GPTQ-layout kernel for integer groups no GGML block holds.
 
+pub mod gptq;
 pub mod legacy_blocks;
 
 use std::sync::Arc;

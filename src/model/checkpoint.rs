@@ -14,7 +14,8 @@ use super::config::{ConfigError, ModelConfig};
 use super::names;
 use super::safetensors::{self as st, StDtype};
 use super::sniff::{sniff_file, FileKind};
-use crate::export::gguf::{GgufFile, Value};
+use crate::export::gguf::{GgufFile, GgufTensorInfo, TensorType, Value};
+use crate::quant::gptq_layout::{self, LayoutError, PackedLinear, PartType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Format {
@@ -70,6 +71,20 @@ pub enum SourceDtype {
     Ggml(GgmlDType),
     /// Derived from the config (Llama 3 RoPE factors); `file` indexes `Checkpoint::computed`.
     Computed,
+    /// Integer groups in the GPTQ layout (`quant::gptq_layout`), stored as four GGUF tensors;
+    /// `file` indexes `Checkpoint::layouts`.
+    GptqLayout {
+        bits: u8,
+    },
+}
+
+/// One stored part (qweight, qzeros, scales, g_idx) of a GPTQ-layout weight.
+#[derive(Debug, Clone)]
+struct LayoutPart {
+    shape: Vec<usize>,
+    file: usize,
+    offset: u64,
+    len: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +116,8 @@ pub struct Checkpoint {
     pub gguf_metadata: Vec<(String, Value)>,
     maps: Vec<Mmap>,
     computed: Vec<Vec<f32>>,
+    /// The parts of each GPTQ-layout weight, in `gptq_layout::PARTS` order.
+    layouts: Vec<[LayoutPart; 4]>,
 }
 
 /// Names an HF upload may contain besides weights.
@@ -325,6 +342,7 @@ impl Checkpoint {
             gguf_metadata: Vec::new(),
             maps,
             computed,
+            layouts: Vec::new(),
         })
     }
 
@@ -334,23 +352,106 @@ impl Checkpoint {
             CheckpointError::Invalid { message, .. } => invalid(name, message),
             other => other,
         })?;
-        let found = file
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    TensorRef {
-                        name: t.name.clone(),
-                        shape: t.shape.clone(),
-                        dtype: SourceDtype::Ggml(t.dtype),
-                        file: 0,
-                        offset: t.offset,
-                        len: t.size,
-                    },
-                )
-            })
-            .collect();
+        let mut found = HashMap::new();
+        let mut parts: BTreeMap<String, [Option<&GgufTensorInfo>; 4]> = BTreeMap::new();
+        for t in &file.tensors {
+            let layout_part = t.name.rsplit_once('.').and_then(|(prefix, suffix)| {
+                let i = gptq_layout::PARTS.iter().position(|(s, _)| *s == suffix)?;
+                Some((prefix, i))
+            });
+            let dtype = match (layout_part, t.dtype.ggml()) {
+                (Some((prefix, i)), _) => {
+                    let want = gptq_layout::PARTS[i].1;
+                    let ok = matches!(
+                        (want, t.dtype),
+                        (PartType::I32, TensorType::I32)
+                            | (PartType::F16, TensorType::Ggml(GgmlDType::F16))
+                    );
+                    if !ok {
+                        return Err(invalid(
+                            name,
+                            format!("tensor {} has type {}", t.name, t.dtype.name()),
+                        ));
+                    }
+                    parts.entry(prefix.to_string()).or_default()[i] = Some(t);
+                    continue;
+                }
+                (None, Some(dtype)) => dtype,
+                (None, None) => {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "tensor {} has type {}, which only GPTQ-layout parts may have",
+                            t.name,
+                            t.dtype.name()
+                        ),
+                    ))
+                }
+            };
+            found.insert(
+                t.name.clone(),
+                TensorRef {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: SourceDtype::Ggml(dtype),
+                    file: 0,
+                    offset: t.offset,
+                    len: t.size,
+                },
+            );
+        }
+        let mut layouts = Vec::new();
+        for (prefix, p) in parts {
+            let weight = format!("{prefix}.weight");
+            let [Some(qweight), Some(qzeros), Some(scales), Some(g_idx)] = p else {
+                let missing = gptq_layout::PARTS
+                    .iter()
+                    .zip(&p)
+                    .filter(|(_, t)| t.is_none())
+                    .map(|((s, _), _)| format!("{prefix}.{s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(invalid(
+                    name,
+                    format!("GPTQ-layout tensor {missing} is missing"),
+                ));
+            };
+            let (rows, cols) = match (qweight.shape.as_slice(), g_idx.shape.as_slice()) {
+                ([_, rows], [cols]) => (*rows, *cols),
+                _ => {
+                    return Err(invalid(
+                        name,
+                        format!("{prefix}.qweight/g_idx are not 2-D/1-D"),
+                    ))
+                }
+            };
+            let all = [qweight, qzeros, scales, g_idx];
+            let (bits, _) = PackedLinear::check_shapes(rows, cols, all.map(|t| t.shape.as_slice()))
+                .map_err(|e| invalid(name, format!("{prefix}: {e}")))?;
+            if found.contains_key(&weight) {
+                return Err(invalid(
+                    name,
+                    format!("{weight} is stored both as a tensor and in the GPTQ layout"),
+                ));
+            }
+            found.insert(
+                weight.clone(),
+                TensorRef {
+                    name: weight,
+                    shape: vec![rows, cols],
+                    dtype: SourceDtype::GptqLayout { bits },
+                    file: layouts.len(),
+                    offset: 0,
+                    len: all.iter().map(|t| t.size).sum(),
+                },
+            );
+            layouts.push(all.map(|t| LayoutPart {
+                shape: t.shape.clone(),
+                file: 0,
+                offset: t.offset,
+                len: t.size,
+            }));
+        }
         let tensors = order_and_check(&config, found, name)?;
         Ok(Self {
             format: Format::Gguf,
@@ -360,6 +461,7 @@ impl Checkpoint {
             gguf_metadata: file.metadata,
             maps: vec![mmap(path, name)?],
             computed: Vec::new(),
+            layouts,
         })
     }
 
@@ -388,7 +490,26 @@ impl Checkpoint {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw bytes of a tensor as stored.
+    /// A GPTQ-layout weight's parts, decoded and checked; `None` for other tensors.
+    pub fn packed_linear(&self, t: &TensorRef) -> Option<Result<PackedLinear, LayoutError>> {
+        let SourceDtype::GptqLayout { .. } = t.dtype else {
+            return None;
+        };
+        let parts = &self.layouts[t.file];
+        let bytes = parts
+            .each_ref()
+            .map(|p| &self.maps[p.file][p.offset as usize..(p.offset + p.len) as usize]);
+        let inputs = std::array::from_fn(|i| (parts[i].shape.as_slice(), bytes[i]));
+        let packed = PackedLinear::from_parts(t.shape[0], t.shape[1], inputs)
+            .map_err(|e| LayoutError(format!("{}: {e}", t.name)));
+        for p in parts {
+            self.release_range(p.file, p.offset, p.len);
+        }
+        Some(packed)
+    }
+
+    /// The raw bytes of a tensor as stored (not defined for GPTQ-layout weights, which are
+    /// several tensors: see [`Checkpoint::packed_linear`]).
     pub fn raw_bytes(&self, t: &TensorRef) -> &[u8] {
         &self.maps[t.file][t.offset as usize..(t.offset + t.len) as usize]
     }
@@ -399,6 +520,11 @@ impl Checkpoint {
     pub fn read_f32(&self, t: &TensorRef) -> candle_core::Result<Vec<f32>> {
         if t.dtype == SourceDtype::Computed {
             return Ok(self.computed[t.file].clone());
+        }
+        if let Some(packed) = self.packed_linear(t) {
+            return packed
+                .map(|p| p.dequantize())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
         }
         let bytes = self.raw_bytes(t);
         let values = match t.dtype {
@@ -411,7 +537,9 @@ impl Checkpoint {
                     None => v,
                 }
             }
-            SourceDtype::Computed => unreachable!("handled above"),
+            SourceDtype::Computed | SourceDtype::GptqLayout { .. } => {
+                unreachable!("handled above")
+            }
             // Float tensors of a GGUF decode directly; going through candle copies them twice.
             SourceDtype::Ggml(GgmlDType::F32) => decode_float(bytes, StDtype::F32),
             SourceDtype::Ggml(GgmlDType::F16) => decode_float(bytes, StDtype::F16),
@@ -444,10 +572,14 @@ impl Checkpoint {
     }
 
     fn release(&self, t: &TensorRef) {
-        let map = &self.maps[t.file];
+        self.release_range(t.file, t.offset, t.len);
+    }
+
+    fn release_range(&self, file: usize, offset: u64, len: u64) {
+        let map = &self.maps[file];
         let page = 4096u64;
-        let start = t.offset / page * page;
-        let end = (t.offset + t.len).min(map.len() as u64);
+        let start = offset / page * page;
+        let end = (offset + len).min(map.len() as u64);
         // SAFETY: DontNeed on a read-only private file mapping only drops cached pages; later
         // reads fault them in again from the file.
         let _ = unsafe {

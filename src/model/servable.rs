@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 use super::checkpoint::{Checkpoint, SourceDtype, TensorRef};
 use super::tokenizer_gguf;
 use crate::export::gguf::Value;
+use crate::kernels::gptq::GptqMatmul;
 use crate::nn::linear::QLinear;
 use crate::nn::llama::{Block, Embedding, Llama};
 use crate::nn::rope::{Rope, RopeLayout};
@@ -181,6 +182,18 @@ fn linear(ckpt: &Checkpoint, name: &str) -> Result<QLinear, LoadError> {
         Some(b) => Some(read_dense(ckpt, b)?),
         None => None,
     };
+    if let Some(packed) = ckpt.packed_linear(t) {
+        let packed =
+            packed.map_err(|e| LoadError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        return Ok(match GptqMatmul::new(packed) {
+            Ok(k) => QLinear::custom(Arc::new(k), bias),
+            // Permuted groups: served from the dequantized weights.
+            Err(packed) => QLinear::dense(
+                Tensor::from_vec(packed.dequantize(), t.shape.as_slice(), &Device::Cpu)?,
+                bias,
+            )?,
+        });
+    }
     Ok(match read_blocks(ckpt, t)? {
         Some(q) => QLinear::ggml(q, bias)?,
         None => QLinear::dense(read_dense(ckpt, t)?, bias)?,

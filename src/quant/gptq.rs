@@ -252,7 +252,14 @@ pub fn quantize(
             }
         })
         .collect();
-    let mut params = vec![GroupParams { d: 0.0, m: 0.0 }; rows * groups];
+    let mut params = vec![
+        GroupParams {
+            d: 0.0,
+            m: 0.0,
+            z: 0
+        };
+        rows * groups
+    ];
     // Static groups (and per-channel): parameters from the weights before any update.
     let fixed_groups = cfg.act_order || f.group_size.is_none();
     if fixed_groups {

@@ -1,7 +1,8 @@
 //! GPTQ over a whole model: the [`StageQuantizer`] the layer-by-layer driver calls. For each
 //! stage it builds H = 2XXᵀ from every window's inputs (one Gram matrix per window, summed in
 //! f64), prepares H once for the linears that share it (q/k/v; gate/up), runs GPTQ on each
-//! linear the plan quantizes, and keeps the GGML blocks for the writer. Linears the plan
+//! linear the plan quantizes, and keeps its encoding (GGML blocks or GPTQ layout) for the
+//! writer. Linears the plan
 //! leaves in F16 (rows that do not split into blocks) keep their original weights.
 
 use std::collections::{HashMap, HashSet};
@@ -12,7 +13,7 @@ use super::gptq::{self, GptqConfig, Hessian, Prepared};
 use super::layerwise::{LayerwiseError, StageInputs, StageQuantizer};
 use super::tensor_quant::{tensor_error, TensorError};
 
-/// GGML bytes and error of every quantized linear, by GGUF tensor name (`blk.0.attn_q.weight`).
+/// Encoded bytes and error of every quantized linear, by GGUF tensor name (`blk.0.attn_q.weight`).
 pub type QuantizedTensors = HashMap<String, (Vec<u8>, TensorError)>;
 
 pub struct GptqModel {
@@ -65,15 +66,7 @@ impl StageQuantizer for GptqModel {
             }
             let q = gptq::quantize(&l.weight, l.rows, l.cols, &prepared, &self.config)
                 .map_err(|e| LayerwiseError::Method(format!("{}: {e}", l.name)))?;
-            let groups = l.cols.div_ceil(format.group_len(l.cols));
-            let mut bytes = Vec::new();
-            for r in 0..l.rows {
-                format.pack_row(
-                    &q.levels[r * l.cols..(r + 1) * l.cols],
-                    &q.params[r * groups..(r + 1) * groups],
-                    &mut bytes,
-                );
-            }
+            let bytes = format.encode(&q.levels, &q.params, l.rows, l.cols);
             let err = tensor_error(&l.weight, &q.weights);
             self.tensors
                 .insert(format!("{}.weight", l.name), (bytes, err));

@@ -13,6 +13,10 @@
 //!
 //! A group of 128 is four blocks of 32 with equal parameters, so any group length that is a
 //! multiple of 32 packs exactly.
+//!
+//! The other formats (3- and 2-bit, asymmetric 8-bit) have no GGML block. They are stored in
+//! the GPTQ layout ([`super::gptq_layout`]) with an integer zero point, w = d·(q − z), and run
+//! on quantd's own kernel.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -34,8 +38,11 @@ pub struct GroupFormat {
 pub struct GroupParams {
     /// The step between levels.
     pub d: f32,
-    /// Asymmetric: the value of level 0 (−d·z rounded to f16). Symmetric: unused (0).
+    /// Asymmetric GGML blocks: the value of level 0 (−d·z rounded to f16). Otherwise unused (0).
     pub m: f32,
+    /// The level that stands for zero: 2^(bits−1) when symmetric. The GPTQ layout stores it as
+    /// an integer; a Q4_1 block stores `m` instead.
+    pub z: u32,
 }
 
 impl GroupFormat {
@@ -46,6 +53,19 @@ impl GroupFormat {
     /// The level that stands for zero in a symmetric group.
     fn sym_zero(&self) -> f32 {
         (1u32 << (self.bits - 1)) as f32
+    }
+
+    /// Whether tensors in this format are stored in the GPTQ layout rather than GGML blocks.
+    pub fn uses_layout(&self) -> bool {
+        self.ggml_dtype().is_none()
+    }
+
+    /// Whether a `[rows, cols]` weight fits the GPTQ layout: columns pack 32 to `bits` words,
+    /// and one group's zero points of all rows into whole words.
+    pub fn fits_layout(&self, rows: usize, cols: usize) -> bool {
+        cols.is_multiple_of(BLOCK)
+            && (rows * self.bits as usize).is_multiple_of(32)
+            && self.group_len(cols).is_multiple_of(BLOCK)
     }
 
     /// The GGML block type these groups pack into exactly, if one exists.
@@ -85,13 +105,22 @@ impl GroupFormat {
         let maxq = self.maxq() as f32;
         let d = f16::from_f32((hi - lo) / maxq).to_f32();
         if self.sym {
-            return GroupParams { d, m: 0.0 };
+            return GroupParams {
+                d,
+                m: 0.0,
+                z: self.sym_zero() as u32,
+            };
         }
         let zero = if d > 0.0 { (-lo / d).round() } else { 0.0 };
         let zero = zero.clamp(0.0, maxq);
         GroupParams {
             d,
-            m: f16::from_f32(-d * zero).to_f32(),
+            m: if self.uses_layout() {
+                0.0
+            } else {
+                f16::from_f32(-d * zero).to_f32()
+            },
+            z: zero as u32,
         }
     }
 
@@ -107,17 +136,22 @@ impl GroupFormat {
             }
         } else if self.sym {
             (w / p.d).round() + self.sym_zero()
+        } else if self.uses_layout() {
+            (w / p.d).round() + p.z as f32
         } else {
             ((w - p.m) / p.d).round()
         };
         q.clamp(0.0, maxq) as u32
     }
 
-    /// The value level `q` stands for, computed as ggml's dequantization does.
+    /// The value level `q` stands for, computed as ggml's dequantization (GGML blocks) or
+    /// quantd's GPTQ-layout kernel does.
     #[inline]
     pub fn dequantize(&self, p: &GroupParams, q: u32) -> f32 {
         if self.sym {
             (q as f32 - self.sym_zero()) * p.d
+        } else if self.uses_layout() {
+            (q as f32 - p.z as f32) * p.d
         } else {
             q as f32 * p.d + p.m
         }
@@ -134,6 +168,34 @@ impl GroupFormat {
             params.push(p);
         }
         (levels, params)
+    }
+
+    /// The stored bytes of a `[rows, cols]` weight from its levels (row-major) and group
+    /// parameters (`[rows, groups]`): GGML blocks, or the GPTQ layout's parts in
+    /// [`super::gptq_layout::PackedLinear::to_bytes`] order.
+    pub fn encode(
+        &self,
+        levels: &[u32],
+        params: &[GroupParams],
+        rows: usize,
+        cols: usize,
+    ) -> Vec<u8> {
+        if self.uses_layout() {
+            return super::gptq_layout::PackedLinear::from_levels(
+                *self, rows, cols, levels, params,
+            )
+            .to_bytes();
+        }
+        let groups = cols.div_ceil(self.group_len(cols));
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            self.pack_row(
+                &levels[r * cols..(r + 1) * cols],
+                &params[r * groups..(r + 1) * groups],
+                &mut bytes,
+            );
+        }
+        bytes
     }
 
     /// Appends one row of levels and group parameters as GGML blocks. The row must pack

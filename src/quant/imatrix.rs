@@ -208,7 +208,7 @@ impl ImportanceMatrix {
             .map(|(name, shape)| TensorDecl {
                 name,
                 shape,
-                dtype: GgmlDType::F32,
+                dtype: GgmlDType::F32.into(),
             })
             .collect();
         let mut writer = GgufWriter::begin(out, &metadata, &decls)?;
@@ -245,7 +245,7 @@ impl ImportanceMatrix {
             let Some(t) = gguf.tensor(name) else {
                 return Ok(None);
             };
-            if t.dtype != GgmlDType::F32 {
+            if t.dtype != GgmlDType::F32.into() {
                 return invalid(format!("{name} is {:?}; the format stores F32", t.dtype));
             }
             let mut bytes = vec![0u8; t.size as usize];

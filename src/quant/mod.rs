@@ -9,6 +9,7 @@ pub mod awq;
 pub mod calibration;
 pub mod gguf_types;
 pub mod gptq;
+pub mod gptq_layout;
 pub mod gptq_model;
 pub mod groups;
 pub mod imatrix;

@@ -6,6 +6,7 @@ use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
 use super::gguf_types::GgufType;
+use super::gptq_layout::PackedLinear;
 use super::groups::GroupFormat;
 use super::mix::{choose, is_quantizable, MixContext, Override};
 use crate::export::gguf::{ggml_type_name, tensor_bytes};
@@ -17,6 +18,8 @@ pub struct PlannedTensor {
     pub shape: Vec<usize>,
     #[serde(rename = "type")]
     pub type_name: &'static str,
+    /// The GGML type the tensor is stored as. GPTQ-layout tensors (`layout`) are stored as
+    /// I32/F16 parts instead and carry F16 here, which nothing reads.
     #[serde(skip)]
     pub dtype: GgmlDType,
     pub bytes: u64,
@@ -24,9 +27,27 @@ pub struct PlannedTensor {
     /// The type the rules wanted when the row length forced a fallback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<&'static str>,
-    /// Integer groups (rtn, gptq, awq) packed into `dtype`'s blocks; None: GGML's own encoder.
+    /// Integer groups (rtn, gptq, awq) packed into `dtype`'s blocks or, when the format has
+    /// no block, into the GPTQ layout; None: GGML's own encoder.
     #[serde(skip)]
     pub groups: Option<GroupFormat>,
+}
+
+impl PlannedTensor {
+    /// Whether the tensor is stored in the GPTQ layout (four GGUF tensors).
+    pub fn is_layout(&self) -> bool {
+        self.groups.is_some_and(|f| f.uses_layout())
+    }
+}
+
+/// The type name plans and reports give a GPTQ-layout tensor.
+pub fn layout_type_name(bits: u8) -> &'static str {
+    match bits {
+        2 => "GPTQ_2",
+        3 => "GPTQ_3",
+        4 => "GPTQ_4",
+        _ => "GPTQ_8",
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,52 +106,80 @@ impl Plan {
     }
 
     /// The plan of an integer-group method (`rtn`, `gptq`, `awq`): every decoder linear in
-    /// `format`'s GGML blocks; embeddings and the output layer in F16 (as GPTQ and AWQ leave
-    /// them); norms F32. A linear whose rows do not split into whole blocks stays F16 and is
-    /// listed as a fallback.
+    /// `format`'s GGML blocks, or in the GPTQ layout when the format has no block;
+    /// embeddings and the output layer in F16 (as GPTQ and AWQ leave them); norms F32. A
+    /// linear whose shape does not split into blocks (or layout words) stays F16 and is listed
+    /// as a fallback.
     pub fn grouped(
         method: &'static str,
         tensors: &[(String, Vec<usize>)],
         format: GroupFormat,
         threads: usize,
     ) -> Self {
-        let dtype = format
-            .ggml_dtype()
-            .expect("the caller checked that the format packs into GGML blocks");
+        let wanted = match format.ggml_dtype() {
+            Some(dtype) => ggml_type_name(dtype),
+            None => layout_type_name(format.bits),
+        };
         let planned: Vec<PlannedTensor> = tensors
             .iter()
             .map(|(name, shape)| {
-                let row_len = *shape.last().unwrap_or(&1);
-                let linear = name.starts_with("blk.") && is_quantizable(name, shape);
-                let (chosen, groups, fallback_from) = if !linear {
-                    let float = if shape.len() >= 2 {
+                let elems = shape.iter().map(|&d| d as u64).product();
+                let float = |fallback_from| {
+                    let dtype = if shape.len() >= 2 {
                         GgmlDType::F16
                     } else {
                         GgmlDType::F32
                     };
-                    (float, None, None)
-                } else if format.packs(row_len) {
-                    (dtype, Some(format), None)
-                } else {
-                    (GgmlDType::F16, None, Some(ggml_type_name(dtype)))
+                    PlannedTensor {
+                        name: name.clone(),
+                        shape: shape.clone(),
+                        type_name: ggml_type_name(dtype),
+                        dtype,
+                        bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
+                        quantized: false,
+                        fallback_from,
+                        groups: None,
+                    }
                 };
-                let elems = shape.iter().map(|&d| d as u64).product();
-                PlannedTensor {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    type_name: ggml_type_name(chosen),
-                    dtype: chosen,
-                    bytes: tensor_bytes(chosen, elems).expect("rows were checked"),
-                    quantized: groups.is_some(),
-                    fallback_from,
-                    groups,
+                if !(name.starts_with("blk.") && is_quantizable(name, shape)) {
+                    return float(None);
+                }
+                let (rows, cols) = (shape[0], shape[1]);
+                match format.ggml_dtype() {
+                    Some(dtype) if format.packs(cols) => PlannedTensor {
+                        name: name.clone(),
+                        shape: shape.clone(),
+                        type_name: wanted,
+                        dtype,
+                        bytes: tensor_bytes(dtype, elems).expect("rows were checked"),
+                        quantized: true,
+                        fallback_from: None,
+                        groups: Some(format),
+                    },
+                    None if format.fits_layout(rows, cols) => {
+                        let groups = cols.div_ceil(format.group_len(cols));
+                        let parts = PackedLinear::part_lengths(format.bits, rows, cols, groups);
+                        PlannedTensor {
+                            name: name.clone(),
+                            shape: shape.clone(),
+                            type_name: wanted,
+                            dtype: GgmlDType::F16,
+                            bytes: parts.iter().sum::<usize>() as u64,
+                            quantized: true,
+                            fallback_from: None,
+                            groups: Some(format),
+                        }
+                    }
+                    _ => float(Some(wanted)),
                 }
             })
             .collect();
-        let gguf_type = match dtype {
-            GgmlDType::Q4_0 => GgufType::Q4_0,
-            GgmlDType::Q4_1 => GgufType::Q4_1,
-            _ => GgufType::Q8_0,
+        // GPTQ-layout files have no llama.cpp file type; their GGML tensors are F16.
+        let gguf_type = match format.ggml_dtype() {
+            Some(GgmlDType::Q4_0) => GgufType::Q4_0,
+            Some(GgmlDType::Q4_1) => GgufType::Q4_1,
+            Some(_) => GgufType::Q8_0,
+            None => GgufType::F16,
         };
         Self::summarize(method, gguf_type, planned, threads)
     }

@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::groups::GroupFormat;
+use super::groups::{GroupFormat, GroupParams};
 use super::kquants::{self, QK_K};
 use super::weighted_blocks;
 
@@ -77,8 +77,9 @@ pub fn quantize_tensor(
     Ok((bytes, acc.finish()))
 }
 
-/// Round-to-nearest of `data` in integer groups, packed into GGML blocks, rows in parallel;
-/// returns the bytes and the error against `data`.
+/// Round-to-nearest of `data` in integer groups, rows in parallel, encoded as the format
+/// stores them (GGML blocks or the GPTQ layout); returns the bytes and the error against
+/// `data`.
 pub fn quantize_grouped(
     name: &str,
     data: &[f32],
@@ -87,30 +88,35 @@ pub fn quantize_grouped(
     pool: &rayon::ThreadPool,
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
     check_finite(name, data)?;
-    let parts: Vec<(Vec<u8>, ErrorAcc)> = pool.install(|| {
+    let g = format.group_len(row_len);
+    let parts: Vec<(Vec<u32>, Vec<GroupParams>, ErrorAcc)> = pool.install(|| {
         data.par_chunks(SLICE_ROWS * row_len)
             .map(|slice| {
-                let mut bytes = Vec::new();
+                let mut levels = Vec::with_capacity(slice.len());
+                let mut params = Vec::new();
                 let mut acc = ErrorAcc::default();
                 for row in slice.chunks(row_len) {
-                    let (levels, params) = format.round_row(row);
-                    let g = format.group_len(row_len);
-                    for (i, (&w, &q)) in row.iter().zip(&levels).enumerate() {
-                        acc.add(w, format.dequantize(&params[i / g], q));
+                    let (l, p) = format.round_row(row);
+                    for (i, (&w, &q)) in row.iter().zip(&l).enumerate() {
+                        acc.add(w, format.dequantize(&p[i / g], q));
                     }
-                    format.pack_row(&levels, &params, &mut bytes);
+                    levels.extend(l);
+                    params.extend(p);
                 }
-                (bytes, acc)
+                (levels, params, acc)
             })
             .collect()
     });
-    let mut bytes = Vec::new();
+    let mut levels = Vec::with_capacity(data.len());
+    let mut params = Vec::new();
     let mut acc = ErrorAcc::default();
-    for (b, a) in parts {
-        bytes.extend_from_slice(&b);
+    for (l, p, a) in parts {
+        levels.extend(l);
+        params.extend(p);
         acc.merge(a);
     }
-    Ok((bytes, acc.finish()))
+    let rows = data.len() / row_len;
+    Ok((format.encode(&levels, &params, rows, row_len), acc.finish()))
 }
 
 /// The error of `quantized` against `original` (same length).

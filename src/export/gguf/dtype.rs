@@ -73,3 +73,65 @@ pub fn tensor_bytes(t: GgmlDType, elems: u64) -> Option<u64> {
     }
     (elems / bs).checked_mul(t.type_size() as u64)
 }
+
+/// A GGUF tensor's element type: a GGML type candle knows, or GGML's plain int32 (type 26),
+/// which quantd uses for the GPTQ layout's packed words and group indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    Ggml(GgmlDType),
+    I32,
+}
+
+const GGML_TYPE_I32: u32 = 26;
+
+impl From<GgmlDType> for TensorType {
+    fn from(t: GgmlDType) -> Self {
+        Self::Ggml(t)
+    }
+}
+
+impl TensorType {
+    pub fn from_u32(id: u32) -> Option<Self> {
+        if id == GGML_TYPE_I32 {
+            return Some(Self::I32);
+        }
+        ggml_type_from_u32(id).map(Self::Ggml)
+    }
+
+    pub fn to_u32(self) -> u32 {
+        match self {
+            Self::Ggml(t) => ggml_type_to_u32(t),
+            Self::I32 => GGML_TYPE_I32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ggml(t) => ggml_type_name(t),
+            Self::I32 => "I32",
+        }
+    }
+
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::Ggml(t) => t.block_size(),
+            Self::I32 => 1,
+        }
+    }
+
+    /// Bytes of `elems` values (see [`tensor_bytes`]).
+    pub fn bytes(self, elems: u64) -> Option<u64> {
+        match self {
+            Self::Ggml(t) => tensor_bytes(t, elems),
+            Self::I32 => elems.checked_mul(4),
+        }
+    }
+
+    /// The GGML type candle can run, if this is one.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Self::Ggml(t) => Some(t),
+            Self::I32 => None,
+        }
+    }
+}

@@ -6,7 +6,7 @@ mod dtype;
 mod reader;
 mod writer;
 
-pub use dtype::{ggml_type_from_u32, ggml_type_name, ggml_type_to_u32, tensor_bytes};
+pub use dtype::{ggml_type_from_u32, ggml_type_name, ggml_type_to_u32, tensor_bytes, TensorType};
 pub use reader::{GgufError, GgufFile, GgufTensorInfo};
 pub use writer::{GgufWriter, TensorDecl};
 

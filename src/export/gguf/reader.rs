@@ -4,9 +4,7 @@
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
-
-use super::dtype::{ggml_type_from_u32, tensor_bytes};
+use super::dtype::TensorType;
 use super::{Value, GGUF_MAGIC};
 
 /// Most metadata entries or tensors a file may declare; real models stay far below.
@@ -37,7 +35,7 @@ pub struct GgufTensorInfo {
     pub name: String,
     /// Row-major shape (GGUF's `ne` reversed), as candle and HF write it.
     pub shape: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
     /// Absolute offset of the data in the file.
     pub offset: u64,
     pub size: u64,
@@ -282,7 +280,7 @@ fn check_tensor(
     alignment: u64,
     file_len: u64,
 ) -> Result<GgufTensorInfo, GgufError> {
-    let dtype = ggml_type_from_u32(type_id)
+    let dtype = TensorType::from_u32(type_id)
         .ok_or_else(|| GgufError::Unsupported(format!("tensor type {type_id} of {name:?}")))?;
     if ne.contains(&0) {
         return invalid(format!("tensor {name:?} has a zero dimension {ne:?}"));
@@ -298,7 +296,8 @@ fn check_tensor(
             dtype.block_size()
         ));
     }
-    let size = tensor_bytes(dtype, elems)
+    let size = dtype
+        .bytes(elems)
         .ok_or_else(|| GgufError::Invalid(format!("tensor {name:?} size overflows")))?;
     if !rel_offset.is_multiple_of(alignment) {
         return invalid(format!(

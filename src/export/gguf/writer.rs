@@ -4,9 +4,7 @@
 
 use std::io::{self, Write};
 
-use candle_core::quantized::GgmlDType;
-
-use super::dtype::{ggml_type_to_u32, tensor_bytes};
+use super::dtype::TensorType;
 use super::{Value, ALIGNMENT, GGUF_MAGIC};
 
 pub struct GgufWriter<W: Write> {
@@ -80,7 +78,7 @@ fn padding(pos: u64) -> u64 {
 pub struct TensorDecl<'a> {
     pub name: &'a str,
     pub shape: &'a [usize],
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
 }
 
 impl<W: Write> GgufWriter<W> {
@@ -106,7 +104,7 @@ impl<W: Write> GgufWriter<W> {
         let mut pending = std::collections::VecDeque::with_capacity(tensors.len());
         for t in tensors {
             let elems = t.shape.iter().map(|&d| d as u64).product();
-            let size = tensor_bytes(t.dtype, elems).ok_or_else(|| {
+            let size = t.dtype.bytes(elems).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("{}: not whole blocks", t.name),
@@ -117,7 +115,7 @@ impl<W: Write> GgufWriter<W> {
             for &d in t.shape.iter().rev() {
                 out.write_all(&(d as u64).to_le_bytes())?;
             }
-            out.write_all(&ggml_type_to_u32(t.dtype).to_le_bytes())?;
+            out.write_all(&t.dtype.to_u32().to_le_bytes())?;
             out.write_all(&rel.to_le_bytes())?;
             pos += 4 + 8 * t.shape.len() as u64 + 4 + 8;
             pending.push_back((t.name.to_string(), size));
@@ -161,6 +159,7 @@ impl<W: Write> GgufWriter<W> {
 mod tests {
     use super::super::reader::GgufFile;
     use super::*;
+    use candle_core::quantized::GgmlDType;
 
     #[test]
     fn written_file_reads_back_with_metadata_and_aligned_tensors() {
@@ -180,12 +179,12 @@ mod tests {
             TensorDecl {
                 name: "a.weight",
                 shape: &shape,
-                dtype: GgmlDType::Q8_0,
+                dtype: GgmlDType::Q8_0.into(),
             },
             TensorDecl {
                 name: "b.weight",
                 shape: &[3],
-                dtype: GgmlDType::F32,
+                dtype: TensorType::I32,
             },
         ];
         let mut w = GgufWriter::begin(std::io::Cursor::new(Vec::new()), &meta, &decl).unwrap();
@@ -196,7 +195,8 @@ mod tests {
         let f = GgufFile::read(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
         assert_eq!(f.version, 3);
         assert_eq!(f.tensors[0].shape, vec![2, 32]);
-        assert_eq!(f.tensors[0].dtype, GgmlDType::Q8_0);
+        assert_eq!(f.tensors[0].dtype, GgmlDType::Q8_0.into());
+        assert_eq!(f.tensors[1].dtype, TensorType::I32);
         assert_eq!(f.tensors[1].offset % 32, 0);
         assert_eq!(&bytes[f.tensors[1].offset as usize..][..12], &[1u8; 12]);
     }
