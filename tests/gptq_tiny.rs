@@ -14,6 +14,7 @@ use common::models::open_dir;
 use common::{tiny, TestApp};
 use quantd::model::servable;
 use quantd::nn::{KvCache, Logits, SeqStep};
+use quantd::quant::data_free::generate_windows;
 use quantd::quant::gptq::GptqConfig;
 use quantd::quant::gptq_model::GptqModel;
 use quantd::quant::groups::GroupFormat;
@@ -241,6 +242,63 @@ async fn a_gptq_job_calibrates_layer_by_layer_and_loses_less_than_rtn() {
     );
     let (status, _) = app.get_json("/v1/models/tiny:short").await;
     assert_eq!(status, 404);
+    app.stop().await;
+}
+
+#[test]
+fn data_free_windows_are_seeded_full_length_and_start_from_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path());
+    let ckpt = open_dir(dir.path());
+    let llama = servable::load(&ckpt, 64).unwrap().llama;
+    let run = |samples: usize, seed: u64| {
+        generate_windows(&llama, 256, &[256], samples, 40, seed, |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .unwrap()
+        .0
+    };
+    let a = run(20, 3);
+    assert_eq!(a.len(), 20);
+    for w in &a {
+        assert_eq!(w.len(), 40);
+        assert_eq!(w[0], 256, "starts from BOS");
+        assert!(!w[1..].contains(&256), "never samples end-of-sequence");
+    }
+    // Sampled, not greedy: the windows differ from each other.
+    assert!(a.windows(2).any(|p| p[0] != p[1]));
+    // Each window has its own seeded stream, whatever the batch it ran in.
+    assert_eq!(run(3, 3), a[..3].to_vec());
+    assert_ne!(run(3, 4), a[..3].to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gptq_job_without_a_dataset_calibrates_data_free_and_says_so() {
+    let app = TestApp::spawn().await;
+    tiny::upload(&app, "tiny").await;
+    let params = json!({"bits": 4, "group_size": 32, "sym": false});
+    let body = json!({"model": "tiny", "method": "gptq", "params": params,
+                      "calibration": {"samples": 8, "seq_len": 32, "seed": 1}});
+    let mut dry = body.clone();
+    dry["dry_run"] = json!(true);
+    let (status, plan) = app.post_json("/v1/jobs", &dry).await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["plan"]["calibration"]["data_free"], true, "{plan}");
+    let done = run(&app, body).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let cal = &done["metrics"]["calibration"];
+    assert_eq!(cal["data_free"], true, "{cal}");
+    assert_eq!(cal["source"], "data-free");
+    assert_eq!(cal["tokens"], 256);
+    assert_eq!(cal["generation"]["start_token"], 256, "{cal}");
+    let (status, out) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": done["output_model"], "prompt": "abc", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
     app.stop().await;
 }
 

@@ -12,7 +12,7 @@ use crate::config::{cpu_count, Settings};
 use crate::export::gguf_meta;
 use crate::export::gptq::{write_grouped_folder, Layout};
 use crate::export::hf::{write_hf_folder, HfDtype};
-use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated};
+use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
     AwqParams, CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
@@ -47,6 +47,10 @@ pub struct QuantizeArgs {
     /// gptq, awq: a UTF-8 text file to calibrate on; gguf: collect an importance matrix on it.
     #[arg(long)]
     calib: Option<PathBuf>,
+    /// gptq, awq, gguf (importance matrix): calibrate on text the model generates itself from
+    /// its BOS token, for when no calibration text is at hand.
+    #[arg(long, conflicts_with_all = ["calib", "imatrix"])]
+    data_free: bool,
     /// gguf: weight the encoders with this importance matrix (llama.cpp's GGUF or legacy .dat
     /// format, e.g. from llama-imatrix) instead of collecting one.
     #[arg(long, conflicts_with = "calib")]
@@ -186,6 +190,7 @@ fn write_gguf(
     name: &str,
     params: serde_json::Value,
     calibrated: Calibrated,
+    imatrix_file: Option<&Path>,
     out: &Path,
     threads: usize,
 ) -> anyhow::Result<()> {
@@ -193,7 +198,8 @@ fn write_gguf(
         gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
     metadata.extend(gguf_meta::provenance(plan.method, &params, None, None));
     if let Some(m) = &calibrated.imatrix {
-        metadata.extend(m.provenance(&m.datasets.first().cloned().unwrap_or_default()));
+        let file = imatrix_file.map(|p| p.display().to_string());
+        metadata.extend(m.provenance(file.as_deref()));
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -332,36 +338,46 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
                 ..Calibrated::default()
             }
         }
-        (m, None) if m.calibrates() => bail!("--method {} needs --calib FILE", m.name()),
-        (m, Some(path)) if m.calibrates() => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+        (m, None) if m.calibrates() && !args.data_free => {
+            bail!("--method {} needs --calib FILE or --data-free", m.name())
+        }
+        (m, calib) if m.calibrates() => {
+            let text = calib
+                .as_ref()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))
+                })
+                .transpose()?;
             let params = CalibrationParams {
-                dataset: path.display().to_string(),
+                dataset: calib.as_ref().map(|path| path.display().to_string()),
                 samples: args.samples,
                 seq_len: args.seq_len,
                 seed: args.seed,
             };
             params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let Some(file) = &args.save_windows {
-                let windows = calibration_windows(&ckpt, &text, &params)?;
+            let from = match (&text, &params.dataset) {
+                (Some(text), Some(name)) => CalibrationSource::Text { text, name },
+                _ => CalibrationSource::DataFree,
+            };
+            if let (Some(file), Some(text)) = (&args.save_windows, &text) {
+                let windows = calibration_windows(&ckpt, text, &params)?;
                 std::fs::write(file, serde_json::to_vec(&windows)?)
                     .with_context(|| format!("writing {}", file.display()))?;
             }
             let hooks = BarHooks(bar());
-            let (calibrated, report) = calibrate(
-                &ckpt,
-                &method,
-                &plan,
-                &text,
-                &params.dataset,
-                &params,
-                &hooks,
-            )?;
+            let (calibrated, report) = calibrate(&ckpt, &method, &plan, from, &params, &hooks)?;
             hooks.0.finish();
             eprintln!(
-                "calibrated on {} windows of {} tokens in {:.1}s",
-                report.samples, report.seq_len, report.wall_seconds
+                "calibrated on {} windows of {} tokens{} in {:.1}s",
+                report.samples,
+                report.seq_len,
+                if report.data_free {
+                    " the model generated (data-free)"
+                } else {
+                    ""
+                },
+                report.wall_seconds
             );
             if let (Some(file), Some(m)) = (&args.save_imatrix, &calibrated.imatrix) {
                 let w = std::fs::File::create(file)
@@ -372,9 +388,23 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
             calibrated
         }
         (_, Some(_)) => bail!("--calib: method {} does not calibrate", method.name()),
+        (_, None) if args.data_free => {
+            bail!("--data-free: method {} does not calibrate", method.name())
+        }
         (_, None) => Calibrated::default(),
     };
-    write_gguf(&ckpt, &plan, &name, params, calibrated, &out, threads)
+    // The matrix's file, as llama-quantize records it: the one read, or the one saved.
+    let imatrix_file = args.imatrix.as_deref().or(args.save_imatrix.as_deref());
+    write_gguf(
+        &ckpt,
+        &plan,
+        &name,
+        params,
+        calibrated,
+        imatrix_file,
+        &out,
+        threads,
+    )
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
@@ -432,6 +462,7 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 &model_name(&args.input),
                 params,
                 Calibrated::default(),
+                None,
                 &args.output,
                 cpu_count(),
             )

@@ -196,7 +196,10 @@ impl JobRequest {
                 };
                 return Err(ApiError::invalid(
                     "calibration",
-                    format!("{what} needs a calibration block naming a dataset"),
+                    format!(
+                        "{what} needs a calibration block: {{\"dataset\": \"ds_...\"}}, or {{}} \
+                         to calibrate data-free on text the model generates itself"
+                    ),
                 ));
             }
             _ => {}

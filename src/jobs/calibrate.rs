@@ -1,5 +1,6 @@
 //! The calibrating stage, shared by the job worker and `quantd quantize`: the calibration text
-//! tokenized with the model's own tokenizer, seeded windows cut from it (DESIGN §4), and the
+//! tokenized with the model's own tokenizer, seeded windows cut from it (DESIGN §4), or, with
+//! no text, windows the model writes itself (`quant::data_free`); then the
 //! method's layer-by-layer pass over them. What it quantized goes to the writer as finished
 //! tensors (gptq, awq), or the importance matrix collected on the windows weights the block
 //! encoders (gguf with `imatrix`); the report says what the method was calibrated on.
@@ -17,6 +18,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::servable;
 use crate::quant::awq::{self, AwqConfig};
 use crate::quant::calibration;
+use crate::quant::data_free::{self, Generation};
 use crate::quant::gptq::GptqConfig;
 use crate::quant::gptq_model::{GptqModel, QuantizedTensors};
 use crate::quant::imatrix::ImportanceMatrix;
@@ -25,8 +27,13 @@ use crate::quant::Plan;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationReport {
-    /// Where the text came from: a dataset id, or a file name for the CLI.
+    /// Where the text came from: a dataset id, a file name for the CLI, or "data-free".
     pub source: String,
+    /// True when the model generated its own calibration text.
+    pub data_free: bool,
+    /// How the data-free windows were generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Generation>,
     pub text_tokens: usize,
     pub samples: usize,
     pub seq_len: usize,
@@ -66,6 +73,64 @@ fn tokenize_and_cut(
     Ok((ids.len(), windows))
 }
 
+/// Where calibration windows come from.
+#[derive(Debug, Clone, Copy)]
+pub enum CalibrationSource<'a> {
+    /// Text (a dataset's, or a file's for the CLI) and the name reports give it.
+    Text { text: &'a str, name: &'a str },
+    /// Text the model generates itself from its BOS token.
+    DataFree,
+}
+
+/// Windows the model writes from its BOS token (see `quant::data_free`).
+fn data_free_windows(
+    ckpt: &Checkpoint,
+    params: &CalibrationParams,
+    hooks: &dyn Hooks,
+) -> Result<(Vec<Vec<u32>>, Generation), PipelineError> {
+    let failed = |e: String| PipelineError::Calibration(e);
+    let model = servable::load(ckpt, params.seq_len)
+        .map_err(|e| failed(format!("loading the model: {e}")))?;
+    let start = ckpt
+        .config
+        .bos_token_id
+        .or_else(|| {
+            let bos = model.bos_token.as_deref()?;
+            model.tokenizer.token_to_id(bos)
+        })
+        .ok_or_else(|| {
+            failed(
+                "data-free calibration starts from the model's BOS token, and this model \
+                 declares none; give a calibration dataset"
+                    .into(),
+            )
+        })?;
+    let progress = |done: usize, total: usize| {
+        hooks.progress(
+            "calibrating",
+            done as u64,
+            total as u64,
+            "windows generated",
+        );
+        if hooks.cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    data_free::generate_windows(
+        &model.llama,
+        start,
+        &model.stop_token_ids,
+        params.samples,
+        params.seq_len,
+        params.seed,
+        progress,
+    )
+    .map_err(|e| failed(format!("generating calibration text: {e}")))?
+    .ok_or(PipelineError::Cancelled)
+}
+
 /// What calibration produced: tensors a method quantized itself (GGUF names), or an importance
 /// matrix for the block encoders.
 #[derive(Debug, Default)]
@@ -74,19 +139,27 @@ pub struct Calibrated {
     pub imatrix: Option<ImportanceMatrix>,
 }
 
-/// Runs `method`'s calibration on `text`.
+/// Runs `method`'s calibration on windows from `from`.
 pub fn calibrate(
     ckpt: &Checkpoint,
     method: &MethodSpec,
     plan: &Plan,
-    text: &str,
-    source: &str,
+    from: CalibrationSource<'_>,
     params: &CalibrationParams,
     hooks: &dyn Hooks,
 ) -> Result<(Calibrated, CalibrationReport), PipelineError> {
     let started = Instant::now();
     let failed = |e: String| PipelineError::Calibration(e);
-    let (text_tokens, windows) = tokenize_and_cut(ckpt, text, params)?;
+    let (source, text_tokens, windows, generation) = match from {
+        CalibrationSource::Text { text, name } => {
+            let (text_tokens, windows) = tokenize_and_cut(ckpt, text, params)?;
+            (name, text_tokens, windows, None)
+        }
+        CalibrationSource::DataFree => {
+            let (windows, generation) = data_free_windows(ckpt, params, hooks)?;
+            ("data-free", 0, windows, Some(generation))
+        }
+    };
     let wanted: HashSet<String> = plan
         .tensors
         .iter()
@@ -153,6 +226,8 @@ pub fn calibrate(
     };
     let report = CalibrationReport {
         source: source.to_string(),
+        data_free: generation.is_some(),
+        generation,
         text_tokens,
         samples: params.samples,
         seq_len: params.seq_len,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::calibrate::CalibrationSource;
 use super::evaluation::{self, EvalReport};
 use super::hooks::JobHooks;
 use super::pipeline::{self, PipelineError};
@@ -335,14 +336,17 @@ async fn quantize(
     let (calibrated, calibration) = match &spec.calibration {
         Some(params) => {
             stage(js, &job.id, "calibrating").await?;
-            let dataset = db::datasets::get(js.db(), &params.dataset)
-                .await?
-                .ok_or_else(|| {
-                    RunError::Failed(format!("dataset {:?} was deleted", params.dataset))
-                })?;
-            let digest =
-                Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?;
-            let text_path = js.store().path(&digest);
+            let text_path = match &params.dataset {
+                Some(id) => {
+                    let dataset = db::datasets::get(js.db(), id)
+                        .await?
+                        .ok_or_else(|| RunError::Failed(format!("dataset {id:?} was deleted")))?;
+                    let digest = Digest::parse(&dataset.digest)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    Some(js.store().path(&digest))
+                }
+                None => None,
+            };
             let hooks = JobHooks::new(js, &job.id, cancel.clone());
             let (ckpt_c, plan_c, method, params) = (
                 ckpt.clone(),
@@ -351,16 +355,12 @@ async fn quantize(
                 params.clone(),
             );
             let (tensors, report) = tokio::task::spawn_blocking(move || {
-                let text = std::fs::read_to_string(&text_path)?;
-                calibrate::calibrate(
-                    &ckpt_c,
-                    &method,
-                    &plan_c,
-                    &text,
-                    &params.dataset,
-                    &params,
-                    &hooks,
-                )
+                let text = text_path.map(std::fs::read_to_string).transpose()?;
+                let from = match (&text, &params.dataset) {
+                    (Some(text), Some(name)) => CalibrationSource::Text { text, name },
+                    _ => CalibrationSource::DataFree,
+                };
+                calibrate::calibrate(&ckpt_c, &method, &plan_c, from, &params, &hooks)
             })
             .await
             .map_err(|e| RunError::Failed(format!("calibration thread panicked: {e}")))?
@@ -376,7 +376,7 @@ async fn quantize(
     let imatrix_file = match &calibrated.imatrix {
         Some(m) => {
             let name = format!("{}.imatrix.gguf", spec.output_name.replace(':', "-"));
-            metadata.extend(m.provenance(&name));
+            metadata.extend(m.provenance(Some(&name)));
             let temp = js.store().temp_file("imatrix")?;
             let w = HashingWriter::create(temp.path())?;
             let (digest, size) = m

@@ -301,11 +301,13 @@ impl AwqParams {
 }
 
 /// DESIGN §2 `"calibration": {"dataset", "samples", "seq_len"}`, plus the seed of the window
-/// offsets.
+/// offsets (or of the sampling, data-free).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationParams {
-    pub dataset: String,
+    /// None: data-free calibration on text the model generates itself (DESIGN §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     #[serde(default = "CalibrationParams::default_samples")]
     pub samples: usize,
     #[serde(default = "CalibrationParams::default_seq_len")]

@@ -225,11 +225,11 @@ pub async fn submit(
     }
     let ckpt = catalog::open_checkpoint(db, js.store(), js.settings(), &spec.model).await?;
     let eval_plan = check_eval(js, &mut spec, &ckpt).await?;
-    if let Some(c) = &spec.calibration {
-        if db::datasets::get(db, &c.dataset).await?.is_none() {
+    if let Some(dataset) = spec.calibration.as_ref().and_then(|c| c.dataset.as_ref()) {
+        if db::datasets::get(db, dataset).await?.is_none() {
             return Err(SubmitError::NotFound {
                 param: "calibration.dataset".into(),
-                message: format!("dataset {:?} does not exist", c.dataset),
+                message: format!("dataset {dataset:?} does not exist"),
             });
         }
     }
@@ -246,8 +246,8 @@ pub async fn submit(
         plan_json["eval"] = e;
     }
     if let Some(c) = &spec.calibration {
-        plan_json["calibration"] = json!({"dataset": c.dataset, "samples": c.samples,
-                                          "seq_len": c.seq_len, "seed": c.seed,
+        plan_json["calibration"] = json!({"dataset": c.dataset, "data_free": c.dataset.is_none(),
+                                          "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
                                           "tokens": c.samples * c.seq_len});
     }
     if dry_run {

@@ -152,12 +152,18 @@ impl ImportanceMatrix {
         }))
     }
 
-    /// The keys llama-quantize adds to a file it quantized with an importance matrix.
-    pub fn provenance(&self, file_name: &str) -> Vec<(String, Value)> {
-        let mut kv = vec![(
-            "quantize.imatrix.file".to_string(),
-            Value::String(file_name.to_string()),
-        )];
+    /// The keys llama-quantize adds to a file it quantized with an importance matrix;
+    /// `file_name` is where the matrix is stored, if it is (`quantize.imatrix.file`).
+    pub fn provenance(&self, file_name: Option<&str>) -> Vec<(String, Value)> {
+        let mut kv: Vec<(String, Value)> = file_name
+            .map(|f| {
+                (
+                    "quantize.imatrix.file".to_string(),
+                    Value::String(f.to_string()),
+                )
+            })
+            .into_iter()
+            .collect();
         if let Some(d) = self.datasets.first() {
             kv.push((
                 "quantize.imatrix.dataset".to_string(),

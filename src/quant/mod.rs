@@ -7,6 +7,7 @@
 
 pub mod awq;
 pub mod calibration;
+pub mod data_free;
 pub mod gguf_types;
 pub mod gptq;
 pub mod gptq_layout;
