@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::models::open_dir;
-use common::tiny;
+use common::{tiny, TestApp};
 use quantd::export::gguf_meta;
 use quantd::export::gptq::{write_grouped_folder, Layout};
 use quantd::export::hf::{write_hf_folder, HfDtype};
@@ -20,7 +20,9 @@ use quantd::jobs::spec::{GgufParams, MethodSpec, RtnParams};
 use quantd::jobs::submit::quantization_plan;
 use quantd::model::checkpoint::Checkpoint;
 use quantd::quant::GgufType;
+use serde_json::json;
 use serde_json::Value;
+use std::time::Duration;
 
 struct Quiet;
 
@@ -167,4 +169,95 @@ fn files_without_integer_groups_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("4-bit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_publishes_gptq_and_awq_folders_as_tars_that_read_back_to_the_served_weights() {
+    let app = TestApp::spawn().await;
+    tiny::upload(&app, "tiny").await;
+    let (status, job) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "tiny", "method": "rtn", "params": {"bits": 4, "group_size": 32, "sym": false},
+                    "outputs": ["gguf", "gptq-safetensors", "awq"]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let done = app
+        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, artifacts) = app
+        .get_json("/v1/models/tiny:rtn-4bit-g32-asym/artifacts")
+        .await;
+    let names: Vec<&str> = artifacts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "tiny-rtn-4bit-g32-asym.gptq.tar",
+        "tiny-rtn-4bit-g32-asym.awq.tar",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let base = "/v1/models/tiny:rtn-4bit-g32-asym/artifacts";
+    let gguf = work.path().join("variant.gguf");
+    std::fs::write(
+        &gguf,
+        app.get_bytes(&format!("{base}/tiny-rtn-4bit-g32-asym.gguf"))
+            .await,
+    )
+    .unwrap();
+    let dense = work.path().join("dense");
+    write_hf_folder(
+        &Checkpoint::open_gguf(&gguf, "variant").unwrap(),
+        &dense,
+        HfDtype::F32,
+        &|_, _| {},
+    )
+    .unwrap();
+    for (format, method) in [("gptq", "gptq"), ("awq", "awq")] {
+        let tar_bytes = app
+            .get_bytes(&format!("{base}/tiny-rtn-4bit-g32-asym.{format}.tar"))
+            .await;
+        tar::Archive::new(std::io::Cursor::new(tar_bytes.to_vec()))
+            .unpack(work.path())
+            .unwrap();
+        let folder = work.path().join(format!("tiny-rtn-4bit-g32-asym-{format}"));
+        let got = check(&folder, &dense, false);
+        assert_eq!(got["format"], method, "{got}");
+        assert_eq!(got["linears"], 14, "{got}");
+    }
+
+    // Outputs the job cannot make are refused by name before any work.
+    for (body, why) in [
+        (
+            json!({"method": "gguf", "params": {"type": "Q8_0"}, "outputs": ["gptq"]}),
+            "integer groups",
+        ),
+        (
+            json!({"method": "rtn", "params": {"bits": 3}, "outputs": ["awq-safetensors"]}),
+            "4-bit",
+        ),
+        (
+            json!({"method": "rtn", "params": {"bits": 4}, "outputs": ["onnx"]}),
+            "unknown output",
+        ),
+    ] {
+        let mut body = body;
+        body["model"] = json!("tiny");
+        let (status, r) = app.post_json("/v1/jobs", &body).await;
+        assert_eq!(
+            (status, r["error"]["param"].as_str()),
+            (422, Some("outputs")),
+            "{r}"
+        );
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{message}");
+    }
+    app.stop().await;
 }

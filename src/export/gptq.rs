@@ -336,6 +336,23 @@ fn packed_bytes(layout: Layout, g: &Groups, bits: u8, v1: bool) -> Vec<Vec<u8>> 
     }
 }
 
+/// Why AWQ's GEMM layout cannot hold groups of `group_size` (−1: per channel) for these
+/// tensors' decoder linears, if it cannot: AutoAWQ's `WQLinear_GEMM` asserts
+/// in_features % group_size == 0, and GPTQModel's AWQ kernels refuse such layers too.
+pub fn awq_group_problem(ckpt: &Checkpoint, group_size: i64) -> Option<String> {
+    let g = usize::try_from(group_size).ok()?;
+    let t = ckpt.tensors.iter().find(|t| {
+        t.shape.len() == 2 && t.name.starts_with("blk.") && !t.shape[1].is_multiple_of(g)
+    })?;
+    Some(format!(
+        "{}: {} columns do not split into groups of {g}, which AWQ loaders require; quantize \
+         with a group size that divides every linear's columns (here {})",
+        t.name,
+        t.shape[1],
+        dividing_group_sizes(ckpt)
+    ))
+}
+
 /// The supported group sizes that divide the column count of every quantized linear.
 fn dividing_group_sizes(ckpt: &Checkpoint) -> String {
     let fits: Vec<String> = [32usize, 64, 128]
@@ -393,15 +410,8 @@ pub fn write_grouped_folder(
                     (group_size as usize).min(cols)
                 };
                 if layout == Layout::AwqGemm && !cols.is_multiple_of(group_len) {
-                    // AutoAWQ's WQLinear_GEMM asserts in_features % group_size == 0, and
-                    // GPTQModel's AWQ kernels refuse such layers too.
-                    return Err(GroupExportError::NotGrouped(format!(
-                        "{}: {cols} columns do not split into groups of {group_len}, which AWQ \
-                         loaders require; quantize with a group size that divides every \
-                         linear's columns (here {})",
-                        t.name,
-                        dividing_group_sizes(ckpt)
-                    )));
+                    let problem = awq_group_problem(ckpt, group_len as i64);
+                    return Err(GroupExportError::NotGrouped(problem.unwrap_or_default()));
                 }
                 let b = bits as usize;
                 let fits = match layout {

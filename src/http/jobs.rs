@@ -17,8 +17,8 @@ use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
-    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, Gate, GgufParams, GptqParams,
-    JobSpec, MethodSpec, RtnParams,
+    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate, GgufParams,
+    GptqParams, JobSpec, MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
 
@@ -124,17 +124,6 @@ impl JobRequest {
                 }
             }
         }
-        if let Some(outputs) = &self.outputs {
-            if let Some(bad) = outputs.iter().find(|o| o.as_str() != "gguf") {
-                return Err(ApiError::invalid(
-                    "outputs",
-                    format!(
-                        "output {bad:?} is not available for method {} (available: gguf)",
-                        self.method
-                    ),
-                ));
-            }
-        }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > 256 {
                 return Err(ApiError::invalid(
@@ -204,6 +193,36 @@ impl JobRequest {
             }
             _ => {}
         }
+        let mut outputs = Vec::new();
+        for name in self.outputs.iter().flatten() {
+            let invalid = |why: String| Err(ApiError::invalid("outputs", why));
+            if name == "gguf" {
+                continue;
+            }
+            let Some(format) = ExportFormat::parse(name) else {
+                return invalid(format!(
+                    "unknown output {name:?} (known: gguf, gptq-safetensors, awq-safetensors)"
+                ));
+            };
+            let bits = match &method {
+                MethodSpec::Rtn(p) => p.bits,
+                MethodSpec::Gptq(p) => p.bits,
+                MethodSpec::Awq(p) => p.bits,
+                _ => {
+                    return invalid(format!(
+                        "output {name:?} needs integer groups: methods rtn, gptq and awq make them"
+                    ))
+                }
+            };
+            if format == ExportFormat::AwqSafetensors && bits != 4 {
+                return invalid(format!(
+                    "output {name:?} holds 4-bit groups; this job makes {bits}-bit ones"
+                ));
+            }
+            if !outputs.contains(&format) {
+                outputs.push(format);
+            }
+        }
         // An eval job's output name is its own id, filled in at submit.
         let output_name = match (self.output_name, method.default_variant()) {
             (Some(name), _) => name,
@@ -218,6 +237,7 @@ impl JobRequest {
                 calibration,
                 eval,
                 gate,
+                outputs,
             },
             self.idempotency_key,
             self.dry_run,

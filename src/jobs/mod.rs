@@ -5,6 +5,7 @@
 pub mod calibrate;
 pub mod evaluation;
 pub mod events;
+mod exports;
 mod hooks;
 pub mod pipeline;
 mod publish;

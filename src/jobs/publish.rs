@@ -17,6 +17,12 @@ use crate::export::manifest::{Manifest, ManifestFile};
 use crate::quant::{GgufType, Plan};
 use crate::store::{Digest, HashingWriter, TempFile};
 
+/// The stem of a variant's file names: its id, with the `:` that file systems and URLs treat
+/// specially replaced (`smol:q4_k_m` → `smol-q4_k_m.gguf`).
+pub(super) fn file_stem(output_name: &str) -> String {
+    output_name.replace(':', "-")
+}
+
 /// A file published beside the model (the importance matrix a job collected).
 pub(super) struct ExtraFile {
     pub name: String,
@@ -83,7 +89,7 @@ pub(super) async fn publish(
     js: &JobSystem,
     o: Output<'_>,
 ) -> Result<(String, serde_json::Value), RunError> {
-    let gguf_name = format!("{}.gguf", o.spec.output_name.replace(':', "-"));
+    let gguf_name = format!("{}.gguf", file_stem(&o.spec.output_name));
     let (manifest_temp, manifest_digest, manifest_size) = write_manifest(js, &o, &gguf_name)?;
     let mut files = vec![
         ModelFileRow {

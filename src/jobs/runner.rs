@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::calibrate::CalibrationSource;
 use super::evaluation::{self, EvalReport};
+use super::exports;
 use super::hooks::JobHooks;
 use super::pipeline::{self, PipelineError};
 use super::spec::{JobSpec, MethodSpec};
@@ -231,6 +232,20 @@ async fn quantize_and_publish(
     let quant_report = serde_json::to_value(&quantized.report).expect("report serializes");
     let eval = evaluate_and_gate(js, job, spec, target, cancel.clone(), quant_report).await?;
     stage(js, &job.id, "writing").await?;
+    let (store, gguf, stem, outputs) = (
+        js.store().clone(),
+        quantized.temp.path().to_path_buf(),
+        publish::file_stem(&spec.output_name),
+        spec.outputs.clone(),
+    );
+    let exported =
+        tokio::task::spawn_blocking(move || exports::write_exports(&store, &gguf, &stem, &outputs))
+            .await
+            .map_err(|e| RunError::Failed(format!("export thread panicked: {e}")))?
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(RunError::Cancelled);
+    }
     let mut metrics = metric_rows(&quantized.report);
     if let Some(e) = &eval {
         metrics.extend(e.metric_rows(&job.id));
@@ -248,7 +263,7 @@ async fn quantize_and_publish(
         gguf_type: quantized.plan.gguf_type,
         architecture: quantized.architecture,
         metrics,
-        extra_files: quantized.imatrix_file.into_iter().collect(),
+        extra_files: quantized.imatrix_file.into_iter().chain(exported).collect(),
     };
     publish::publish(js, output).await
 }
@@ -375,7 +390,7 @@ async fn quantize(
     let mut metadata = metadata;
     let imatrix_file = match &calibrated.imatrix {
         Some(m) => {
-            let name = format!("{}.imatrix.gguf", spec.output_name.replace(':', "-"));
+            let name = format!("{}.imatrix.gguf", publish::file_stem(&spec.output_name));
             metadata.extend(m.provenance(Some(&name)));
             let temp = js.store().temp_file("imatrix")?;
             let w = HashingWriter::create(temp.path())?;

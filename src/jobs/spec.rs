@@ -20,6 +20,44 @@ pub struct JobSpec {
     pub eval: Option<EvalParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<Gate>,
+    /// Checkpoints written beside the GGUF (DESIGN §2 `outputs`; the GGUF is always written).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<ExportFormat>,
+}
+
+/// A checkpoint format a job can export its integer groups to, as a tar of the folder that
+/// transformers, GPTQModel or vLLM load.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportFormat {
+    GptqSafetensors,
+    AwqSafetensors,
+}
+
+impl ExportFormat {
+    /// DESIGN's names, and the short ones `quantd export --format` takes.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "gptq-safetensors" | "gptq" => Some(Self::GptqSafetensors),
+            "awq-safetensors" | "awq" => Some(Self::AwqSafetensors),
+            _ => None,
+        }
+    }
+
+    pub fn layout(self) -> crate::export::gptq::Layout {
+        match self {
+            Self::GptqSafetensors => crate::export::gptq::Layout::Gptq,
+            Self::AwqSafetensors => crate::export::gptq::Layout::AwqGemm,
+        }
+    }
+
+    /// The artifact's suffix: `<model>.gptq.tar`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::GptqSafetensors => "gptq",
+            Self::AwqSafetensors => "awq",
+        }
+    }
 }
 
 impl JobSpec {
@@ -594,6 +632,7 @@ mod tests {
             calibration: None,
             eval: None,
             gate: None,
+            outputs: vec![],
         };
         let j = serde_json::to_value(&spec).unwrap();
         assert_eq!(j["method"], "gguf");

@@ -7,7 +7,7 @@ use sha2::Digest as _;
 
 use serde_json::json;
 
-use super::spec::{is_valid_model_id, JobSpec, MethodSpec};
+use super::spec::{is_valid_model_id, ExportFormat, JobSpec, MethodSpec};
 use super::JobSystem;
 use crate::catalog::{self, CatalogError};
 use crate::db;
@@ -230,6 +230,20 @@ pub async fn submit(
             return Err(SubmitError::NotFound {
                 param: "calibration.dataset".into(),
                 message: format!("dataset {dataset:?} does not exist"),
+            });
+        }
+    }
+    if spec.outputs.contains(&ExportFormat::AwqSafetensors) {
+        let group_size = match &spec.method {
+            MethodSpec::Rtn(p) => p.group_size,
+            MethodSpec::Gptq(p) => p.group_size,
+            MethodSpec::Awq(p) => p.group_size,
+            _ => -1,
+        };
+        if let Some(problem) = crate::export::gptq::awq_group_problem(&ckpt, group_size) {
+            return Err(SubmitError::Invalid {
+                param: "outputs".into(),
+                message: problem,
             });
         }
     }
