@@ -294,16 +294,28 @@ impl PackedLinear {
 
     /// The weights as f32, row-major `[rows, cols]`: scale·(q − zero) in f32.
     pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols, bits) = (self.rows, self.cols, self.bits as u32);
         let groups = self.groups();
-        let zeros: Vec<f32> = (0..groups * self.rows)
-            .map(|i| self.zero(i / self.rows, i % self.rows) as f32)
+        let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
+        let zeros: Vec<f32> = (0..groups * rows)
+            .map(|i| self.zero(i / rows, i % rows) as f32)
             .collect();
-        let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+        let mask = (1u64 << bits) - 1;
+        let mut out = vec![0f32; rows * cols];
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            // Read this output's stream word by word, `bits` at a time.
+            let (mut acc, mut have, mut word) = (0u64, 0u32, 0usize);
             for (c, v) in row.iter_mut().enumerate() {
-                let g = self.g_idx[c] as usize;
-                let s = self.scales[g * self.rows + r].to_f32();
-                *v = s * (self.level(r, c) as f32 - zeros[g * self.rows + r]);
+                if have < bits {
+                    acc |= (self.qweight[word * rows + r] as u64) << have;
+                    have += 32;
+                    word += 1;
+                }
+                let q = (acc & mask) as f32;
+                acc >>= bits;
+                have -= bits;
+                let g = self.g_idx[c] as usize * rows + r;
+                *v = scales[g] * (q - zeros[g]);
             }
         }
         out
