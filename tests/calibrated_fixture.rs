@@ -20,7 +20,7 @@ use common::models::open_dir;
 use quantd::eval::{eval_tokens, evaluate, EvalSpec, Summary};
 use quantd::export::gguf_meta;
 use quantd::export::hf::{write_hf_folder, HfDtype};
-use quantd::jobs::calibrate::{calibrate, Calibrated};
+use quantd::jobs::calibrate::{calibrate, Calibrated, CalibrationSource};
 use quantd::jobs::pipeline::{quantize_gguf, Hooks};
 use quantd::jobs::spec::{AwqParams, CalibrationParams, GptqParams, MethodSpec, RtnParams};
 use quantd::jobs::submit::quantization_plan;
@@ -42,23 +42,19 @@ fn quantize(base: &Checkpoint, method: &MethodSpec, dir: &Path) -> PathBuf {
     let plan = quantization_plan(method, base, 2).unwrap();
     let calibrated = if method.calibrates() {
         let params = CalibrationParams {
-            dataset: "calib-emma.txt".into(),
+            dataset: Some("calib-emma.txt".into()),
             samples: 8,
             seq_len: 256,
             seed: 0,
         };
         let text = common::corpus("calib-emma.txt", usize::MAX);
-        calibrate(
-            base,
-            method,
-            &plan,
-            &text,
-            "calib-emma.txt",
-            &params,
-            &Quiet,
-        )
-        .unwrap()
-        .0
+        let from = CalibrationSource::Text {
+            text: &text,
+            name: "calib-emma.txt",
+        };
+        calibrate(base, method, &plan, from, &params, &Quiet)
+            .unwrap()
+            .0
     } else {
         Calibrated::default()
     };

@@ -110,7 +110,7 @@ fn an_hf_folder_converts_to_a_gguf_that_opens_as_the_same_model() {
     assert_eq!(
         f.tensors
             .iter()
-            .filter(|t| t.dtype == candle_core::quantized::GgmlDType::F16)
+            .filter(|t| t.dtype == candle_core::quantized::GgmlDType::F16.into())
             .count(),
         211
     );
@@ -165,7 +165,7 @@ fn llama3_rope_scaling_becomes_a_rope_freqs_tensor_like_llama_cpp_writes() {
         .expect("rope_freqs.weight is written");
     assert_eq!(
         (rope.shape.clone(), rope.dtype),
-        (vec![8], candle_core::quantized::GgmlDType::F32)
+        (vec![8], candle_core::quantized::GgmlDType::F32.into())
     );
     assert!(
         f.get("llama.rope.scaling.type").is_none(),

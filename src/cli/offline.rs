@@ -183,22 +183,39 @@ fn model_name(input: &Path) -> String {
         .to_string()
 }
 
+/// What a written GGUF says about itself.
+struct Labels<'a> {
+    /// `general.name`.
+    name: &'a str,
+    /// The method's parameters (`quantize.params`).
+    params: serde_json::Value,
+    /// The importance matrix's file, as llama-quantize records it: the one read, or saved.
+    imatrix_file: Option<&'a Path>,
+}
+
 /// Writes a GGUF for `ckpt` next to `out` (temp name), then renames it into place.
 fn write_gguf(
     ckpt: &Checkpoint,
     plan: &Plan,
-    name: &str,
-    params: serde_json::Value,
+    labels: Labels<'_>,
     calibrated: Calibrated,
-    imatrix_file: Option<&Path>,
     out: &Path,
     threads: usize,
 ) -> anyhow::Result<()> {
-    let mut metadata =
-        gguf_meta::model_metadata(ckpt, name, plan.file_type, !plan.gguf_type.is_float())?;
-    metadata.extend(gguf_meta::provenance(plan.method, &params, None, None));
+    let mut metadata = gguf_meta::model_metadata(
+        ckpt,
+        labels.name,
+        plan.file_type,
+        !plan.gguf_type.is_float(),
+    )?;
+    metadata.extend(gguf_meta::provenance(
+        plan.method,
+        &labels.params,
+        None,
+        None,
+    ));
     if let Some(m) = &calibrated.imatrix {
-        let file = imatrix_file.map(|p| p.display().to_string());
+        let file = labels.imatrix_file.map(|p| p.display().to_string());
         metadata.extend(m.provenance(file.as_deref()));
     }
     let pool = rayon::ThreadPoolBuilder::new()
@@ -393,18 +410,12 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         }
         (_, None) => Calibrated::default(),
     };
-    // The matrix's file, as llama-quantize records it: the one read, or the one saved.
-    let imatrix_file = args.imatrix.as_deref().or(args.save_imatrix.as_deref());
-    write_gguf(
-        &ckpt,
-        &plan,
-        &name,
+    let labels = Labels {
+        name: &name,
         params,
-        calibrated,
-        imatrix_file,
-        &out,
-        threads,
-    )
+        imatrix_file: args.imatrix.as_deref().or(args.save_imatrix.as_deref()),
+    };
+    write_gguf(&ckpt, &plan, labels, calibrated, &out, threads)
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
@@ -456,13 +467,16 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
             let tensors = ckpt.tensor_shapes();
             let plan = Plan::gguf(&ckpt.config, &tensors, t, &[], false, cpu_count());
             let params = serde_json::json!({"type": t});
+            let labels = Labels {
+                name: &model_name(&args.input),
+                params,
+                imatrix_file: None,
+            };
             write_gguf(
                 &ckpt,
                 &plan,
-                &model_name(&args.input),
-                params,
+                labels,
                 Calibrated::default(),
-                None,
                 &args.output,
                 cpu_count(),
             )

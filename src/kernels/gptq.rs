@@ -168,7 +168,9 @@ mod tests {
             let (rows, cols) = (96, 320);
             let p = packed(format, rows, cols);
             let dense = Tensor::from_vec(p.dequantize(), (rows, cols), &Device::Cpu).unwrap();
-            let k = GptqMatmul::new(p).ok().expect("contiguous groups");
+            let Ok(k) = GptqMatmul::new(p) else {
+                panic!("contiguous groups")
+            };
             for n in [1, 2, 7, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 64] {
                 let x = random(n, cols, 100 + n as u64);
                 let got = k.forward(&x).unwrap();
