@@ -79,6 +79,9 @@ pub struct QuantizeArgs {
     /// awq: AutoAWQ's scales mean|x|^α / mean_w^(1−α) instead of the paper's mean|x|^α.
     #[arg(long)]
     duo_scaling: bool,
+    /// awq: skip the per-group clipping search (`clip: false`), e.g. to match a tool without one.
+    #[arg(long)]
+    no_clip: bool,
     /// gptq: dampening, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp_percent: f64,
@@ -305,7 +308,7 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
                 zero_point: args.asym,
                 grid: 20,
                 duo_scaling: args.duo_scaling,
-                clip: true,
+                clip: !args.no_clip,
             };
             p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(MethodSpec::Awq(p))
