@@ -90,13 +90,11 @@ def load_windows(path, ctx, wait_s):
     return windows
 
 
-def quantize_llmcompressor(model, windows, args):
-    import llmcompressor
+def int_scheme(args):
+    """llm-compressor's scheme for quantd's groups: int, asymmetric, min-max, --bits, groups of
+    --group-size along each row (--strategy block) or llm-compressor's own groups."""
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme,
                                                  QuantizationStrategy, QuantizationType)
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
 
     if args.strategy == "group":
         # Needs columns % group_size == 0: SmolLM2's 576-column linears fail validation.
@@ -107,21 +105,38 @@ def quantize_llmcompressor(model, windows, args):
         # the range is [min(w, 0), max(w, 0)] anyway.
         group_args = {"strategy": QuantizationStrategy.BLOCK,
                       "block_structure": [1, args.group_size]}
-    scheme = QuantizationScheme(
+    return QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=args.bits, type=QuantizationType.INT,
                                  symmetric=False, actorder=None, observer="minmax",
                                  **group_args),
     )
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                          dampening_frac=args.damp, block_size=128, actorder=None)
+
+
+def run_oneshot(model, windows, recipe, args):
+    """llm-compressor's sequential pipeline over exactly these windows, in order, batch 1;
+    returns the seconds it took."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
     ds = Dataset.from_dict({"input_ids": windows,
                             "attention_mask": [[1] * len(w) for w in windows]})
     start = time.time()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(windows),
             max_seq_length=len(windows[0]), batch_size=1, shuffle_calibration_samples=False,
             pipeline="sequential", tokenizer=args.tokenizer_dir)
-    return time.time() - start, {"llmcompressor": llmcompressor.__version__}
+    return time.time() - start
+
+
+def quantize_llmcompressor(model, windows, args):
+    import llmcompressor
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    scheme = int_scheme(args)
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                          dampening_frac=args.damp, block_size=128, actorder=None)
+    calib_s = run_oneshot(model, windows, recipe, args)
+    return calib_s, {"llmcompressor": llmcompressor.__version__}
 
 
 def quantize_gptqmodel(quant, windows, args):
@@ -178,28 +193,39 @@ def check_grid(model, bits, group_size):
     return worst
 
 
-def main():
+def peer_args(wait_calib_s):
+    """The arguments every peer script takes (model, windows, text, groups, evaluation)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="HF folder (f32)")
     ap.add_argument("--calib", required=True, help="JSON array of token-id windows")
     ap.add_argument("--text", required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--tool", choices=["llmcompressor", "gptqmodel"], default="llmcompressor")
-    ap.add_argument("--save-dir", help="gptqmodel: where to write the quantized checkpoint")
     ap.add_argument("--strategy", choices=["block", "group"], default="block",
-                    help="llm-compressor strategy for the groups (see quantize_llmcompressor)")
-    ap.add_argument("--damp", type=float, default=0.01)
+                    help="llm-compressor strategy for the groups (see int_scheme)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--wait-calib-s", type=int, default=1800)
+    ap.add_argument("--wait-calib-s", type=int, default=wait_calib_s)
     ap.add_argument("--out", help="also write the result JSON here (llm-compressor logs to stdout)")
-    ap.add_argument("--base-only", action="store_true", help="only the unquantized PPL")
+    return ap
+
+
+def parse_peer_args(ap):
     args = ap.parse_args()
     args.tokenizer_dir = args.model
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return args
+
+
+def main():
+    ap = peer_args(wait_calib_s=1800)
+    ap.add_argument("--tool", choices=["llmcompressor", "gptqmodel"], default="llmcompressor")
+    ap.add_argument("--save-dir", help="gptqmodel: where to write the quantized checkpoint")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--base-only", action="store_true", help="only the unquantized PPL")
+    args = parse_peer_args(ap)
 
     import transformers
     from transformers import AutoModelForCausalLM
@@ -233,14 +259,22 @@ def main():
                  "gptqmodel": "gptqmodel.GPTQModel.quantize (true_sequential)"}[args.tool],
         "bits": args.bits, "group_size": args.group_size, "symmetric": False,
         "actorder": None, "dampening_frac": args.damp,
+    })
+    out.update(run_fields(out, windows, quant, args, calib_s, t, versions))
+    emit(out, args.out)
+
+
+def run_fields(out, windows, quant, args, calib_s, eval_start, versions):
+    """What every peer script reports besides its own settings: the calibration, Δppl, the
+    grid check, times, memory and versions."""
+    return {
         "calib_windows": len(windows), "calib_window_len": len(windows[0]),
         "delta_ppl_pct": 100.0 * (out["ppl_quant"] / out["ppl_base"] - 1.0),
         "max_distinct_values_per_group": check_grid(quant, args.bits, args.group_size),
-        "calib_seconds": calib_s, "eval_seconds": time.time() - t,
+        "calib_seconds": calib_s, "eval_seconds": time.time() - eval_start,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "threads": args.threads, "versions": versions,
-    })
-    emit(out, args.out)
+    }
 
 
 def emit(out, path):
