@@ -168,11 +168,7 @@ pub fn quantize_gguf(
             // The parts were encoded back to back, in declaration order.
             Some(parts) => {
                 let mut at = 0;
-                for (name, _, len) in parts
-                    .iter()
-                    .zip(layout_lengths(t))
-                    .map(|((n, s, _), l)| (n, s, l))
-                {
+                for ((name, _, _), len) in parts.iter().zip(layout_lengths(t)) {
                     writer.write_tensor(name, &bytes[at..at + len])?;
                     at += len;
                 }
