@@ -336,11 +336,11 @@ fn packed_bytes(layout: Layout, g: &Groups, bits: u8, v1: bool) -> Vec<Vec<u8>> 
     }
 }
 
-/// Why AWQ's GEMM layout cannot hold groups of `group_size` (−1: per channel) for these
+/// Why AWQ's GEMM layout cannot hold groups of `group_size` (`None`: per channel) for these
 /// tensors' decoder linears, if it cannot: AutoAWQ's `WQLinear_GEMM` asserts
 /// in_features % group_size == 0, and GPTQModel's AWQ kernels refuse such layers too.
-pub fn awq_group_problem(ckpt: &Checkpoint, group_size: i64) -> Option<String> {
-    let g = usize::try_from(group_size).ok()?;
+pub fn awq_group_problem(ckpt: &Checkpoint, group_size: Option<usize>) -> Option<String> {
+    let g = group_size?;
     let t = ckpt.tensors.iter().find(|t| {
         t.shape.len() == 2 && t.name.starts_with("blk.") && !t.shape[1].is_multiple_of(g)
     })?;
@@ -410,7 +410,7 @@ pub fn write_grouped_folder(
                     (group_size as usize).min(cols)
                 };
                 if layout == Layout::AwqGemm && !cols.is_multiple_of(group_len) {
-                    let problem = awq_group_problem(ckpt, group_len as i64);
+                    let problem = awq_group_problem(ckpt, Some(group_len));
                     return Err(GroupExportError::NotGrouped(problem.unwrap_or_default()));
                 }
                 let b = bits as usize;

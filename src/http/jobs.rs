@@ -204,15 +204,10 @@ impl JobRequest {
                     "unknown output {name:?} (known: gguf, gptq-safetensors, awq-safetensors)"
                 ));
             };
-            let bits = match &method {
-                MethodSpec::Rtn(p) => p.bits,
-                MethodSpec::Gptq(p) => p.bits,
-                MethodSpec::Awq(p) => p.bits,
-                _ => {
-                    return invalid(format!(
-                        "output {name:?} needs integer groups: methods rtn, gptq and awq make them"
-                    ))
-                }
+            let Some(bits) = method.group_format().map(|f| f.bits) else {
+                return invalid(format!(
+                    "output {name:?} needs integer groups: methods rtn, gptq and awq make them"
+                ));
             };
             if format == ExportFormat::AwqSafetensors && bits != 4 {
                 return invalid(format!(

@@ -14,7 +14,6 @@ use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::gptq_layout::{PackedLinear, PartType, PARTS};
 use crate::quant::imatrix::ImatrixError;
-use crate::quant::plan::PlannedTensor;
 use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
 use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
@@ -168,7 +167,9 @@ pub fn quantize_gguf(
             // The parts were encoded back to back, in declaration order.
             Some(parts) => {
                 let mut at = 0;
-                for ((name, _, _), len) in parts.iter().zip(layout_lengths(t)) {
+                for (name, shape, dtype) in parts {
+                    let elems = shape.iter().product::<usize>() as u64;
+                    let len = dtype.bytes(elems).expect("parts are whole elements") as usize;
                     writer.write_tensor(name, &bytes[at..at + len])?;
                     at += len;
                 }
@@ -237,16 +238,4 @@ fn layout_part_decls(plan: &Plan) -> Vec<Option<Vec<(String, Vec<usize>, TensorT
             )
         })
         .collect()
-}
-
-/// Byte lengths of a GPTQ-layout tensor's parts.
-fn layout_lengths(t: &PlannedTensor) -> [usize; 4] {
-    let format = t.groups.expect("layout tensors have groups");
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    PackedLinear::part_lengths(
-        format.bits,
-        rows,
-        cols,
-        cols.div_ceil(format.group_len(cols)),
-    )
 }

@@ -118,6 +118,16 @@ impl MethodSpec {
         }
     }
 
+    /// The integer groups of rtn, gptq and awq; `None` for methods without them.
+    pub fn group_format(&self) -> Option<GroupFormat> {
+        match self {
+            Self::Rtn(p) => Some(p.format()),
+            Self::Gptq(p) => Some(p.format()),
+            Self::Awq(p) => Some(p.format()),
+            Self::Gguf(_) | Self::Eval(_) => None,
+        }
+    }
+
     /// The method's parameters as recorded in the GGUF and the manifest.
     pub fn params_json(&self) -> serde_json::Value {
         match self {

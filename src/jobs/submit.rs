@@ -234,12 +234,7 @@ pub async fn submit(
         }
     }
     if spec.outputs.contains(&ExportFormat::AwqSafetensors) {
-        let group_size = match &spec.method {
-            MethodSpec::Rtn(p) => p.group_size,
-            MethodSpec::Gptq(p) => p.group_size,
-            MethodSpec::Awq(p) => p.group_size,
-            _ => -1,
-        };
+        let group_size = spec.method.group_format().and_then(|f| f.group_size);
         if let Some(problem) = crate::export::gptq::awq_group_problem(&ckpt, group_size) {
             return Err(SubmitError::Invalid {
                 param: "outputs".into(),
