@@ -55,11 +55,18 @@ pub fn pack_stream(values: impl IntoIterator<Item = u32>, bits: u8, out: &mut Ve
 /// Value `i` of a `bits`-bit stream.
 #[inline]
 pub fn stream_value(words: &[u32], bits: u8, i: usize) -> u32 {
+    stream_value_at(|k| words[k], bits, i)
+}
+
+/// Value `i` of a `bits`-bit stream whose word `k` is `word(k)` (for streams stored strided,
+/// as `qweight`'s columns are).
+#[inline]
+fn stream_value_at(word: impl Fn(usize) -> u32, bits: u8, i: usize) -> u32 {
     let bit = i * bits as usize;
     let (w, shift) = (bit / 32, (bit % 32) as u32);
-    let mut v = (words[w] >> shift) as u64;
+    let mut v = (word(w) >> shift) as u64;
     if shift + bits as u32 > 32 {
-        v |= (words[w + 1] as u64) << (32 - shift);
+        v |= (word(w + 1) as u64) << (32 - shift);
     }
     (v & ((1u64 << bits) - 1)) as u32
 }
@@ -283,13 +290,7 @@ impl PackedLinear {
     /// The level of output `r`, input `c`.
     #[inline]
     pub fn level(&self, r: usize, c: usize) -> u32 {
-        let bit = c * self.bits as usize;
-        let (k, shift) = (bit / 32, (bit % 32) as u32);
-        let mut v = (self.qweight[k * self.rows + r] >> shift) as u64;
-        if shift + self.bits as u32 > 32 {
-            v |= (self.qweight[(k + 1) * self.rows + r] as u64) << (32 - shift);
-        }
-        (v & ((1u64 << self.bits) - 1)) as u32
+        stream_value_at(|k| self.qweight[k * self.rows + r], self.bits, c)
     }
 
     /// The weights as f32, row-major `[rows, cols]`: scale·(q − zero) in f32.
