@@ -77,6 +77,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    let outliers = model.llama.outlier_report();
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
         v["ctx"] = serde_json::json!(args.ctx);
@@ -84,6 +85,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         v["text_tokens"] = serde_json::json!(tokens.len());
         v["seconds"] = serde_json::json!(secs);
         v["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
+        if !outliers.is_empty() {
+            v["outliers"] = serde_json::to_value(&outliers)?;
+        }
         println!("{v}");
         return Ok(());
     }
@@ -104,6 +108,19 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             summary.kld_p99.unwrap_or(0.0),
             summary.kld_max.unwrap_or(0.0),
             summary.top1_agreement_pct.unwrap_or(0.0)
+        );
+    }
+    if let Some(top) = outliers
+        .iter()
+        .max_by(|a, b| a.counts.mean_columns.total_cmp(&b.counts.mean_columns))
+    {
+        let with = outliers.iter().filter(|l| l.counts.max_columns > 0).count();
+        println!(
+            "LLM.int8() outlier columns: in {with} of {} linears; most in {} ({:.1} per call, max {})",
+            outliers.len(),
+            top.tensor,
+            top.counts.mean_columns,
+            top.counts.max_columns
         );
     }
     Ok(())

@@ -37,7 +37,7 @@ enum Command {
         allow_unauthenticated: bool,
     },
     /// Quantize a checkpoint (HF folder or .gguf) to a GGUF file, offline.
-    Quantize(offline::QuantizeArgs),
+    Quantize(Box<offline::QuantizeArgs>),
     /// Convert between GGUF and HF safetensors (direction from the input).
     Convert(offline::ConvertArgs),
     /// Write an rtn/gptq/awq GGUF as a GPTQ or AWQ (GEMM) safetensors checkpoint.
@@ -61,7 +61,7 @@ pub fn main() -> ExitCode {
             config,
             allow_unauthenticated,
         } => serve(config, allow_unauthenticated),
-        Command::Quantize(args) => offline::quantize(args),
+        Command::Quantize(args) => offline::quantize(*args),
         Command::Convert(args) => offline::convert(args),
         Command::Export(args) => offline::export(args),
         Command::Bench(args) => bench::bench(args),

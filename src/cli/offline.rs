@@ -9,13 +9,15 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{cpu_count, Settings};
+use crate::export::gguf::Value;
 use crate::export::gguf_meta;
 use crate::export::gptq::{write_grouped_folder, Layout};
 use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
-    AwqParams, CalibrationParams, GgufParams, GptqParams, MethodSpec, OverrideSpec, RtnParams,
+    ActivationMode, AwqParams, CalibrationParams, GgufParams, GptqParams, Int8DynamicParams,
+    LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
 };
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
@@ -27,8 +29,9 @@ use crate::store::sync_dir;
 pub struct QuantizeArgs {
     /// An HF folder (config.json, tokenizer.json, *.safetensors) or a .gguf file.
     input: PathBuf,
-    /// Method: `gguf` (needs --type), `rtn` (--bits, --group-size, --asym) or `gptq` (those and
-    /// --calib, --samples, --seq-len, --seed, --act-order, --damp-percent).
+    /// Method: `gguf` (needs --type), `rtn` (--bits, --group-size, --asym), `gptq` (those and
+    /// --calib, --samples, --seq-len, --seed, --act-order, --damp-percent), `awq`,
+    /// `int8-dynamic` (--activations) or `llm-int8` (--threshold).
     #[arg(long, default_value = "gguf")]
     method: String,
     /// GGUF type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_L,
@@ -82,6 +85,13 @@ pub struct QuantizeArgs {
     /// awq: skip the per-group clipping search (`clip: false`), e.g. to match a tool without one.
     #[arg(long)]
     no_clip: bool,
+    /// int8-dynamic: how activations are quantized at run time: `per_token`, or `torch` (one
+    /// asymmetric 7-bit scale per call, as PyTorch's `quantize_dynamic`).
+    #[arg(long, default_value = "per_token")]
+    activations: String,
+    /// llm-int8: input columns with any |x| at or above this run in float.
+    #[arg(long, default_value_t = 6.0)]
+    threshold: f32,
     /// gptq: dampening, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp_percent: f64,
@@ -194,6 +204,8 @@ struct Labels<'a> {
     params: serde_json::Value,
     /// The importance matrix's file, as llama-quantize records it: the one read, or saved.
     imatrix_file: Option<&'a Path>,
+    /// Keys that tell quantd how to serve the file (`MethodSpec::serving_metadata`).
+    serving: Vec<(String, Value)>,
 }
 
 /// Writes a GGUF for `ckpt` next to `out` (temp name), then renames it into place.
@@ -217,6 +229,7 @@ fn write_gguf(
         None,
         None,
     ));
+    metadata.extend(labels.serving);
     if let Some(m) = &calibrated.imatrix {
         let file = labels.imatrix_file.map(|p| p.display().to_string());
         metadata.extend(m.provenance(file.as_deref()));
@@ -313,7 +326,24 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(MethodSpec::Awq(p))
         }
-        other => bail!("--method {other}: available methods are gguf, rtn, gptq and awq"),
+        "int8-dynamic" => {
+            let activations = match args.activations.as_str() {
+                "per_token" => ActivationMode::PerToken,
+                "torch" => ActivationMode::Torch,
+                other => bail!("--activations {other}: expected per_token or torch"),
+            };
+            Ok(MethodSpec::Int8Dynamic(Int8DynamicParams { activations }))
+        }
+        "llm-int8" => {
+            let p = LlmInt8Params {
+                threshold: args.threshold,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::LlmInt8(p))
+        }
+        other => bail!(
+            "--method {other}: available methods are gguf, rtn, gptq, awq, int8-dynamic and llm-int8"
+        ),
     }
 }
 
@@ -417,6 +447,7 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         name: &name,
         params,
         imatrix_file: args.imatrix.as_deref().or(args.save_imatrix.as_deref()),
+        serving: method.serving_metadata(),
     };
     write_gguf(&ckpt, &plan, labels, calibrated, &out, threads)
 }
@@ -474,6 +505,7 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 name: &model_name(&args.input),
                 params,
                 imatrix_file: None,
+                serving: Vec::new(),
             };
             write_gguf(
                 &ckpt,

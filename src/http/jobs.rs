@@ -18,7 +18,7 @@ use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
     AwqParams, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate, GgufParams,
-    GptqParams, JobSpec, MethodSpec, RtnParams,
+    GptqParams, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
 
@@ -35,7 +35,15 @@ const KNOWN_METHODS: &[&str] = &[
     "nf4",
     "fp4",
 ];
-const AVAILABLE: &[&str] = &["gguf", "rtn", "gptq", "awq", "eval"];
+const AVAILABLE: &[&str] = &[
+    "gguf",
+    "rtn",
+    "gptq",
+    "awq",
+    "int8-dynamic",
+    "llm-int8",
+    "eval",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +164,15 @@ impl JobRequest {
                 p.validate()
                     .map_err(|e| ApiError::invalid(&e.param, e.message))?;
                 MethodSpec::Awq(p)
+            }
+            "int8-dynamic" => {
+                MethodSpec::Int8Dynamic(prefixed::<Int8DynamicParams>("params", params)?)
+            }
+            "llm-int8" => {
+                let p = prefixed::<LlmInt8Params>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::LlmInt8(p)
             }
             _ => {
                 let p = prefixed::<GgufParams>("params", params)?;

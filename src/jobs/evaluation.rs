@@ -29,6 +29,7 @@ use crate::db::{self};
 use crate::eval::{eval_tokens, evaluate, speed, EvalError, EvalSpec, Speed, Summary};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::servable::{self, Servable};
+use crate::nn::llama::LayerOutliers;
 use crate::store::Digest;
 
 /// What is evaluated.
@@ -66,6 +67,9 @@ pub struct EvalReport {
     /// The reference's results were cached by an earlier job (its speed was not re-measured).
     pub reference_cached: bool,
     pub eval_seconds: f64,
+    /// LLM.int8(): outlier columns per linear over the evaluation text.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outliers: Vec<LayerOutliers>,
 }
 
 impl EvalReport {
@@ -214,6 +218,7 @@ pub(super) async fn run(
         reference_speed: scored.reference_speed.clone(),
         eval_seconds: scored.seconds,
         summary: scored.summary,
+        outliers: scored.outliers,
     };
     let reference_ppl = report.summary.reference_perplexity.unwrap_or(f64::NAN);
     if let Some(c) = &cached {
@@ -248,6 +253,7 @@ struct Scored {
     speed: Option<Speed>,
     reference_speed: Option<Speed>,
     seconds: f64,
+    outliers: Vec<LayerOutliers>,
 }
 
 impl From<EvalError> for RunError {
@@ -317,6 +323,8 @@ fn score(
         },
     )?;
     let seconds = started.elapsed().as_secs_f64();
+    // Read before the speed runs add their calls.
+    let outliers = model.llama.outlier_report();
     let windows = spec.windows(tokens.ids.len());
     let measure = |s: &Servable| -> Result<Option<Speed>, RunError> {
         if !params.speed || hooks.cancelled() {
@@ -347,5 +355,6 @@ fn score(
         speed,
         reference_speed,
         seconds,
+        outliers,
     })
 }

@@ -14,11 +14,14 @@ use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::gptq_layout::{PackedLinear, PartType, PARTS};
 use crate::quant::imatrix::ImatrixError;
-use crate::quant::tensor_quant::{quantize_grouped, quantize_tensor, TensorQuantError};
+use crate::quant::int8_rows::{self, Int8Rows};
+use crate::quant::plan::OwnForm;
+use crate::quant::tensor_quant::{
+    quantize_grouped, quantize_int8_rows, quantize_tensor, TensorQuantError,
+};
 use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter};
-use candle_core::quantized::GgmlDType;
 
 /// What the pipeline tells its caller while it runs.
 pub trait Hooks: Sync {
@@ -146,6 +149,9 @@ pub fn quantize_gguf(
                     source,
                 })?;
                 match t.groups {
+                    _ if t.own_form == Some(OwnForm::Int8Rows) => {
+                        quantize_int8_rows(&t.name, &data, t.shape[1])?
+                    }
                     Some(format) => {
                         let row_len = *t.shape.last().expect("grouped tensors are 2-D");
                         quantize_grouped(&t.name, &data, row_len, format, pool)?
@@ -211,31 +217,39 @@ pub fn quantize_gguf(
     ))
 }
 
-/// For each planned tensor, the GGUF tensors of its GPTQ-layout parts (name, shape, type), or
-/// `None` when it is stored as one GGML tensor.
+/// For each planned tensor, the GGUF tensors of its parts (name, shape, type) when it is
+/// stored in the GPTQ layout or one of quantd's own forms, or `None` when it is one GGML
+/// tensor.
 #[allow(clippy::type_complexity)]
 fn layout_part_decls(plan: &Plan) -> Vec<Option<Vec<(String, Vec<usize>, TensorType)>>> {
     plan.tensors
         .iter()
         .map(|t| {
-            let format = t.groups.filter(|_| t.is_layout())?;
             let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let groups = cols.div_ceil(format.group_len(cols));
-            let shapes = PackedLinear::part_shapes(format.bits, rows, cols, groups);
-            Some(
-                PARTS
+            let (rows, cols) = (*t.shape.first()?, *t.shape.get(1)?);
+            let declare = |parts: &[(&str, PartType)], shapes: &[Vec<usize>]| {
+                parts
                     .iter()
                     .zip(shapes)
                     .map(|((suffix, ty), shape)| {
-                        let dtype = match ty {
-                            PartType::I32 => TensorType::I32,
-                            PartType::F16 => GgmlDType::F16.into(),
-                        };
-                        (format!("{prefix}.{suffix}"), shape, dtype)
+                        (
+                            format!("{prefix}.{suffix}"),
+                            shape.clone(),
+                            ty.tensor_type(),
+                        )
                     })
-                    .collect(),
-            )
+                    .collect()
+            };
+            if t.own_form == Some(OwnForm::Int8Rows) {
+                return Some(declare(
+                    &int8_rows::PARTS,
+                    &Int8Rows::part_shapes(rows, cols),
+                ));
+            }
+            let format = t.groups.filter(|_| t.is_layout())?;
+            let groups = cols.div_ceil(format.group_len(cols));
+            let shapes = PackedLinear::part_shapes(format.bits, rows, cols, groups);
+            Some(declare(&PARTS, &shapes))
         })
         .collect()
 }

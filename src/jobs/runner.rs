@@ -162,10 +162,8 @@ async fn execute(
     }
     stage(js, &job.id, "loading").await?;
     let done = match &spec.method {
-        MethodSpec::Gguf(_) | MethodSpec::Rtn(_) | MethodSpec::Gptq(_) | MethodSpec::Awq(_) => {
-            quantize_and_publish(js, job, &spec, cancel).await?
-        }
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
+        _ => quantize_and_publish(js, job, &spec, cancel).await?,
     };
     js.events().publish(JobEvent {
         job_id: job.id.clone(),
@@ -334,6 +332,7 @@ async fn quantize(
     );
     let params_for_meta = params_json.clone();
     let method_name = spec.method.name();
+    let serving = spec.method.serving_metadata();
     let metadata = tokio::task::spawn_blocking(move || {
         let mut m = gguf_meta::model_metadata(&ckpt_meta, &name, ftype, quantized)?;
         m.extend(gguf_meta::provenance(
@@ -342,6 +341,7 @@ async fn quantize(
             source_digest.as_deref(),
             Some(&job_id),
         ));
+        m.extend(serving);
         Ok::<_, crate::model::checkpoint::CheckpointError>(m)
     })
     .await

@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::export::gguf::Value;
+use crate::kernels::int8::Activations;
 use crate::quant::groups::GroupFormat;
+use crate::quant::int8_rows;
 use crate::quant::mix::{parse_ggml_type, Override};
 use crate::quant::GgufType;
 
@@ -78,6 +81,8 @@ pub enum MethodSpec {
     Rtn(RtnParams),
     Gptq(GptqParams),
     Awq(AwqParams),
+    Int8Dynamic(Int8DynamicParams),
+    LlmInt8(LlmInt8Params),
     /// Scores an existing model against a reference; makes no model.
     Eval(EvalMethodParams),
 }
@@ -89,6 +94,8 @@ impl MethodSpec {
             Self::Rtn(_) => "rtn",
             Self::Gptq(_) => "gptq",
             Self::Awq(_) => "awq",
+            Self::Int8Dynamic(_) => "int8-dynamic",
+            Self::LlmInt8(_) => "llm-int8",
             Self::Eval(_) => "eval",
         }
     }
@@ -114,6 +121,13 @@ impl MethodSpec {
             Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
             Self::Gptq(p) => Some(format!("gptq-{}", p.variant())),
             Self::Awq(p) => Some(format!("awq-{}", group_variant(&p.format()))),
+            Self::Int8Dynamic(p) => {
+                Some(format!("int8-{}", p.activations.name().replace('_', "-")))
+            }
+            Self::LlmInt8(p) if p.threshold == LlmInt8Params::DEFAULT_THRESHOLD => {
+                Some("llm-int8".into())
+            }
+            Self::LlmInt8(p) => Some(format!("llm-int8-t{}", p.threshold)),
             Self::Eval(_) => None,
         }
     }
@@ -124,8 +138,37 @@ impl MethodSpec {
             Self::Rtn(p) => Some(p.format()),
             Self::Gptq(p) => Some(p.format()),
             Self::Awq(p) => Some(p.format()),
-            Self::Gguf(_) | Self::Eval(_) => None,
+            Self::Gguf(_) | Self::Int8Dynamic(_) | Self::LlmInt8(_) | Self::Eval(_) => None,
         }
+    }
+
+    /// How the int8 kernel quantizes activations, for methods that store int8 rows.
+    pub fn int8_activations(&self) -> Option<Activations> {
+        match self {
+            Self::Int8Dynamic(p) => Some(match p.activations {
+                ActivationMode::PerToken => Activations::PerToken,
+                ActivationMode::Torch => Activations::Torch,
+            }),
+            Self::LlmInt8(p) => Some(Activations::Outliers {
+                threshold: p.threshold,
+            }),
+            _ => None,
+        }
+    }
+
+    /// GGUF metadata that tells quantd how to serve the file (beyond its tensors).
+    pub fn serving_metadata(&self) -> Vec<(String, Value)> {
+        let Some(act) = self.int8_activations() else {
+            return Vec::new();
+        };
+        let mut kv = vec![(
+            int8_rows::ACTIVATIONS_KEY.to_string(),
+            Value::String(act.name().into()),
+        )];
+        if let Activations::Outliers { threshold } = act {
+            kv.push((int8_rows::THRESHOLD_KEY.to_string(), Value::F32(threshold)));
+        }
+        kv
     }
 
     /// The method's parameters as recorded in the GGUF and the manifest.
@@ -135,9 +178,70 @@ impl MethodSpec {
             Self::Rtn(p) => serde_json::to_value(p),
             Self::Gptq(p) => serde_json::to_value(p),
             Self::Awq(p) => serde_json::to_value(p),
+            Self::Int8Dynamic(p) => serde_json::to_value(p),
+            Self::LlmInt8(p) => serde_json::to_value(p),
             Self::Eval(p) => serde_json::to_value(p),
         }
         .expect("params serialize")
+    }
+}
+
+/// How `int8-dynamic` quantizes activations at run time.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationMode {
+    /// One symmetric scale per token.
+    #[default]
+    PerToken,
+    /// As PyTorch's fbgemm `quantize_dynamic`: one asymmetric 7-bit scale per call.
+    Torch,
+}
+
+impl ActivationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PerToken => "per_token",
+            Self::Torch => "torch",
+        }
+    }
+}
+
+/// DESIGN §4 `int8-dynamic`: int8 weights per output channel, activations quantized per call.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Int8DynamicParams {
+    #[serde(default)]
+    pub activations: ActivationMode,
+}
+
+/// DESIGN §4 `llm-int8` (Dettmers et al. 2022), as bitsandbytes' `Linear8bitLt` runs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LlmInt8Params {
+    /// Input columns with any |x| at or above this go through the float path.
+    #[serde(default = "LlmInt8Params::default_threshold")]
+    pub threshold: f32,
+}
+
+impl LlmInt8Params {
+    pub const DEFAULT_THRESHOLD: f32 = 6.0;
+    pub const MAX_THRESHOLD: f32 = 1e4;
+
+    fn default_threshold() -> f32 {
+        Self::DEFAULT_THRESHOLD
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if !(self.threshold.is_finite()
+            && self.threshold > 0.0
+            && self.threshold <= Self::MAX_THRESHOLD)
+        {
+            return Err(param_error(
+                "threshold",
+                format!("{} is outside (0, {}]", self.threshold, Self::MAX_THRESHOLD),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -78,6 +78,11 @@ pub fn quantization_plan(
             p.format(),
             threads,
         )),
+        MethodSpec::Int8Dynamic(_) | MethodSpec::LlmInt8(_) => Ok(Plan::int8_rows(
+            method.name(),
+            &ckpt.tensor_shapes(),
+            threads,
+        )),
         MethodSpec::Eval(_) => Err(invalid(
             "method",
             "method \"eval\" makes no model to plan".into(),

@@ -1,8 +1,11 @@
 //! quantd's own CPU kernels (DESIGN §1 `kernels/`), plugged into `nn::QLinear` through
-//! `LinearKernel`: AVX2 matmuls for the GGML block types candle leaves scalar, and the
-//! GPTQ-layout kernel for integer groups no GGML block holds.
+//! `LinearKernel`: AVX2 matmuls for the GGML block types candle leaves scalar, the
+//! GPTQ-layout kernel for integer groups no GGML block holds, and the int8 × int8 kernel of
+//! `int8-dynamic` and `llm-int8` (AVX2 or AVX-512 VNNI, chosen at run time).
 
 pub mod gptq;
+pub mod int8;
+pub mod int8_gemm;
 pub mod legacy_blocks;
 
 use std::sync::Arc;

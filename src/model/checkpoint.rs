@@ -14,8 +14,9 @@ use super::config::{ConfigError, ModelConfig};
 use super::names;
 use super::safetensors::{self as st, StDtype};
 use super::sniff::{sniff_file, FileKind};
-use crate::export::gguf::{GgufFile, GgufTensorInfo, TensorType, Value};
-use crate::quant::gptq_layout::{self, LayoutError, PackedLinear, PartType};
+use crate::export::gguf::{GgufFile, GgufTensorInfo, Value};
+use crate::quant::gptq_layout::{self, LayoutError, PackedLinear};
+use crate::quant::int8_rows::{self, Int8Rows};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Format {
@@ -76,6 +77,9 @@ pub enum SourceDtype {
     GptqLayout {
         bits: u8,
     },
+    /// Int8 rows (`quant::int8_rows`), stored as two GGUF tensors; `file` indexes
+    /// `Checkpoint::int8`.
+    Int8Rows,
 }
 
 /// One stored part (qweight, qzeros, scales, g_idx) of a GPTQ-layout weight.
@@ -118,6 +122,8 @@ pub struct Checkpoint {
     computed: Vec<Vec<f32>>,
     /// The parts of each GPTQ-layout weight, in `gptq_layout::PARTS` order.
     layouts: Vec<[LayoutPart; 4]>,
+    /// The parts of each int8-rows weight, in `int8_rows::PARTS` order.
+    int8: Vec<[LayoutPart; 2]>,
 }
 
 /// Names an HF upload may contain besides weights.
@@ -343,6 +349,7 @@ impl Checkpoint {
             maps,
             computed,
             layouts: Vec::new(),
+            int8: Vec::new(),
         })
     }
 
@@ -354,34 +361,37 @@ impl Checkpoint {
         })?;
         let mut found = HashMap::new();
         let mut parts: BTreeMap<String, [Option<&GgufTensorInfo>; 4]> = BTreeMap::new();
+        let mut int8_parts: BTreeMap<String, [Option<&GgufTensorInfo>; 2]> = BTreeMap::new();
         for t in &file.tensors {
-            let layout_part = t.name.rsplit_once('.').and_then(|(prefix, suffix)| {
-                let i = gptq_layout::PARTS.iter().position(|(s, _)| *s == suffix)?;
-                Some((prefix, i))
-            });
-            let dtype = match (layout_part, t.dtype.ggml()) {
-                (Some((prefix, i)), _) => {
-                    let want = gptq_layout::PARTS[i].1;
-                    let ok = matches!(
-                        (want, t.dtype),
-                        (PartType::I32, TensorType::I32)
-                            | (PartType::F16, TensorType::Ggml(GgmlDType::F16))
-                    );
-                    if !ok {
-                        return Err(invalid(
-                            name,
-                            format!("tensor {} has type {}", t.name, t.dtype.name()),
-                        ));
-                    }
-                    parts.entry(prefix.to_string()).or_default()[i] = Some(t);
-                    continue;
+            let (prefix, suffix) = t.name.rsplit_once('.').unwrap_or((&t.name, ""));
+            let gptq_part = gptq_layout::PARTS.iter().position(|(s, _)| *s == suffix);
+            let int8_part = int8_rows::PARTS.iter().position(|(s, _)| *s == suffix);
+            let want = match (gptq_part, int8_part) {
+                (Some(i), _) => Some(gptq_layout::PARTS[i].1),
+                (_, Some(i)) => Some(int8_rows::PARTS[i].1),
+                _ => None,
+            };
+            if let Some(want) = want {
+                if want.tensor_type() != t.dtype {
+                    return Err(invalid(
+                        name,
+                        format!("tensor {} has type {}", t.name, t.dtype.name()),
+                    ));
                 }
-                (None, Some(dtype)) => dtype,
-                (None, None) => {
+                match (gptq_part, int8_part) {
+                    (Some(i), _) => parts.entry(prefix.to_string()).or_default()[i] = Some(t),
+                    (_, Some(i)) => int8_parts.entry(prefix.to_string()).or_default()[i] = Some(t),
+                    _ => unreachable!("want is Some"),
+                }
+                continue;
+            }
+            let dtype = match t.dtype.ggml() {
+                Some(dtype) => dtype,
+                None => {
                     return Err(invalid(
                         name,
                         format!(
-                            "tensor {} has type {}, which only GPTQ-layout parts may have",
+                            "tensor {} has type {}, which only GPTQ-layout and int8 parts may have",
                             t.name,
                             t.dtype.name()
                         ),
@@ -452,6 +462,51 @@ impl Checkpoint {
                 len: t.size,
             }));
         }
+        let mut int8 = Vec::new();
+        for (prefix, p) in int8_parts {
+            let weight = format!("{prefix}.weight");
+            let [Some(levels), Some(scales)] = p else {
+                return Err(invalid(
+                    name,
+                    format!("int8 weight {prefix} needs both {prefix}.int8_weight and {prefix}.int8_scale"),
+                ));
+            };
+            let [rows, cols] = levels.shape[..] else {
+                return Err(invalid(name, format!("{prefix}.int8_weight is not 2-D")));
+            };
+            if scales.shape != [rows] {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "{prefix}.int8_scale has shape {:?}, expected [{rows}]",
+                        scales.shape
+                    ),
+                ));
+            }
+            if found.contains_key(&weight) {
+                return Err(invalid(
+                    name,
+                    format!("{weight} is stored both as a tensor and as int8 rows"),
+                ));
+            }
+            found.insert(
+                weight.clone(),
+                TensorRef {
+                    name: weight,
+                    shape: vec![rows, cols],
+                    dtype: SourceDtype::Int8Rows,
+                    file: int8.len(),
+                    offset: 0,
+                    len: levels.size + scales.size,
+                },
+            );
+            int8.push([levels, scales].map(|t| LayoutPart {
+                shape: t.shape.clone(),
+                file: 0,
+                offset: t.offset,
+                len: t.size,
+            }));
+        }
         let tensors = order_and_check(&config, found, name)?;
         Ok(Self {
             format: Format::Gguf,
@@ -462,6 +517,7 @@ impl Checkpoint {
             maps: vec![mmap(path, name)?],
             computed: Vec::new(),
             layouts,
+            int8,
         })
     }
 
@@ -508,6 +564,24 @@ impl Checkpoint {
         Some(packed)
     }
 
+    /// An int8-rows weight, decoded and checked; `None` for other tensors.
+    pub fn int8_rows(&self, t: &TensorRef) -> Option<Result<Int8Rows, LayoutError>> {
+        if t.dtype != SourceDtype::Int8Rows {
+            return None;
+        }
+        let parts = &self.int8[t.file];
+        let inputs = parts.each_ref().map(|p| {
+            let bytes = &self.maps[p.file][p.offset as usize..(p.offset + p.len) as usize];
+            (p.shape.as_slice(), bytes)
+        });
+        let rows = Int8Rows::from_parts(t.shape[0], t.shape[1], inputs)
+            .map_err(|e| LayoutError(format!("{}: {e}", t.name)));
+        for p in parts {
+            self.release_range(p.file, p.offset, p.len);
+        }
+        Some(rows)
+    }
+
     /// The raw bytes of a tensor as stored (not defined for GPTQ-layout weights, which are
     /// several tensors: see [`Checkpoint::packed_linear`]).
     pub fn raw_bytes(&self, t: &TensorRef) -> &[u8] {
@@ -526,6 +600,11 @@ impl Checkpoint {
                 .map(|p| p.dequantize())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()));
         }
+        if let Some(rows) = self.int8_rows(t) {
+            return rows
+                .map(|r| r.dequantize())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
         let bytes = self.raw_bytes(t);
         let values = match t.dtype {
             SourceDtype::Safetensors(dtype) => {
@@ -537,7 +616,7 @@ impl Checkpoint {
                     None => v,
                 }
             }
-            SourceDtype::Computed | SourceDtype::GptqLayout { .. } => {
+            SourceDtype::Computed | SourceDtype::GptqLayout { .. } | SourceDtype::Int8Rows => {
                 unreachable!("handled above")
             }
             // Float tensors of a GGUF decode directly; going through candle copies them twice.

@@ -15,9 +15,11 @@ use super::checkpoint::{Checkpoint, SourceDtype, TensorRef};
 use super::tokenizer_gguf;
 use crate::export::gguf::Value;
 use crate::kernels::gptq::GptqMatmul;
+use crate::kernels::int8::{Activations, Int8Matmul};
 use crate::nn::linear::QLinear;
 use crate::nn::llama::{Block, Embedding, Llama};
 use crate::nn::rope::{Rope, RopeLayout};
+use crate::quant::int8_rows;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -194,9 +196,55 @@ fn linear(ckpt: &Checkpoint, name: &str) -> Result<QLinear, LoadError> {
             )?,
         });
     }
+    if let Some(rows) = ckpt.int8_rows(t) {
+        let rows = rows.map_err(|e| LoadError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        let kernel = Int8Matmul::new(&rows, int8_activations(ckpt)?);
+        return Ok(QLinear::custom(Arc::new(kernel), bias));
+    }
     Ok(match read_blocks(ckpt, t)? {
         Some(q) => QLinear::ggml(q, bias)?,
         None => QLinear::dense(read_dense(ckpt, t)?, bias)?,
+    })
+}
+
+/// How the file's int8 rows quantize activations (GGUF metadata written with them); per token
+/// when the file does not say.
+fn int8_activations(ckpt: &Checkpoint) -> Result<Activations, LoadError> {
+    let bad = |m: String| LoadError::Candle(candle_core::Error::Msg(m));
+    let mode = match gguf_value(ckpt, int8_rows::ACTIVATIONS_KEY) {
+        None => return Ok(Activations::PerToken),
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(bad(format!(
+                "{} is not a string",
+                int8_rows::ACTIVATIONS_KEY
+            )))
+        }
+    };
+    Ok(match mode {
+        "per_token" => Activations::PerToken,
+        "torch" => Activations::Torch,
+        "llm-int8" => {
+            let threshold = match gguf_value(ckpt, int8_rows::THRESHOLD_KEY) {
+                Some(v) => v
+                    .to_f32()
+                    .map_err(|_| bad(format!("{} is not an f32", int8_rows::THRESHOLD_KEY)))?,
+                None => 6.0,
+            };
+            if !(threshold.is_finite() && threshold > 0.0) {
+                return Err(bad(format!(
+                    "{} = {threshold} is not a positive number",
+                    int8_rows::THRESHOLD_KEY
+                )));
+            }
+            Activations::Outliers { threshold }
+        }
+        other => {
+            return Err(bad(format!(
+                "{} = {other:?}: expected per_token, torch or llm-int8",
+                int8_rows::ACTIVATIONS_KEY
+            )))
+        }
     })
 }
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+use crate::kernels::int8::OutlierSnapshot;
+
 /// quantd's own kernels (INT8, NF4, ...) plug in here. Input `[rows, in]` f32, output
 /// `[rows, out]` f32.
 pub trait LinearKernel: Send + Sync {
@@ -16,6 +18,10 @@ pub trait LinearKernel: Send + Sync {
     fn storage_bytes(&self) -> usize;
     /// A short name for logs and reports ("int8-per-channel").
     fn kind(&self) -> String;
+    /// LLM.int8()'s outlier columns seen so far, for kernels that split them off.
+    fn outliers(&self) -> Option<OutlierSnapshot> {
+        None
+    }
 }
 
 /// Below this many input rows a GGML linear runs candle's block kernels (quantized activations,
@@ -117,6 +123,14 @@ impl QLinear {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Ggml(q, _, _) => q.storage_size_in_bytes(),
             Weight::Custom(k) => k.storage_bytes(),
+        }
+    }
+
+    /// Outlier columns the kernel split off so far (LLM.int8()); None for other weights.
+    pub fn outliers(&self) -> Option<OutlierSnapshot> {
+        match &self.weight {
+            Weight::Custom(k) => k.outliers(),
+            _ => None,
         }
     }
 

@@ -14,6 +14,7 @@ use candle_core::{Device, Result, Tensor};
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::rope::Rope;
+use crate::kernels::int8::OutlierSnapshot;
 use crate::model::config::ModelConfig;
 
 /// Receives each linear layer's input rows, before the layer runs: `(name, [rows, in])`, the
@@ -107,7 +108,42 @@ pub enum Logits {
     From(usize),
 }
 
+/// One linear's LLM.int8() outlier columns over the calls so far.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerOutliers {
+    /// GGUF name of the weight's layer (`blk.3.ffn_down`).
+    pub tensor: String,
+    #[serde(flatten)]
+    pub counts: OutlierSnapshot,
+}
+
 impl Llama {
+    /// Outlier columns per linear, for models served by the LLM.int8() kernel (empty for
+    /// others), in layer order.
+    pub fn outlier_report(&self) -> Vec<LayerOutliers> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let named = [
+                ("attn_q", &b.q),
+                ("attn_k", &b.k),
+                ("attn_v", &b.v),
+                ("attn_output", &b.o),
+                ("ffn_gate", &b.gate),
+                ("ffn_up", &b.up),
+                ("ffn_down", &b.down),
+            ];
+            for (name, l) in named {
+                if let Some(counts) = l.outliers() {
+                    out.push(LayerOutliers {
+                        tensor: format!("blk.{i}.{name}"),
+                        counts,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
     }

@@ -30,10 +30,35 @@ pub const PARTS: [(&str, PartType); 4] = [
     ("g_idx", PartType::I32),
 ];
 
+/// Element types of the parts of quantd's own tensor forms (here and `int8_rows`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartType {
+    I8,
     I32,
     F16,
+    F32,
+}
+
+impl PartType {
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            Self::I8 => 1,
+            Self::F16 => 2,
+            Self::I32 | Self::F32 => 4,
+        }
+    }
+
+    /// The GGUF tensor type a part is stored as.
+    pub fn tensor_type(self) -> crate::export::gguf::TensorType {
+        use crate::export::gguf::TensorType;
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::I8 => TensorType::I8,
+            Self::I32 => TensorType::I32,
+            Self::F16 => GgmlDType::F16.into(),
+            Self::F32 => GgmlDType::F32.into(),
+        }
+    }
 }
 
 /// `values` (each below 2^bits) as a little-endian bit stream; `values.len()·bits` must be a
@@ -169,13 +194,7 @@ impl PackedLinear {
     /// Byte lengths of the parts for these shapes, in [`PARTS`] order.
     pub fn part_lengths(bits: u8, rows: usize, cols: usize, groups: usize) -> [usize; 4] {
         let shapes = Self::part_shapes(bits, rows, cols, groups);
-        std::array::from_fn(|i| {
-            let elem = match PARTS[i].1 {
-                PartType::I32 => 4,
-                PartType::F16 => 2,
-            };
-            shapes[i].iter().product::<usize>() * elem
-        })
+        std::array::from_fn(|i| shapes[i].iter().product::<usize>() * PARTS[i].1.elem_bytes())
     }
 
     pub fn stored_bytes(&self) -> usize {

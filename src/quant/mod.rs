@@ -4,6 +4,7 @@
 //! on calibration inputs, layer by layer (`layerwise`); `awq`: activation-aware scales folded
 //! into the previous op, clipping, then the same groups. An importance matrix (`imatrix`)
 //! weights `gguf`'s block encoders (`weighted_blocks`) as llama-quantize's `--imatrix` does.
+//! `int8-dynamic` and `llm-int8` store int8 rows (`int8_rows`) for quantd's int8 kernel.
 
 pub mod awq;
 pub mod calibration;
@@ -14,6 +15,7 @@ pub mod gptq_layout;
 pub mod gptq_model;
 pub mod groups;
 pub mod imatrix;
+pub mod int8_rows;
 pub mod kquants;
 pub mod layerwise;
 pub mod mix;

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::gguf_types::GgufType;
 use super::gptq_layout::PackedLinear;
 use super::groups::GroupFormat;
+use super::int8_rows::Int8Rows;
 use super::mix::{choose, is_quantizable, MixContext, Override};
 use crate::export::gguf::{ggml_type_name, tensor_bytes};
 use crate::model::config::ModelConfig;
@@ -31,6 +32,16 @@ pub struct PlannedTensor {
     /// no block, into the GPTQ layout; None: GGML's own encoder.
     #[serde(skip)]
     pub groups: Option<GroupFormat>,
+    /// One of quantd's own forms, stored as parts beside no GGML tensor.
+    #[serde(skip)]
+    pub own_form: Option<OwnForm>,
+}
+
+/// Weight forms that only quantd's kernels run (besides the GPTQ layout, which `groups` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnForm {
+    /// `int8_rows`: int8 levels and one f32 scale per output row.
+    Int8Rows,
 }
 
 impl PlannedTensor {
@@ -39,6 +50,9 @@ impl PlannedTensor {
         self.groups.is_some_and(|f| f.uses_layout())
     }
 }
+
+/// The type name plans and reports give an int8-rows tensor.
+pub const INT8_TYPE_NAME: &str = "INT8";
 
 /// The type name plans and reports give a GPTQ-layout tensor.
 pub fn layout_type_name(bits: u8) -> &'static str {
@@ -100,6 +114,7 @@ impl Plan {
                 quantized: c.quantized,
                 fallback_from: c.fallback_from.map(ggml_type_name),
                 groups: None,
+                own_form: None,
             });
         }
         Self::summarize("gguf", gguf_type, planned, threads)
@@ -139,6 +154,7 @@ impl Plan {
                         quantized: false,
                         fallback_from,
                         groups: None,
+                        own_form: None,
                     }
                 };
                 if !(name.starts_with("blk.") && is_quantizable(name, shape)) {
@@ -155,6 +171,7 @@ impl Plan {
                         quantized: true,
                         fallback_from: None,
                         groups: Some(format),
+                        own_form: None,
                     },
                     None if format.fits_layout(rows, cols) => {
                         let groups = cols.div_ceil(format.group_len(cols));
@@ -168,6 +185,7 @@ impl Plan {
                             quantized: true,
                             fallback_from: None,
                             groups: Some(format),
+                            own_form: None,
                         }
                     }
                     _ => float(Some(wanted)),
@@ -182,6 +200,52 @@ impl Plan {
             None => GgufType::F16,
         };
         Self::summarize(method, gguf_type, planned, threads)
+    }
+
+    /// The plan of `int8-dynamic` and `llm-int8`: every decoder linear as int8 rows (what
+    /// PyTorch's `quantize_dynamic` and bitsandbytes replace); embeddings and the output layer
+    /// F16 (bitsandbytes skips `lm_head`), norms F32.
+    pub fn int8_rows(
+        method: &'static str,
+        tensors: &[(String, Vec<usize>)],
+        threads: usize,
+    ) -> Self {
+        let planned = tensors
+            .iter()
+            .map(|(name, shape)| {
+                let elems = shape.iter().map(|&d| d as u64).product();
+                if name.starts_with("blk.") && is_quantizable(name, shape) {
+                    return PlannedTensor {
+                        name: name.clone(),
+                        shape: shape.clone(),
+                        type_name: INT8_TYPE_NAME,
+                        dtype: GgmlDType::F16,
+                        bytes: Int8Rows::stored_bytes(shape[0], shape[1]) as u64,
+                        quantized: true,
+                        fallback_from: None,
+                        groups: None,
+                        own_form: Some(OwnForm::Int8Rows),
+                    };
+                }
+                let dtype = if shape.len() >= 2 {
+                    GgmlDType::F16
+                } else {
+                    GgmlDType::F32
+                };
+                PlannedTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    type_name: ggml_type_name(dtype),
+                    dtype,
+                    bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
+                    quantized: false,
+                    fallback_from: None,
+                    groups: None,
+                    own_form: None,
+                }
+            })
+            .collect();
+        Self::summarize(method, GgufType::F16, planned, threads)
     }
 
     fn summarize(

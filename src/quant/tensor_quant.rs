@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::groups::{GroupFormat, GroupParams};
+use super::int8_rows::Int8Rows;
 use super::kquants::{self, QK_K};
 use super::weighted_blocks;
 
@@ -117,6 +118,19 @@ pub fn quantize_grouped(
     }
     let rows = data.len() / row_len;
     Ok((format.encode(&levels, &params, rows, row_len), acc.finish()))
+}
+
+/// `data` as int8 rows (`int8_rows`), encoded as stored; returns the bytes and the error.
+/// Rows are independent and cheap (one absmax, one rounding), so this runs on one thread.
+pub fn quantize_int8_rows(
+    name: &str,
+    data: &[f32],
+    row_len: usize,
+) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
+    check_finite(name, data)?;
+    let q = Int8Rows::quantize(data, data.len() / row_len, row_len);
+    let err = tensor_error(data, &q.dequantize());
+    Ok((q.to_bytes(), err))
 }
 
 /// The error of `quantized` against `original` (same length).

@@ -74,14 +74,17 @@ pub fn tensor_bytes(t: GgmlDType, elems: u64) -> Option<u64> {
     (elems / bs).checked_mul(t.type_size() as u64)
 }
 
-/// A GGUF tensor's element type: a GGML type candle knows, or GGML's plain int32 (type 26),
-/// which quantd uses for the GPTQ layout's packed words and group indices.
+/// A GGUF tensor's element type: a GGML type candle knows, or GGML's plain int8/int32 (types
+/// 24/26), which quantd uses for int8 rows and the GPTQ layout's packed words and indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorType {
     Ggml(GgmlDType),
+    /// GGML's plain int8 (type 24): the levels of quantd's int8 rows.
+    I8,
     I32,
 }
 
+const GGML_TYPE_I8: u32 = 24;
 const GGML_TYPE_I32: u32 = 26;
 
 impl From<GgmlDType> for TensorType {
@@ -92,8 +95,10 @@ impl From<GgmlDType> for TensorType {
 
 impl TensorType {
     pub fn from_u32(id: u32) -> Option<Self> {
-        if id == GGML_TYPE_I32 {
-            return Some(Self::I32);
+        match id {
+            GGML_TYPE_I8 => return Some(Self::I8),
+            GGML_TYPE_I32 => return Some(Self::I32),
+            _ => {}
         }
         ggml_type_from_u32(id).map(Self::Ggml)
     }
@@ -101,6 +106,7 @@ impl TensorType {
     pub fn to_u32(self) -> u32 {
         match self {
             Self::Ggml(t) => ggml_type_to_u32(t),
+            Self::I8 => GGML_TYPE_I8,
             Self::I32 => GGML_TYPE_I32,
         }
     }
@@ -108,6 +114,7 @@ impl TensorType {
     pub fn name(self) -> &'static str {
         match self {
             Self::Ggml(t) => ggml_type_name(t),
+            Self::I8 => "I8",
             Self::I32 => "I32",
         }
     }
@@ -115,7 +122,7 @@ impl TensorType {
     pub fn block_size(self) -> usize {
         match self {
             Self::Ggml(t) => t.block_size(),
-            Self::I32 => 1,
+            Self::I8 | Self::I32 => 1,
         }
     }
 
@@ -123,6 +130,7 @@ impl TensorType {
     pub fn bytes(self, elems: u64) -> Option<u64> {
         match self {
             Self::Ggml(t) => tensor_bytes(t, elems),
+            Self::I8 => Some(elems),
             Self::I32 => elems.checked_mul(4),
         }
     }
@@ -131,7 +139,7 @@ impl TensorType {
     pub fn ggml(self) -> Option<GgmlDType> {
         match self {
             Self::Ggml(t) => Some(t),
-            Self::I32 => None,
+            Self::I8 | Self::I32 => None,
         }
     }
 }

@@ -1,0 +1,463 @@
+//! The int8 linear of `int8-dynamic` and `llm-int8` (DESIGN §4): int8 weights with one scale per
+//! output row, activations quantized to int8 on every call, an exact int8 × int8 → int32
+//! product ([`int8_gemm`]), and the scales applied to the integer sums.
+//!
+//! How activations are quantized is the difference between the methods:
+//! - [`Activations::PerToken`]: one symmetric scale per input row (token), absmax / 127.
+//! - [`Activations::Torch`]: PyTorch's fbgemm `quantize_dynamic` recipe: one asymmetric scale
+//!   and zero point for the whole call, chosen over [min(x, 0), max(x, 0)] on the 7-bit range
+//!   [0, 127] (`reduce_range`), as fbgemm's `ChooseQuantizationParams` does. One outlier
+//!   column makes the scale coarse for every token, which is what LLM.int8() set out to fix.
+//! - [`Activations::Outliers`]: LLM.int8() as bitsandbytes computes it: columns with any
+//!   |x| ≥ threshold are multiplied in float against the dequantized weight columns; the rest
+//!   go through int8 with per-token scales (taken with the outlier values zeroed).
+//!
+//! The op is a candle `CustomOp1`, so it runs inside a candle graph like any other op.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::int8_gemm::{gemm, padded_len, Isa};
+use crate::nn::LinearKernel;
+use crate::quant::int8_rows::Int8Rows;
+
+/// How the kernel quantizes its inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activations {
+    PerToken,
+    Torch,
+    Outliers { threshold: f32 },
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PerToken => "per_token",
+            Self::Torch => "torch",
+            Self::Outliers { .. } => "llm-int8",
+        }
+    }
+}
+
+/// What LLM.int8() saw: how many input columns took the float path.
+#[derive(Debug, Default)]
+pub struct OutlierCounts {
+    pub calls: AtomicU64,
+    /// Σ over calls of the outlier columns in the call.
+    pub columns: AtomicU64,
+    pub max_columns: AtomicU64,
+}
+
+/// [`OutlierCounts`] read at one moment, for reports.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct OutlierSnapshot {
+    pub calls: u64,
+    pub mean_columns: f64,
+    pub max_columns: u64,
+}
+
+impl OutlierCounts {
+    pub fn snapshot(&self) -> OutlierSnapshot {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let columns = self.columns.load(Ordering::Relaxed);
+        OutlierSnapshot {
+            calls,
+            mean_columns: if calls == 0 {
+                0.0
+            } else {
+                columns as f64 / calls as f64
+            },
+            max_columns: self.max_columns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub struct Int8Matmul {
+    rows: usize,
+    cols: usize,
+    /// Row length padded for the vector loops.
+    kp: usize,
+    /// `[rows, kp]`, zero-padded.
+    weights: Vec<i8>,
+    row_sums: Vec<i32>,
+    scales: Vec<f32>,
+    activations: Activations,
+    isa: Isa,
+    pub outliers: OutlierCounts,
+}
+
+impl Int8Matmul {
+    pub fn new(w: &Int8Rows, activations: Activations) -> Self {
+        Self::with_isa(w, activations, Isa::detect())
+    }
+
+    pub fn with_isa(w: &Int8Rows, activations: Activations, isa: Isa) -> Self {
+        let kp = padded_len(w.cols);
+        let mut weights = vec![0i8; w.rows * kp];
+        for (dst, src) in weights.chunks_mut(kp).zip(w.levels.chunks(w.cols)) {
+            dst[..w.cols].copy_from_slice(src);
+        }
+        let row_sums = w
+            .levels
+            .chunks(w.cols)
+            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .collect();
+        Self {
+            rows: w.rows,
+            cols: w.cols,
+            kp,
+            weights,
+            row_sums,
+            scales: w.scales.clone(),
+            activations,
+            isa,
+            outliers: OutlierCounts::default(),
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `x`: `[n, cols]` row-major → `[n, rows]`.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let quantized = match self.activations {
+            Activations::PerToken => per_token(x, n, self.cols, self.kp, None),
+            Activations::Torch => per_tensor_u7(x, n, self.cols, self.kp),
+            Activations::Outliers { threshold } => {
+                let cols = outlier_columns(x, self.cols, threshold);
+                self.count_outliers(cols.len());
+                per_token(x, n, self.cols, self.kp, Some((&cols, threshold)))
+            }
+        };
+        let mut acc = vec![0i32; n * self.rows];
+        gemm(
+            self.isa,
+            &quantized.levels,
+            n,
+            &self.weights,
+            &self.row_sums,
+            self.rows,
+            self.kp,
+            &mut acc,
+        );
+        let mut y = vec![0f32; n * self.rows];
+        for i in 0..n {
+            let (sx, zero) = quantized.row_params(i);
+            let yr = &mut y[i * self.rows..(i + 1) * self.rows];
+            let ar = &acc[i * self.rows..(i + 1) * self.rows];
+            for j in 0..self.rows {
+                let sum = ar[j] as i64 - zero as i64 * self.row_sums[j] as i64;
+                yr[j] = sum as f32 * sx * self.scales[j];
+            }
+        }
+        if let Some(cols) = quantized.float_columns {
+            self.add_float_columns(x, n, &cols, &mut y);
+        }
+        y
+    }
+
+    /// y += x[:, cols] · W[:, cols]ᵀ with the weights dequantized (bitsandbytes' `subB`).
+    fn add_float_columns(&self, x: &[f32], n: usize, cols: &[usize], y: &mut [f32]) {
+        for j in 0..self.rows {
+            let w = &self.weights[j * self.kp..];
+            let dequant: Vec<f32> = cols.iter().map(|&c| w[c] as f32 * self.scales[j]).collect();
+            for i in 0..n {
+                let xr = &x[i * self.cols..];
+                let dot: f32 = cols.iter().zip(&dequant).map(|(&c, &d)| xr[c] * d).sum();
+                y[i * self.rows + j] += dot;
+            }
+        }
+    }
+
+    fn count_outliers(&self, columns: usize) {
+        self.outliers.calls.fetch_add(1, Ordering::Relaxed);
+        self.outliers
+            .columns
+            .fetch_add(columns as u64, Ordering::Relaxed);
+        self.outliers
+            .max_columns
+            .fetch_max(columns as u64, Ordering::Relaxed);
+    }
+}
+
+/// Quantized activations and what undoes them.
+struct QuantizedRows {
+    /// `[n, kp]` in [−127, 127].
+    levels: Vec<i8>,
+    /// One scale per row, or one for all.
+    scales: Vec<f32>,
+    zero: i32,
+    /// Columns to add back in float (LLM.int8() outliers); None when there are none.
+    float_columns: Option<Vec<usize>>,
+}
+
+impl QuantizedRows {
+    fn row_params(&self, i: usize) -> (f32, i32) {
+        let s = if self.scales.len() == 1 {
+            self.scales[0]
+        } else {
+            self.scales[i]
+        };
+        (s, self.zero)
+    }
+}
+
+/// Symmetric per-row quantization, absmax / 127. With `outliers`, values with |x| ≥ threshold
+/// are left out of each row's absmax and the outlier columns are zeroed (bitsandbytes'
+/// `int8_vectorwise_quant`).
+fn per_token(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    kp: usize,
+    outliers: Option<(&[usize], f32)>,
+) -> QuantizedRows {
+    let mut levels = vec![0i8; n * kp];
+    let mut scales = Vec::with_capacity(n);
+    let threshold = outliers.map_or(f32::INFINITY, |(_, t)| t);
+    for (row, dst) in x.chunks(cols).take(n).zip(levels.chunks_mut(kp)) {
+        let absmax = row
+            .iter()
+            .map(|v| v.abs())
+            .filter(|&a| a < threshold)
+            .fold(0f32, f32::max);
+        let scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        if let Some((cols, _)) = outliers {
+            for &c in cols {
+                dst[c] = 0;
+            }
+        }
+        scales.push(scale);
+    }
+    QuantizedRows {
+        levels,
+        scales,
+        zero: 0,
+        float_columns: outliers.map(|(c, _)| c.to_vec()).filter(|c| !c.is_empty()),
+    }
+}
+
+/// fbgemm's dynamic activation quantization with `reduce_range`: one scale and zero point for
+/// the whole input over [min(x, 0), max(x, 0)] on [0, 127]
+/// (`fbgemm::ChooseQuantizationParams`, the zero point taken from whichever end loses less).
+fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {
+    let (qmin, qmax) = (0f64, 127f64);
+    let lo = x.iter().copied().fold(0f32, f32::min) as f64;
+    let hi = x.iter().copied().fold(0f32, f32::max) as f64;
+    let mut scale = (hi - lo) / (qmax - qmin);
+    if scale as f32 == 0.0 || (1.0 / scale as f32).is_infinite() {
+        scale = 0.1;
+    }
+    let scale = scale as f32 as f64;
+    let from_min = qmin - lo / scale;
+    let from_max = qmax - hi / scale;
+    let err_min = qmin.abs() - (lo / scale).abs();
+    let err_max = qmax.abs() - (hi / scale).abs();
+    let initial = if err_min < err_max {
+        from_min
+    } else {
+        from_max
+    };
+    let zero = initial.clamp(qmin, qmax).round_ties_even() as i32;
+    let (scale, inv) = (scale as f32, 1.0 / scale as f32);
+    let mut levels = vec![0i8; n * kp];
+    for (row, dst) in x.chunks(cols).take(n).zip(levels.chunks_mut(kp)) {
+        for (d, &v) in dst.iter_mut().zip(row) {
+            let q = (v * inv).round_ties_even() as i32 + zero;
+            *d = q.clamp(0, 127) as i8;
+        }
+    }
+    QuantizedRows {
+        levels,
+        scales: vec![scale],
+        zero,
+        float_columns: None,
+    }
+}
+
+/// Columns in which some row has |x| ≥ threshold, ascending.
+fn outlier_columns(x: &[f32], cols: usize, threshold: f32) -> Vec<usize> {
+    let mut hit = vec![false; cols];
+    for row in x.chunks(cols) {
+        for (h, v) in hit.iter_mut().zip(row) {
+            *h |= v.abs() >= threshold;
+        }
+    }
+    (0..cols).filter(|&c| hit[c]).collect()
+}
+
+impl CustomOp1 for Int8Matmul {
+    fn name(&self) -> &'static str {
+        "int8-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, cols) = layout.shape().dims2()?;
+        if cols != self.cols {
+            candle_core::bail!(
+                "int8 kernel: input has {cols} columns, weight {}",
+                self.cols
+            );
+        }
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("int8 kernel: input must be f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("int8 kernel: input must be contiguous");
+        };
+        let y = self.matmul(&data[start..end], n);
+        Ok((CpuStorage::F32(y), Shape::from((n, self.rows))))
+    }
+}
+
+impl LinearKernel for Int8Matmul {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.weights.len() + self.scales.len() * 4 + self.row_sums.len() * 4
+    }
+
+    fn kind(&self) -> String {
+        format!("int8-{}", self.activations.name())
+    }
+
+    fn outliers(&self) -> Option<OutlierSnapshot> {
+        matches!(self.activations, Activations::Outliers { .. }).then(|| self.outliers.snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_support::random_values;
+
+    fn weights(rows: usize, cols: usize) -> Int8Rows {
+        Int8Rows::quantize(&random_values(rows * cols, 5), rows, cols)
+    }
+
+    /// The float computation each scheme stands for: activations quantized and dequantized by
+    /// the same rule, times the dequantized weights, in f64.
+    fn float_reference(w: &Int8Rows, x: &[f32], n: usize, act: Activations) -> Vec<f32> {
+        let kp = padded_len(w.cols);
+        let (q, float_cols) = match act {
+            Activations::PerToken => (per_token(x, n, w.cols, kp, None), vec![]),
+            Activations::Torch => (per_tensor_u7(x, n, w.cols, kp), vec![]),
+            Activations::Outliers { threshold } => {
+                let cols = outlier_columns(x, w.cols, threshold);
+                (per_token(x, n, w.cols, kp, Some((&cols, threshold))), cols)
+            }
+        };
+        let dense = w.dequantize();
+        let mut y = vec![0f32; n * w.rows];
+        for i in 0..n {
+            let (s, z) = q.row_params(i);
+            for j in 0..w.rows {
+                let mut sum = 0f64;
+                for c in 0..w.cols {
+                    let xv = if float_cols.contains(&c) {
+                        x[i * w.cols + c] as f64
+                    } else {
+                        (q.levels[i * kp + c] as i32 - z) as f64 * s as f64
+                    };
+                    sum += xv * dense[j * w.cols + c] as f64;
+                }
+                y[i * w.rows + j] = sum as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_scheme_and_isa_matches_its_float_definition() {
+        let (rows, cols) = (37, 200);
+        let w = weights(rows, cols);
+        for act in [
+            Activations::PerToken,
+            Activations::Torch,
+            Activations::Outliers { threshold: 0.45 },
+        ] {
+            for n in [1, 2, 5, 33, 64] {
+                let mut x = random_values(n * cols, 70 + n as u64);
+                // A large outlier column, as LLM activations have.
+                for i in 0..n {
+                    x[i * cols + 17] *= 8.0;
+                }
+                let want = float_reference(&w, &x, n, act);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let mut per_isa = Vec::new();
+                for isa in Isa::available() {
+                    let k = Int8Matmul::with_isa(&w, act, isa);
+                    let got = k.matmul(&x, n);
+                    let diff = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-5 * scale, "{act:?} {} n {n}: {diff}", isa.name());
+                    per_isa.push(got);
+                }
+                // The integer part is exact, so every ISA gives the same floats.
+                assert!(per_isa.windows(2).all(|p| p[0] == p[1]), "{act:?} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn per_token_scales_beat_one_scale_per_call_on_outlier_activations() {
+        let (rows, cols, n) = (16, 256, 8);
+        let w = weights(rows, cols);
+        let mut x = random_values(n * cols, 3);
+        x[5] = 40.0; // One huge value in the first token.
+        let exact: Vec<f32> = {
+            let dense = w.dequantize();
+            (0..n * rows)
+                .map(|o| {
+                    let (i, j) = (o / rows, o % rows);
+                    (0..cols)
+                        .map(|c| x[i * cols + c] * dense[j * cols + c])
+                        .sum()
+                })
+                .collect()
+        };
+        let err = |act| {
+            let y = Int8Matmul::new(&w, act).matmul(&x, n);
+            // Error on the tokens without the outlier.
+            (rows..n * rows)
+                .map(|o| (y[o] - exact[o]).powi(2))
+                .sum::<f32>()
+        };
+        let (token, tensor) = (err(Activations::PerToken), err(Activations::Torch));
+        assert!(
+            token * 100.0 < tensor,
+            "per-token {token} vs per-tensor {tensor}"
+        );
+        let outliers = Int8Matmul::new(&w, Activations::Outliers { threshold: 6.0 });
+        outliers.matmul(&x, n);
+        assert_eq!(outliers.outliers.columns.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn torch_zero_point_follows_fbgemm() {
+        // All-positive input: min is clamped to 0, so the zero point is 0 and scale max/127.
+        let q = per_tensor_u7(&[0.5, 1.27, 0.0, 0.1], 1, 4, 64);
+        assert_eq!(q.zero, 0);
+        assert!((q.scales[0] - 0.01).abs() < 1e-7);
+        assert_eq!(&q.levels[..4], &[50, 127, 0, 10]);
+        // Symmetric range: the zero point sits in the middle of [0, 127].
+        let q = per_tensor_u7(&[-1.0, 1.0], 1, 2, 64);
+        assert_eq!(q.zero, 64);
+        // All zeros: fbgemm's fallback scale 0.1.
+        let q = per_tensor_u7(&[0.0; 4], 1, 4, 64);
+        assert_eq!((q.scales[0], q.zero), (0.1, 0));
+    }
+}

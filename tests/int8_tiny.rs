@@ -1,0 +1,234 @@
+//! `int8-dynamic` and `llm-int8` jobs on a tiny generated model: int8 rows stored as the
+//! definition gives them (recomputed here from the source weights), the activation scheme
+//! recorded in the GGUF and used by the served kernel, LLM.int8()'s float path equal to the
+//! dense weights when every column is an outlier, and parameters refused by name.
+
+mod common;
+
+use std::time::Duration;
+
+use common::models::{logits, open_dir};
+use common::{tiny, TestApp};
+use quantd::export::gguf::{GgufFile, TensorType, Value};
+use quantd::nn::{KvCache, Llama};
+use serde_json::json;
+
+/// absmax / 127 per row, levels rounded half to even: the rows' dequantized values.
+fn int8_row(w: &[f32]) -> Vec<f32> {
+    let s = w.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    w.iter()
+        .map(|&x| (x * (1.0 / s)).round_ties_even().clamp(-127.0, 127.0) * s)
+        .collect()
+}
+
+/// Runs a job on the tiny model and returns the stored GGUF's folder.
+async fn run_job(
+    app: &TestApp,
+    method: &str,
+    params: serde_json::Value,
+    variant: &str,
+) -> tempfile::TempDir {
+    let (status, job) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "tiny", "method": method, "params": params}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["output_name"], format!("tiny:{variant}"));
+    assert_eq!(job["plan"]["type_counts"], json!({"INT8": 14}));
+    let done = app
+        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let out = tempfile::tempdir().unwrap();
+    let bytes = app
+        .get_bytes(&format!(
+            "/v1/models/tiny:{variant}/artifacts/tiny-{variant}.gguf"
+        ))
+        .await;
+    std::fs::write(out.path().join("model.gguf"), &bytes).unwrap();
+    out
+}
+
+/// The same model with every weight dequantized to f32, served densely.
+fn dense_twin(stored: &quantd::model::checkpoint::Checkpoint, dir: &std::path::Path) -> Llama {
+    let dense_dir = dir.join("dense");
+    quantd::export::hf::write_hf_folder(
+        stored,
+        &dense_dir,
+        quantd::export::hf::HfDtype::F32,
+        &|_, _| {},
+    )
+    .unwrap();
+    quantd::model::servable::load(&open_dir(&dense_dir), 64)
+        .unwrap()
+        .llama
+}
+
+fn max_logit_diff(a: &Llama, b: &Llama) -> (f32, f32) {
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 % 250) as u32).collect();
+    let x = logits(a, &prompt, &mut KvCache::new(), true);
+    let y = logits(b, &prompt, &mut KvCache::new(), true);
+    let worst = x
+        .iter()
+        .flatten()
+        .zip(y.iter().flatten())
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    let scale = y.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    (worst, scale)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_dynamic_job_stores_int8_rows_and_serves_them_with_per_token_activations() {
+    let app = TestApp::spawn().await;
+    tiny::upload(&app, "tiny").await;
+    let out = run_job(&app, "int8-dynamic", json!({}), "int8-per-token").await;
+
+    let gguf = GgufFile::open(&out.path().join("model.gguf")).unwrap();
+    let levels = gguf.tensor("blk.0.attn_q.int8_weight").expect("int8 parts");
+    assert_eq!(levels.dtype, TensorType::I8);
+    assert_eq!(levels.shape, vec![64, 64]);
+    let scales = gguf.tensor("blk.0.attn_q.int8_scale").unwrap();
+    assert_eq!(scales.shape, vec![64]);
+    assert!(gguf.tensor("blk.0.attn_q.weight").is_none());
+    assert!(matches!(
+        gguf.get("quantd.int8.activations"),
+        Some(Value::String(s)) if s == "per_token"
+    ));
+
+    let src_dir = tempfile::tempdir().unwrap();
+    tiny::write_model(src_dir.path());
+    let source = open_dir(src_dir.path());
+    let stored = open_dir(out.path());
+    let mut checked = 0;
+    for t in stored
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2)
+    {
+        let got = stored.read_f32(t).unwrap();
+        let want = source.read_f32(source.tensor(&t.name).unwrap()).unwrap();
+        let expect: Vec<f32> = want.chunks(t.shape[1]).flat_map(int8_row).collect();
+        assert_eq!(got, expect, "{}", t.name);
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+
+    // Served by the int8 kernel: only the activations' rounding separates it from the dense
+    // dequantized weights.
+    let served = quantd::model::servable::load(&stored, 64).unwrap().llama;
+    assert_eq!(served.blocks[0].down.kind(), "int8-per_token");
+    assert!(served.outlier_report().is_empty());
+    let (worst, scale) = max_logit_diff(&served, &dense_twin(&stored, out.path()));
+    assert!(worst > 0.0, "activations are quantized");
+    assert!(worst <= 0.02 * scale, "max |Δlogit| {worst} of {scale}");
+
+    let (status, r) = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny:int8-per-token", "prompt": "abc", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+
+    // PyTorch's scheme is recorded and served as such.
+    let out = run_job(
+        &app,
+        "int8-dynamic",
+        json!({"activations": "torch"}),
+        "int8-torch",
+    )
+    .await;
+    let served = quantd::model::servable::load(&open_dir(out.path()), 64)
+        .unwrap()
+        .llama;
+    assert_eq!(served.blocks[1].q.kind(), "int8-torch");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_int8_sends_outlier_columns_through_float_and_counts_them() {
+    let app = TestApp::spawn().await;
+    tiny::upload(&app, "tiny").await;
+    // A threshold below every activation: every column is an outlier, so the layer is the
+    // dequantized weights times unrounded activations.
+    let out = run_job(
+        &app,
+        "llm-int8",
+        json!({"threshold": 1e-9}),
+        "llm-int8-t0.000000001",
+    )
+    .await;
+    let gguf = GgufFile::open(&out.path().join("model.gguf")).unwrap();
+    assert!(matches!(gguf.get("quantd.int8.threshold"), Some(Value::F32(t)) if *t == 1e-9));
+    let stored = open_dir(out.path());
+    let served = quantd::model::servable::load(&stored, 64).unwrap().llama;
+    assert_eq!(served.blocks[0].q.kind(), "int8-llm-int8");
+    let (worst, scale) = max_logit_diff(&served, &dense_twin(&stored, out.path()));
+    assert!(worst <= 1e-4 * scale.max(1.0), "max |Δlogit| {worst}");
+    let report = served.outlier_report();
+    assert_eq!(report.len(), 14);
+    let q = &report[0];
+    assert_eq!(q.tensor, "blk.0.attn_q");
+    assert_eq!(q.counts.max_columns, 64, "{q:?}");
+
+    // The default threshold: the tiny model's activations stay below 6, nothing is split off.
+    let out = run_job(&app, "llm-int8", json!({}), "llm-int8").await;
+    let served = quantd::model::servable::load(&open_dir(out.path()), 64)
+        .unwrap()
+        .llama;
+    let prompt: Vec<u32> = (0..8).collect();
+    logits(&served, &prompt, &mut KvCache::new(), true);
+    let report = served.outlier_report();
+    assert!(
+        report
+            .iter()
+            .all(|l| l.counts.calls > 0 && l.counts.max_columns == 0),
+        "{report:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn int8_parameters_are_checked_by_name() {
+    let app = TestApp::spawn().await;
+    tiny::upload(&app, "tiny").await;
+    for (method, params, field) in [
+        (
+            "int8-dynamic",
+            json!({"activations": "fp8"}),
+            "params.activations",
+        ),
+        ("int8-dynamic", json!({"bits": 4}), "params.bits"),
+        ("llm-int8", json!({"threshold": -1.0}), "params.threshold"),
+        ("llm-int8", json!({"threshold": 1e9}), "params.threshold"),
+        ("llm-int8", json!({"threshold": "six"}), "params.threshold"),
+    ] {
+        let (status, r) = app
+            .post_json(
+                "/v1/jobs",
+                &json!({"model": "tiny", "method": method, "params": params}),
+            )
+            .await;
+        assert_eq!(
+            (status, r["error"]["param"].as_str()),
+            (422, Some(field)),
+            "{method} {params} → {r}"
+        );
+    }
+    // No calibration: these methods quantize the weights alone.
+    let (status, r) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "tiny", "method": "int8-dynamic", "calibration": {}}),
+        )
+        .await;
+    assert_eq!(
+        (status, r["error"]["param"].as_str()),
+        (422, Some("calibration")),
+        "{r}"
+    );
+    app.stop().await;
+}
