@@ -9,6 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{cpu_count, Settings};
+use crate::export::bnb::write_bnb_folder;
 use crate::export::gguf::Value;
 use crate::export::gguf_meta;
 use crate::export::gptq::{write_grouped_folder, Layout};
@@ -16,8 +17,8 @@ use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
-    ActivationMode, AwqParams, CalibrationParams, GgufParams, GptqParams, Int8DynamicParams,
-    LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
+    ActivationMode, AwqParams, Bnb4Params, CalibrationParams, GgufParams, GptqParams,
+    Int8DynamicParams, LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
 };
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
@@ -31,7 +32,8 @@ pub struct QuantizeArgs {
     input: PathBuf,
     /// Method: `gguf` (needs --type), `rtn` (--bits, --group-size, --asym), `gptq` (those and
     /// --calib, --samples, --seq-len, --seed, --act-order, --damp-percent), `awq`,
-    /// `int8-dynamic` (--activations) or `llm-int8` (--threshold).
+    /// `int8-dynamic` (--activations), `llm-int8` (--threshold), `nf4` or `fp4` (--block-size,
+    /// --double-quant).
     #[arg(long, default_value = "gguf")]
     method: String,
     /// GGUF type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_L,
@@ -92,6 +94,12 @@ pub struct QuantizeArgs {
     /// llm-int8: input columns with any |x| at or above this run in float.
     #[arg(long, default_value_t = 6.0)]
     threshold: f32,
+    /// nf4, fp4: weights per absmax.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// nf4, fp4: store the absmax values in 8 bits (QLoRA's double quantization).
+    #[arg(long)]
+    double_quant: bool,
     /// gptq: dampening, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp_percent: f64,
@@ -122,9 +130,11 @@ pub struct ConvertArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// A GGUF written by `quantd quantize --method rtn|gptq|awq` (or such a job's artifact).
+    /// A GGUF written by `quantd quantize --method rtn|gptq|awq` (for gptq, awq) or
+    /// `nf4|fp4|llm-int8|int8-dynamic` (for bnb), or such a job's artifact.
     input: PathBuf,
-    /// `gptq` (AutoGPTQ/GPTQModel layout, `checkpoint_format: gptq`) or `awq` (AutoAWQ GEMM).
+    /// `gptq` (AutoGPTQ/GPTQModel layout, `checkpoint_format: gptq`), `awq` (AutoAWQ GEMM) or
+    /// `bnb` (transformers + bitsandbytes, 4- or 8-bit).
     #[arg(long)]
     format: String,
     /// The output folder (created; must be empty).
@@ -341,8 +351,21 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(MethodSpec::LlmInt8(p))
         }
+        "nf4" | "fp4" => {
+            let p = Bnb4Params {
+                block_size: args.block_size,
+                double_quant: args.double_quant,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(if args.method == "nf4" {
+                MethodSpec::Nf4(p)
+            } else {
+                MethodSpec::Fp4(p)
+            })
+        }
         other => bail!(
-            "--method {other}: available methods are gguf, rtn, gptq, awq, int8-dynamic and llm-int8"
+            "--method {other}: available methods are gguf, rtn, gptq, awq, int8-dynamic, \
+             llm-int8, nf4 and fp4"
         ),
     }
 }
@@ -453,14 +476,22 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let layout = Layout::parse(&args.format)
-        .with_context(|| format!("--format {}: must be gptq or awq", args.format))?;
+    let layout = match args.format.as_str() {
+        "bnb" => None,
+        other => Some(
+            Layout::parse(other)
+                .with_context(|| format!("--format {other}: must be gptq, awq or bnb"))?,
+        ),
+    };
     if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
         bail!("{} exists and is not empty", args.out.display());
     }
     let ckpt = open_path(&args.input)?;
-    let report = write_grouped_folder(&ckpt, &args.out, layout)?;
-    println!("{}", serde_json::to_string(&report)?);
+    let report = match layout {
+        Some(layout) => serde_json::to_value(write_grouped_folder(&ckpt, &args.out, layout)?)?,
+        None => serde_json::to_value(write_bnb_folder(&ckpt, &args.out)?)?,
+    };
+    println!("{report}");
     Ok(())
 }
 

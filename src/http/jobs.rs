@@ -17,8 +17,8 @@ use super::json::{prefixed, ValidJson};
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
-    AwqParams, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate, GgufParams,
-    GptqParams, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec, RtnParams,
+    AwqParams, Bnb4Params, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate,
+    GgufParams, GptqParams, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec, RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
 
@@ -42,6 +42,8 @@ const AVAILABLE: &[&str] = &[
     "awq",
     "int8-dynamic",
     "llm-int8",
+    "nf4",
+    "fp4",
     "eval",
 ];
 
@@ -174,6 +176,16 @@ impl JobRequest {
                     .map_err(|e| ApiError::invalid(&e.param, e.message))?;
                 MethodSpec::LlmInt8(p)
             }
+            "nf4" | "fp4" => {
+                let p = prefixed::<Bnb4Params>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                if self.method == "nf4" {
+                    MethodSpec::Nf4(p)
+                } else {
+                    MethodSpec::Fp4(p)
+                }
+            }
             _ => {
                 let p = prefixed::<GgufParams>("params", params)?;
                 p.validate()
@@ -218,9 +230,23 @@ impl JobRequest {
             }
             let Some(format) = ExportFormat::parse(name) else {
                 return invalid(format!(
-                    "unknown output {name:?} (known: gguf, gptq-safetensors, awq-safetensors)"
+                    "unknown output {name:?} (known: gguf, gptq-safetensors, awq-safetensors, \
+                     bnb-safetensors)"
                 ));
             };
+            if format == ExportFormat::BnbSafetensors {
+                let bnb = method.bnb4_kind().is_some() || method.int8_activations().is_some();
+                if !bnb {
+                    return invalid(format!(
+                        "output {name:?} holds bitsandbytes weights: methods nf4, fp4, llm-int8 \
+                         and int8-dynamic make them"
+                    ));
+                }
+                if !outputs.contains(&format) {
+                    outputs.push(format);
+                }
+                continue;
+            }
             let Some(bits) = method.group_format().map(|f| f.bits) else {
                 return invalid(format!(
                     "output {name:?} needs integer groups: methods rtn, gptq and awq make them"

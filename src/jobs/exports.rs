@@ -1,6 +1,7 @@
 //! A job's `outputs` besides the GGUF: its integer groups exported to GPTQ or AWQ checkpoint
-//! folders (`export::gptq`), each published as one tar of the folder, so `tar xf` gives a
-//! directory transformers, GPTQModel or vLLM load. Entries carry fixed modes and times, so the
+//! folders (`export::gptq`), or its NF4/FP4/int8 weights to a bitsandbytes one
+//! (`export::bnb`), each published as one tar of the folder, so `tar xf` gives a directory
+//! transformers, GPTQModel or vLLM load. Entries carry fixed modes and times, so the
 //! same variant always gives the same bytes (and digest).
 
 use std::io::Write;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::publish::ExtraFile;
 use super::spec::ExportFormat;
+use crate::export::bnb::write_bnb_folder;
 use crate::export::gptq::write_grouped_folder;
 use crate::model::checkpoint::Checkpoint;
 use crate::store::{BlobStore, HashingWriter};
@@ -51,11 +53,17 @@ pub(super) fn write_exports(
         let folder = format!("{stem}-{}", format.short_name());
         let temp = store.temp_file("export")?;
         let scratch = ScratchDir(temp.path().with_extension("d"));
-        write_grouped_folder(&ckpt, &scratch.0, format.layout()).map_err(|e| {
-            ExportError::Export {
-                format: format.short_name(),
-                message: e.to_string(),
-            }
+        let written = match format.layout() {
+            Some(layout) => write_grouped_folder(&ckpt, &scratch.0, layout)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => write_bnb_folder(&ckpt, &scratch.0)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        written.map_err(|message| ExportError::Export {
+            format: format.short_name(),
+            message,
         })?;
         let mut tar = tar::Builder::new(HashingWriter::create(temp.path())?);
         let mut names: Vec<String> = std::fs::read_dir(&scratch.0)?

@@ -12,12 +12,13 @@ use super::calibrate::{Calibrated, CalibrationReport};
 use crate::export::gguf::TensorType;
 use crate::export::gguf::{GgufWriter, TensorDecl, Value};
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::bnb4;
 use crate::quant::gptq_layout::{PackedLinear, PartType, PARTS};
 use crate::quant::imatrix::ImatrixError;
 use crate::quant::int8_rows::{self, Int8Rows};
 use crate::quant::plan::OwnForm;
 use crate::quant::tensor_quant::{
-    quantize_grouped, quantize_int8_rows, quantize_tensor, TensorQuantError,
+    quantize_bnb4, quantize_grouped, quantize_int8_rows, quantize_tensor, TensorQuantError,
 };
 use crate::quant::weighted_blocks::uses_importance;
 use crate::quant::Plan;
@@ -148,15 +149,16 @@ pub fn quantize_gguf(
                     name: t.name.clone(),
                     source,
                 })?;
-                match t.groups {
-                    _ if t.own_form == Some(OwnForm::Int8Rows) => {
-                        quantize_int8_rows(&t.name, &data, t.shape[1])?
+                match (t.own_form, t.groups) {
+                    (Some(OwnForm::Int8Rows), _) => quantize_int8_rows(&t.name, &data, t.shape[1])?,
+                    (Some(OwnForm::Bnb4(format)), _) => {
+                        quantize_bnb4(&t.name, &data, t.shape[1], format)?
                     }
-                    Some(format) => {
+                    (None, Some(format)) => {
                         let row_len = *t.shape.last().expect("grouped tensors are 2-D");
                         quantize_grouped(&t.name, &data, row_len, format, pool)?
                     }
-                    None => {
+                    (None, None) => {
                         let row_len = *t.shape.last().unwrap_or(&1);
                         let weights = match importance {
                             Some(m) if uses_importance(t.dtype) => m.weights(&t.name, row_len)?,
@@ -240,11 +242,19 @@ fn layout_part_decls(plan: &Plan) -> Vec<Option<Vec<(String, Vec<usize>, TensorT
                     })
                     .collect()
             };
-            if t.own_form == Some(OwnForm::Int8Rows) {
-                return Some(declare(
-                    &int8_rows::PARTS,
-                    &Int8Rows::part_shapes(rows, cols),
-                ));
+            match t.own_form {
+                Some(OwnForm::Int8Rows) => {
+                    return Some(declare(
+                        &int8_rows::PARTS,
+                        &Int8Rows::part_shapes(rows, cols),
+                    ))
+                }
+                Some(OwnForm::Bnb4(f)) => {
+                    let shapes =
+                        bnb4::Format::part_shapes(f.double_quant, rows, cols, f.block_size);
+                    return Some(declare(&bnb4::Format::parts(f.double_quant), &shapes));
+                }
+                None => {}
             }
             let format = t.groups.filter(|_| t.is_layout())?;
             let groups = cols.div_ceil(format.group_len(cols));

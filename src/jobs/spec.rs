@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use crate::export::gguf::Value;
 use crate::kernels::int8::Activations;
 use crate::quant::groups::GroupFormat;
-use crate::quant::int8_rows;
 use crate::quant::mix::{parse_ggml_type, Override};
 use crate::quant::GgufType;
+use crate::quant::{bnb4, int8_rows};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSpec {
@@ -35,6 +35,7 @@ pub struct JobSpec {
 pub enum ExportFormat {
     GptqSafetensors,
     AwqSafetensors,
+    BnbSafetensors,
 }
 
 impl ExportFormat {
@@ -43,14 +44,17 @@ impl ExportFormat {
         match s {
             "gptq-safetensors" | "gptq" => Some(Self::GptqSafetensors),
             "awq-safetensors" | "awq" => Some(Self::AwqSafetensors),
+            "bnb-safetensors" | "bnb" => Some(Self::BnbSafetensors),
             _ => None,
         }
     }
 
-    pub fn layout(self) -> crate::export::gptq::Layout {
+    /// The GPTQ/AWQ layout, for the integer-group formats.
+    pub fn layout(self) -> Option<crate::export::gptq::Layout> {
         match self {
-            Self::GptqSafetensors => crate::export::gptq::Layout::Gptq,
-            Self::AwqSafetensors => crate::export::gptq::Layout::AwqGemm,
+            Self::GptqSafetensors => Some(crate::export::gptq::Layout::Gptq),
+            Self::AwqSafetensors => Some(crate::export::gptq::Layout::AwqGemm),
+            Self::BnbSafetensors => None,
         }
     }
 
@@ -59,6 +63,7 @@ impl ExportFormat {
         match self {
             Self::GptqSafetensors => "gptq",
             Self::AwqSafetensors => "awq",
+            Self::BnbSafetensors => "bnb",
         }
     }
 }
@@ -83,6 +88,8 @@ pub enum MethodSpec {
     Awq(AwqParams),
     Int8Dynamic(Int8DynamicParams),
     LlmInt8(LlmInt8Params),
+    Nf4(Bnb4Params),
+    Fp4(Bnb4Params),
     /// Scores an existing model against a reference; makes no model.
     Eval(EvalMethodParams),
 }
@@ -96,6 +103,8 @@ impl MethodSpec {
             Self::Awq(_) => "awq",
             Self::Int8Dynamic(_) => "int8-dynamic",
             Self::LlmInt8(_) => "llm-int8",
+            Self::Nf4(_) => "nf4",
+            Self::Fp4(_) => "fp4",
             Self::Eval(_) => "eval",
         }
     }
@@ -128,6 +137,8 @@ impl MethodSpec {
                 Some("llm-int8".into())
             }
             Self::LlmInt8(p) => Some(format!("llm-int8-t{}", p.threshold)),
+            Self::Nf4(p) => Some(format!("nf4{}", p.variant())),
+            Self::Fp4(p) => Some(format!("fp4{}", p.variant())),
             Self::Eval(_) => None,
         }
     }
@@ -138,7 +149,21 @@ impl MethodSpec {
             Self::Rtn(p) => Some(p.format()),
             Self::Gptq(p) => Some(p.format()),
             Self::Awq(p) => Some(p.format()),
-            Self::Gguf(_) | Self::Int8Dynamic(_) | Self::LlmInt8(_) | Self::Eval(_) => None,
+            Self::Gguf(_)
+            | Self::Int8Dynamic(_)
+            | Self::LlmInt8(_)
+            | Self::Nf4(_)
+            | Self::Fp4(_)
+            | Self::Eval(_) => None,
+        }
+    }
+
+    /// The 4-bit table of `nf4` and `fp4`.
+    pub fn bnb4_kind(&self) -> Option<bnb4::Kind> {
+        match self {
+            Self::Nf4(_) => Some(bnb4::Kind::Nf4),
+            Self::Fp4(_) => Some(bnb4::Kind::Fp4),
+            _ => None,
         }
     }
 
@@ -180,6 +205,7 @@ impl MethodSpec {
             Self::Awq(p) => serde_json::to_value(p),
             Self::Int8Dynamic(p) => serde_json::to_value(p),
             Self::LlmInt8(p) => serde_json::to_value(p),
+            Self::Nf4(p) | Self::Fp4(p) => serde_json::to_value(p),
             Self::Eval(p) => serde_json::to_value(p),
         }
         .expect("params serialize")
@@ -239,6 +265,68 @@ impl LlmInt8Params {
             return Err(param_error(
                 "threshold",
                 format!("{} is outside (0, {}]", self.threshold, Self::MAX_THRESHOLD),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// DESIGN §4 `nf4` / `fp4`: bitsandbytes' 4-bit blocks (QLoRA).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bnb4Params {
+    /// Weights per absmax, along each row.
+    #[serde(default = "Bnb4Params::default_block_size")]
+    pub block_size: usize,
+    /// Store the absmax values in 8 bits (QLoRA's double quantization); off by default, as in
+    /// bitsandbytes and transformers' `bnb_4bit_use_double_quant`.
+    #[serde(default)]
+    pub double_quant: bool,
+}
+
+impl Default for Bnb4Params {
+    fn default() -> Self {
+        Self {
+            block_size: Self::default_block_size(),
+            double_quant: false,
+        }
+    }
+}
+
+impl Bnb4Params {
+    fn default_block_size() -> usize {
+        64
+    }
+
+    pub fn format(&self, kind: bnb4::Kind) -> bnb4::Format {
+        bnb4::Format {
+            kind,
+            block_size: self.block_size,
+            double_quant: self.double_quant,
+        }
+    }
+
+    /// `""` at the defaults, else `-b128`, `-dq`, `-b32-dq`.
+    fn variant(&self) -> String {
+        let mut v = String::new();
+        if self.block_size != Self::default_block_size() {
+            v += &format!("-b{}", self.block_size);
+        }
+        if self.double_quant {
+            v += "-dq";
+        }
+        v
+    }
+
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if !bnb4::BLOCK_SIZES.contains(&self.block_size) {
+            return Err(param_error(
+                "block_size",
+                format!(
+                    "{} is not one of {:?} (bitsandbytes' block sizes)",
+                    self.block_size,
+                    bnb4::BLOCK_SIZES
+                ),
             ));
         }
         Ok(())

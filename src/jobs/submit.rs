@@ -14,6 +14,7 @@ use crate::db;
 use crate::db::jobs::{JobRow, NewJob};
 use crate::eval::EvalSpec;
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::plan::OwnForm;
 use crate::quant::Plan;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +79,16 @@ pub fn quantization_plan(
             p.format(),
             threads,
         )),
-        MethodSpec::Int8Dynamic(_) | MethodSpec::LlmInt8(_) => Ok(Plan::int8_rows(
+        MethodSpec::Int8Dynamic(_) | MethodSpec::LlmInt8(_) => Ok(Plan::own_form(
             method.name(),
             &ckpt.tensor_shapes(),
+            OwnForm::Int8Rows,
+            threads,
+        )),
+        MethodSpec::Nf4(p) | MethodSpec::Fp4(p) => Ok(Plan::own_form(
+            method.name(),
+            &ckpt.tensor_shapes(),
+            OwnForm::Bnb4(p.format(method.bnb4_kind().expect("nf4 or fp4"))),
             threads,
         )),
         MethodSpec::Eval(_) => Err(invalid(

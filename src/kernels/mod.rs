@@ -1,8 +1,10 @@
 //! quantd's own CPU kernels (DESIGN §1 `kernels/`), plugged into `nn::QLinear` through
 //! `LinearKernel`: AVX2 matmuls for the GGML block types candle leaves scalar, the
 //! GPTQ-layout kernel for integer groups no GGML block holds, and the int8 × int8 kernel of
-//! `int8-dynamic` and `llm-int8` (AVX2 or AVX-512 VNNI, chosen at run time).
+//! `int8-dynamic` and `llm-int8` (AVX2 or AVX-512 VNNI, chosen at run time), and the NF4/FP4
+//! table-lookup kernel.
 
+pub mod bnb4;
 pub mod gptq;
 pub mod int8;
 pub mod int8_gemm;

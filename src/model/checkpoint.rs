@@ -14,7 +14,8 @@ use super::config::{ConfigError, ModelConfig};
 use super::names;
 use super::safetensors::{self as st, StDtype};
 use super::sniff::{sniff_file, FileKind};
-use crate::export::gguf::{GgufFile, GgufTensorInfo, Value};
+use crate::export::gguf::{GgufFile, GgufTensorInfo, TensorType, Value};
+use crate::quant::bnb4::{self, Bnb4Weight};
 use crate::quant::gptq_layout::{self, LayoutError, PackedLinear};
 use crate::quant::int8_rows::{self, Int8Rows};
 
@@ -80,6 +81,9 @@ pub enum SourceDtype {
     /// Int8 rows (`quant::int8_rows`), stored as two GGUF tensors; `file` indexes
     /// `Checkpoint::int8`.
     Int8Rows,
+    /// bitsandbytes' 4-bit blocks (`quant::bnb4`), stored as three or six GGUF tensors; `file`
+    /// indexes `Checkpoint::bnb4`.
+    Bnb4,
 }
 
 /// One stored part (qweight, qzeros, scales, g_idx) of a GPTQ-layout weight.
@@ -124,6 +128,8 @@ pub struct Checkpoint {
     layouts: Vec<[LayoutPart; 4]>,
     /// The parts of each int8-rows weight, in `int8_rows::PARTS` order.
     int8: Vec<[LayoutPart; 2]>,
+    /// The parts of each bnb4 weight, in `bnb4::PARTS` order (three or six).
+    bnb4: Vec<Vec<LayoutPart>>,
 }
 
 /// Names an HF upload may contain besides weights.
@@ -350,6 +356,7 @@ impl Checkpoint {
             computed,
             layouts: Vec::new(),
             int8: Vec::new(),
+            bnb4: Vec::new(),
         })
     }
 
@@ -362,8 +369,22 @@ impl Checkpoint {
         let mut found = HashMap::new();
         let mut parts: BTreeMap<String, [Option<&GgufTensorInfo>; 4]> = BTreeMap::new();
         let mut int8_parts: BTreeMap<String, [Option<&GgufTensorInfo>; 2]> = BTreeMap::new();
+        let mut bnb4_parts: BTreeMap<String, [Option<&GgufTensorInfo>; 6]> = BTreeMap::new();
         for t in &file.tensors {
             let (prefix, suffix) = t.name.rsplit_once('.').unwrap_or((&t.name, ""));
+            if let Some(i) = bnb4::PARTS.iter().position(|(s, _)| *s == suffix) {
+                // The absmax is F32, or I8 codes with double quantization.
+                let ok = bnb4::PARTS[i].1.tensor_type() == t.dtype
+                    || (suffix == "bnb4_absmax" && t.dtype == TensorType::I8);
+                if !ok {
+                    return Err(invalid(
+                        name,
+                        format!("tensor {} has type {}", t.name, t.dtype.name()),
+                    ));
+                }
+                bnb4_parts.entry(prefix.to_string()).or_default()[i] = Some(t);
+                continue;
+            }
             let gptq_part = gptq_layout::PARTS.iter().position(|(s, _)| *s == suffix);
             let int8_part = int8_rows::PARTS.iter().position(|(s, _)| *s == suffix);
             let want = match (gptq_part, int8_part) {
@@ -507,6 +528,54 @@ impl Checkpoint {
                 len: t.size,
             }));
         }
+        let mut bnb4 = Vec::new();
+        for (prefix, p) in bnb4_parts {
+            let weight = format!("{prefix}.weight");
+            let present: Vec<&GgufTensorInfo> = p.iter().map_while(|t| *t).collect();
+            let double = p[2].is_some_and(|t| t.dtype == TensorType::I8);
+            let want = if double { 6 } else { 3 };
+            if present.len() != want || p.iter().filter(|t| t.is_some()).count() != want {
+                let names: Vec<String> = bnb4::Format::parts(double)
+                    .iter()
+                    .map(|(s, _)| format!("{prefix}.{s}"))
+                    .collect();
+                return Err(invalid(
+                    name,
+                    format!("bnb4 weight {prefix} needs exactly {}", names.join(", ")),
+                ));
+            }
+            let [rows, packed_cols] = present[0].shape[..] else {
+                return Err(invalid(name, format!("{prefix}.bnb4_weight is not 2-D")));
+            };
+            if found.contains_key(&weight) {
+                return Err(invalid(
+                    name,
+                    format!("{weight} is stored both as a tensor and in bnb4 parts"),
+                ));
+            }
+            found.insert(
+                weight.clone(),
+                TensorRef {
+                    name: weight,
+                    shape: vec![rows, packed_cols * 2],
+                    dtype: SourceDtype::Bnb4,
+                    file: bnb4.len(),
+                    offset: 0,
+                    len: present.iter().map(|t| t.size).sum(),
+                },
+            );
+            bnb4.push(
+                present
+                    .iter()
+                    .map(|t| LayoutPart {
+                        shape: t.shape.clone(),
+                        file: 0,
+                        offset: t.offset,
+                        len: t.size,
+                    })
+                    .collect(),
+            );
+        }
         let tensors = order_and_check(&config, found, name)?;
         Ok(Self {
             format: Format::Gguf,
@@ -518,6 +587,7 @@ impl Checkpoint {
             computed: Vec::new(),
             layouts,
             int8,
+            bnb4,
         })
     }
 
@@ -582,6 +652,27 @@ impl Checkpoint {
         Some(rows)
     }
 
+    /// A bnb4 weight, decoded and checked; `None` for other tensors.
+    pub fn bnb4_weight(&self, t: &TensorRef) -> Option<Result<Bnb4Weight, LayoutError>> {
+        if t.dtype != SourceDtype::Bnb4 {
+            return None;
+        }
+        let parts = &self.bnb4[t.file];
+        let inputs: Vec<(&[usize], &[u8])> = parts
+            .iter()
+            .map(|p| {
+                let bytes = &self.maps[p.file][p.offset as usize..(p.offset + p.len) as usize];
+                (p.shape.as_slice(), bytes)
+            })
+            .collect();
+        let weight = Bnb4Weight::from_parts(t.shape[0], t.shape[1], &inputs)
+            .map_err(|e| LayoutError(format!("{}: {e}", t.name)));
+        for p in parts {
+            self.release_range(p.file, p.offset, p.len);
+        }
+        Some(weight)
+    }
+
     /// The raw bytes of a tensor as stored (not defined for GPTQ-layout weights, which are
     /// several tensors: see [`Checkpoint::packed_linear`]).
     pub fn raw_bytes(&self, t: &TensorRef) -> &[u8] {
@@ -605,6 +696,11 @@ impl Checkpoint {
                 .map(|r| r.dequantize())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()));
         }
+        if let Some(w) = self.bnb4_weight(t) {
+            return w
+                .map(|w| w.dequantize())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
         let bytes = self.raw_bytes(t);
         let values = match t.dtype {
             SourceDtype::Safetensors(dtype) => {
@@ -616,7 +712,10 @@ impl Checkpoint {
                     None => v,
                 }
             }
-            SourceDtype::Computed | SourceDtype::GptqLayout { .. } | SourceDtype::Int8Rows => {
+            SourceDtype::Computed
+            | SourceDtype::GptqLayout { .. }
+            | SourceDtype::Int8Rows
+            | SourceDtype::Bnb4 => {
                 unreachable!("handled above")
             }
             // Float tensors of a GGUF decode directly; going through candle copies them twice.

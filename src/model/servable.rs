@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 use super::checkpoint::{Checkpoint, SourceDtype, TensorRef};
 use super::tokenizer_gguf;
 use crate::export::gguf::Value;
+use crate::kernels::bnb4::Bnb4Matmul;
 use crate::kernels::gptq::GptqMatmul;
 use crate::kernels::int8::{Activations, Int8Matmul};
 use crate::nn::linear::QLinear;
@@ -195,6 +196,10 @@ fn linear(ckpt: &Checkpoint, name: &str) -> Result<QLinear, LoadError> {
                 bias,
             )?,
         });
+    }
+    if let Some(w) = ckpt.bnb4_weight(t) {
+        let w = w.map_err(|e| LoadError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        return Ok(QLinear::custom(Arc::new(Bnb4Matmul::new(w)), bias));
     }
     if let Some(rows) = ckpt.int8_rows(t) {
         let rows = rows.map_err(|e| LoadError::Candle(candle_core::Error::Msg(e.to_string())))?;

@@ -4,9 +4,11 @@
 //! on calibration inputs, layer by layer (`layerwise`); `awq`: activation-aware scales folded
 //! into the previous op, clipping, then the same groups. An importance matrix (`imatrix`)
 //! weights `gguf`'s block encoders (`weighted_blocks`) as llama-quantize's `--imatrix` does.
-//! `int8-dynamic` and `llm-int8` store int8 rows (`int8_rows`) for quantd's int8 kernel.
+//! `int8-dynamic` and `llm-int8` store int8 rows (`int8_rows`) for quantd's int8 kernel;
+//! `nf4` and `fp4` bitsandbytes' 4-bit blocks (`bnb4`).
 
 pub mod awq;
+pub mod bnb4;
 pub mod calibration;
 pub mod data_free;
 pub mod gguf_types;

@@ -5,6 +5,7 @@
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
+use super::bnb4;
 use super::gguf_types::GgufType;
 use super::gptq_layout::PackedLinear;
 use super::groups::GroupFormat;
@@ -42,6 +43,38 @@ pub struct PlannedTensor {
 pub enum OwnForm {
     /// `int8_rows`: int8 levels and one f32 scale per output row.
     Int8Rows,
+    /// `bnb4`: NF4/FP4 indices with a (double-quantized) absmax per block.
+    Bnb4(bnb4::Format),
+}
+
+impl OwnForm {
+    /// The type name plans and reports give it.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Self::Int8Rows => INT8_TYPE_NAME,
+            Self::Bnb4(f) => match (f.kind, f.double_quant) {
+                (bnb4::Kind::Nf4, false) => "NF4",
+                (bnb4::Kind::Nf4, true) => "NF4_DQ",
+                (bnb4::Kind::Fp4, false) => "FP4",
+                (bnb4::Kind::Fp4, true) => "FP4_DQ",
+            },
+        }
+    }
+
+    /// Whether rows of `cols` weights fit the form.
+    pub fn fits(self, cols: usize) -> bool {
+        match self {
+            Self::Int8Rows => cols > 0,
+            Self::Bnb4(f) => f.fits(cols),
+        }
+    }
+
+    pub fn stored_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Self::Int8Rows => Int8Rows::stored_bytes(rows, cols),
+            Self::Bnb4(f) => f.stored_bytes(rows, cols),
+        }
+    }
 }
 
 impl PlannedTensor {
@@ -202,29 +235,34 @@ impl Plan {
         Self::summarize(method, gguf_type, planned, threads)
     }
 
-    /// The plan of `int8-dynamic` and `llm-int8`: every decoder linear as int8 rows (what
-    /// PyTorch's `quantize_dynamic` and bitsandbytes replace); embeddings and the output layer
-    /// F16 (bitsandbytes skips `lm_head`), norms F32.
-    pub fn int8_rows(
+    /// The plan of a method with one of quantd's own forms (`int8-dynamic`, `llm-int8`: int8
+    /// rows; `nf4`, `fp4`: bitsandbytes blocks): every decoder linear in that form (what
+    /// PyTorch's `quantize_dynamic` and bitsandbytes replace), unless its rows do not split
+    /// into the form's blocks (then F16, listed as a fallback); embeddings and the output
+    /// layer F16 (bitsandbytes skips `lm_head`), norms F32.
+    pub fn own_form(
         method: &'static str,
         tensors: &[(String, Vec<usize>)],
+        form: OwnForm,
         threads: usize,
     ) -> Self {
+        let type_name = form.type_name();
         let planned = tensors
             .iter()
             .map(|(name, shape)| {
                 let elems = shape.iter().map(|&d| d as u64).product();
-                if name.starts_with("blk.") && is_quantizable(name, shape) {
+                let linear = name.starts_with("blk.") && is_quantizable(name, shape);
+                if linear && form.fits(shape[1]) {
                     return PlannedTensor {
                         name: name.clone(),
                         shape: shape.clone(),
-                        type_name: INT8_TYPE_NAME,
+                        type_name,
                         dtype: GgmlDType::F16,
-                        bytes: Int8Rows::stored_bytes(shape[0], shape[1]) as u64,
+                        bytes: form.stored_bytes(shape[0], shape[1]) as u64,
                         quantized: true,
                         fallback_from: None,
                         groups: None,
-                        own_form: Some(OwnForm::Int8Rows),
+                        own_form: Some(form),
                     };
                 }
                 let dtype = if shape.len() >= 2 {
@@ -239,7 +277,7 @@ impl Plan {
                     dtype,
                     bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
                     quantized: false,
-                    fallback_from: None,
+                    fallback_from: linear.then_some(type_name),
                     groups: None,
                     own_form: None,
                 }

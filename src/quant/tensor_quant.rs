@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::bnb4::{self, Bnb4Weight};
 use super::groups::{GroupFormat, GroupParams};
 use super::int8_rows::Int8Rows;
 use super::kquants::{self, QK_K};
@@ -129,6 +130,20 @@ pub fn quantize_int8_rows(
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
     check_finite(name, data)?;
     let q = Int8Rows::quantize(data, data.len() / row_len, row_len);
+    let err = tensor_error(data, &q.dequantize());
+    Ok((q.to_bytes(), err))
+}
+
+/// `data` in bitsandbytes' 4-bit blocks (`bnb4`), encoded as stored; returns the bytes and
+/// the error.
+pub fn quantize_bnb4(
+    name: &str,
+    data: &[f32],
+    row_len: usize,
+    format: bnb4::Format,
+) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
+    check_finite(name, data)?;
+    let q = Bnb4Weight::quantize(data, data.len() / row_len, row_len, format);
     let err = tensor_error(data, &q.dequantize());
     Ok((q.to_bytes(), err))
 }
