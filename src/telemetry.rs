@@ -26,6 +26,8 @@ pub struct SimdReport {
     pub cpu_avx2: bool,
     pub cpu_avx512f: bool,
     pub cpu_avx512vnni: bool,
+    /// The int8 GEMM `int8-dynamic` and `llm-int8` run (chosen at run time).
+    pub int8_kernel: &'static str,
 }
 
 impl SimdReport {
@@ -55,6 +57,7 @@ impl SimdReport {
             cpu_avx2,
             cpu_avx512f,
             cpu_avx512vnni,
+            int8_kernel: crate::kernels::int8_gemm::Isa::detect().name(),
         }
     }
 
@@ -68,6 +71,7 @@ impl SimdReport {
             cpu_avx2 = self.cpu_avx2,
             cpu_avx512f = self.cpu_avx512f,
             cpu_avx512vnni = self.cpu_avx512vnni,
+            int8_kernel = self.int8_kernel,
             "SIMD kernels"
         );
         if self.candle_kernels == "scalar" && self.cpu_avx2 {

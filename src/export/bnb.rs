@@ -13,9 +13,10 @@
 //!
 //! Rows come in HF order: GGUF stores Q/K rows permuted for llama.cpp's rotation, and since
 //! blocks and int8 scales belong to rows, un-permuting moves whole rows. The one exception is
-//! double quantization of Q/K: its absmax codes are quantized in runs of 256 that cross rows, so
-//! those are re-encoded from the absmax values in HF order (the report counts them); everything
-//! else is written exactly as served. Other tensors (embeddings, norms) are written as F16, as
+//! double quantization of Q/K: its 8-bit absmax codes share scales in runs of 256 that cross
+//! rows, so un-permuted they would need new codes. Those weights are written with their absmax
+//! decoded to f32 instead (bitsandbytes keeps the quant state per weight, so a checkpoint may
+//! mix both; the report counts them): every weight is written exactly as served. Other tensors (embeddings, norms) are written as F16, as
 //! quantd stores them; `quantization_config` records the method.
 
 use std::io::Write;
@@ -45,8 +46,8 @@ pub struct BnbExportReport {
     /// `nf4`, `fp4` or `int8`.
     pub quant_type: String,
     pub quantized_linears: usize,
-    /// Q/K weights whose double-quantized absmax was re-encoded in HF row order.
-    pub reencoded_absmax: usize,
+    /// Q/K weights whose double-quantized absmax is written decoded, as f32 (see the header).
+    pub float_absmax: usize,
 }
 
 /// What the linears of `ckpt` are, checked to be all one kind.
@@ -126,10 +127,10 @@ fn bnb4_tensors(
     let blocks_per_row = cols / w.block_size;
     let absmax = match &w.absmax {
         Absmax::Double { .. } if permuted => {
-            // Re-encode: the nested runs of 256 follow HF row order in bitsandbytes' layout.
-            report.reencoded_absmax += 1;
-            let values = hf_rows(ckpt, &t.name, w.absmax.values(), blocks_per_row);
-            bnb4::double_quantize(&values)
+            // The nested runs of 256 would regroup in HF row order; the decoded values (as
+            // bitsandbytes decodes them: code · scale + offset in f32) keep the weights exact.
+            report.float_absmax += 1;
+            Absmax::F32(hf_rows(ckpt, &t.name, w.absmax.values(), blocks_per_row))
         }
         Absmax::Double { .. } => w.absmax.clone(),
         Absmax::F32(v) => Absmax::F32(hf_rows(ckpt, &t.name, v.clone(), blocks_per_row)),
@@ -239,7 +240,7 @@ pub fn write_bnb_folder(ckpt: &Checkpoint, dir: &Path) -> Result<BnbExportReport
             Kind::Int8 => "int8".into(),
         },
         quantized_linears: 0,
-        reencoded_absmax: 0,
+        float_absmax: 0,
     };
     // The header needs every shape first; the quantized tensors are small (≈ 4–8 bits a
     // weight), so they are built up front and the float ones streamed after.

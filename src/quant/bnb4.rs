@@ -395,7 +395,7 @@ pub fn dynamic_map() -> Vec<f32> {
 
 /// QLoRA's double quantization of absmax values: the mean taken off, then blocks of 256
 /// quantized to the nearest value of [`dynamic_map`] times the block's absmax.
-pub fn double_quantize(absmax: &[f32]) -> Absmax {
+fn double_quantize(absmax: &[f32]) -> Absmax {
     let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
     let code = dynamic_map();
     let mut q = Vec::with_capacity(absmax.len());
