@@ -50,7 +50,10 @@ fn quantize_and_score(dir: &Path, name: &str, args: &[&str]) -> (f64, f64) {
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let ppl = v["perplexity"].as_f64().unwrap();
     let delta = v["delta_ppl_pct"].as_f64().unwrap();
-    eprintln!("{name}: PPL {ppl:.4} Δppl {delta:+.3}% KLD {}", v["kld_mean"]);
+    eprintln!(
+        "{name}: PPL {ppl:.4} Δppl {delta:+.3}% KLD {}",
+        v["kld_mean"]
+    );
     if name == "llm-int8" {
         let outliers = v["outliers"].as_array().expect("an outlier report");
         assert_eq!(outliers.len(), 30 * 7, "one entry per linear");
@@ -75,7 +78,10 @@ fn int8_methods_meet_their_budgets() {
     };
     let (per_token, torch) = (int8("per_token"), int8("torch"));
     assert!(per_token <= 4.0, "per-token Δppl {per_token}%");
-    assert!(per_token * 10.0 <= torch, "per-token {per_token}% vs per-call {torch}%");
+    assert!(
+        per_token * 10.0 <= torch,
+        "per-token {per_token}% vs per-call {torch}%"
+    );
 }
 
 #[test]
@@ -88,11 +94,10 @@ fn nf4_is_no_worse_than_rtn_at_the_same_block_and_double_quant_costs_little() {
         &["--method", "rtn", "--bits", "4", "--group-size", "64"],
     );
     assert!(nf4 <= rtn, "NF4 PPL {nf4} vs RTN 4-bit sym g64 {rtn}");
-    let (dq, _) = quantize_and_score(
-        dir.path(),
-        "nf4-dq",
-        &["--method", "nf4", "--double-quant"],
-    );
+    let (dq, _) = quantize_and_score(dir.path(), "nf4-dq", &["--method", "nf4", "--double-quant"]);
     let moved = 100.0 * (dq / nf4 - 1.0);
-    assert!(moved.abs() <= 0.5, "double quantization moved PPL by {moved}%");
+    assert!(
+        moved.abs() <= 0.5,
+        "double quantization moved PPL by {moved}%"
+    );
 }

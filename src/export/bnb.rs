@@ -75,10 +75,12 @@ fn linear_kind(ckpt: &Checkpoint) -> Result<Kind, BnbExportError> {
         };
         match kind {
             None => kind = Some(k),
-            Some(prev) if prev != k => return Err(BnbExportError::NotBnb(format!(
+            Some(prev) if prev != k => {
+                return Err(BnbExportError::NotBnb(format!(
                 "{} is stored as {k:?}, other linears as {prev:?}; one checkpoint holds one kind",
                 t.name
-            ))),
+            )))
+            }
             Some(_) => {}
         }
     }

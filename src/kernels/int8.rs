@@ -22,6 +22,9 @@ use super::int8_gemm::{gemm, padded_len, Isa};
 use crate::nn::LinearKernel;
 use crate::quant::int8_rows::Int8Rows;
 
+/// Input rows per thread below which a call is not split (one activation panel of the GEMM).
+const PARALLEL_ROWS: usize = 32;
+
 /// How the kernel quantizes its inputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activations {
@@ -132,16 +135,33 @@ impl Int8Matmul {
             }
         };
         let mut acc = vec![0i32; n * self.rows];
-        gemm(
-            self.isa,
-            &quantized.levels,
-            n,
-            &self.weights,
-            &self.row_sums,
-            self.rows,
-            self.kp,
-            &mut acc,
-        );
+        // Prompts split their rows across the rayon pool (each thread reads every weight, so
+        // the split pays off only once a panel is long); decode runs on the calling thread.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = n.div_ceil(threads).next_multiple_of(PARALLEL_ROWS);
+        let gemm_rows = |(levels, out): (&[i8], &mut [i32])| {
+            let m = out.len() / self.rows;
+            gemm(
+                self.isa,
+                levels,
+                m,
+                &self.weights,
+                &self.row_sums,
+                self.rows,
+                self.kp,
+                out,
+            )
+        };
+        if threads > 1 && n >= 2 * PARALLEL_ROWS {
+            use rayon::prelude::*;
+            quantized
+                .levels
+                .par_chunks(chunk * self.kp)
+                .zip(acc.par_chunks_mut(chunk * self.rows))
+                .for_each(gemm_rows);
+        } else {
+            gemm_rows((&quantized.levels, &mut acc));
+        }
         let mut y = vec![0f32; n * self.rows];
         for i in 0..n {
             let (sx, zero) = quantized.row_params(i);

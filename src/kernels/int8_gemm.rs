@@ -171,13 +171,20 @@ fn gemm_reference(a: &[i8], m: usize, w: &[i8], n: usize, kp: usize, out: &mut [
 
 /// Walks the output in tiles of up to `MR × NR` and calls `tile` for each with the tile's
 /// first activation row, first weight row and its size; `tile` writes its `mr × nr` results.
+/// Activation rows go in panels of `MB`, small enough to stay in L1 (32 rows of 1,536 bytes)
+/// while every weight row passes by once per panel: without the panels a long prompt would
+/// stream all activations from L2 once per four weight rows.
 fn for_each_tile(m: usize, n: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
     const MR: usize = 4;
     const NR: usize = 4;
-    for j0 in (0..n).step_by(NR) {
-        let nr = NR.min(n - j0);
-        for i0 in (0..m).step_by(MR) {
-            tile(i0, MR.min(m - i0), j0, nr);
+    const MB: usize = 32;
+    for p0 in (0..m).step_by(MB) {
+        let p1 = (p0 + MB).min(m);
+        for j0 in (0..n).step_by(NR) {
+            let nr = NR.min(n - j0);
+            for i0 in (p0..p1).step_by(MR) {
+                tile(i0, MR.min(p1 - i0), j0, nr);
+            }
         }
     }
 }
@@ -242,11 +249,17 @@ mod x86 {
             let op = out[i0 * n + j0..].as_mut_ptr();
             // SAFETY: the tile lies inside the slices (for_each_tile bounds mr, nr).
             unsafe {
-                match (mr, nr) {
-                    (4, 4) => tile_avx2::<4, 4>(ap, wp, kp, op, n),
-                    (_, 4) => {
-                        for i in 0..mr {
-                            tile_avx2::<1, 4>(ap.add(i * kp), wp, kp, op.add(i * n), n)
+                // Two activation rows at a time: 8 accumulators, the rows and their absolute
+                // values, a weight vector and the constant fit AVX2's 16 registers.
+                match nr {
+                    4 => {
+                        let mut i = 0;
+                        while i + 2 <= mr {
+                            tile_avx2::<2, 4>(ap.add(i * kp), wp, kp, op.add(i * n), n);
+                            i += 2;
+                        }
+                        if i < mr {
+                            tile_avx2::<1, 4>(ap.add(i * kp), wp, kp, op.add(i * n), n);
                         }
                     }
                     _ => {
