@@ -58,32 +58,44 @@ impl Bnb4Matmul {
         let w = &self.weight;
         let half_block = w.block_size / 2;
         let blocks_per_row = w.cols / w.block_size;
+        let mut absmax = vec![0f32; blocks_per_row];
         for (r, yr) in y.iter_mut().enumerate() {
             let row = &w.packed[r * w.cols / 2..(r + 1) * w.cols / 2];
-            let mut acc = 0f32;
-            for blk in 0..blocks_per_row {
-                let span = blk * half_block..(blk + 1) * half_block;
-                let sum = self.block_dot(&row[span.clone()], &even[span.clone()], &odd[span]);
-                acc += sum * self.absmax(r * blocks_per_row + blk);
+            for (blk, a) in absmax.iter_mut().enumerate() {
+                *a = self.absmax(r * blocks_per_row + blk);
             }
-            *yr = acc;
+            *yr = self.row_dot(row, even, odd, &absmax, half_block);
         }
     }
 
-    /// Σ table[q]·x over one block's bytes.
+    /// Σ over one row's blocks of absmax · Σ table[q]·x.
     #[inline]
-    fn block_dot(&self, bytes: &[u8], even: &[f32], odd: &[f32]) -> f32 {
+    fn row_dot(
+        &self,
+        row: &[u8],
+        even: &[f32],
+        odd: &[f32],
+        absmax: &[f32],
+        half_block: usize,
+    ) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if self.avx2 && bytes.len().is_multiple_of(8) {
-            // SAFETY: AVX2 and FMA were detected; the three slices have equal lengths (one
-            // block) that are a multiple of 8.
-            return unsafe { x86::block_dot(&self.table, bytes, even, odd) };
+        if self.avx2 && half_block.is_multiple_of(8) {
+            // SAFETY: AVX2 and FMA were detected; `row`, `even` and `odd` hold
+            // `absmax.len() · half_block` values, a multiple of 8 per block.
+            return unsafe { x86::row_dot(&self.table, row, even, odd, absmax, half_block) };
         }
-        bytes
-            .iter()
-            .zip(even.iter().zip(odd))
-            .map(|(&b, (&e, &o))| {
-                self.table[(b >> 4) as usize] * e + self.table[(b & 15) as usize] * o
+        row.chunks(half_block)
+            .zip(even.chunks(half_block).zip(odd.chunks(half_block)))
+            .zip(absmax)
+            .map(|((bytes, (e, o)), &a)| {
+                let sum: f32 = bytes
+                    .iter()
+                    .zip(e.iter().zip(o))
+                    .map(|(&b, (&e, &o))| {
+                        self.table[(b >> 4) as usize] * e + self.table[(b & 15) as usize] * o
+                    })
+                    .sum();
+                sum * a
             })
             .sum()
     }
@@ -118,22 +130,37 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; `bytes`, `even`, `odd` have the same length, a multiple of 8.
+    /// The CPU has AVX2 and FMA; `row`, `even`, `odd` hold `absmax.len() · half_block` values;
+    /// `half_block` is a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_dot(table: &[f32; 16], bytes: &[u8], even: &[f32], odd: &[f32]) -> f32 {
+    pub unsafe fn row_dot(
+        table: &[f32; 16],
+        row: &[u8],
+        even: &[f32],
+        odd: &[f32],
+        absmax: &[f32],
+        half_block: usize,
+    ) -> f32 {
         let lo = _mm256_loadu_ps(table.as_ptr());
         let hi = _mm256_loadu_ps(table.as_ptr().add(8));
         let nibble = _mm256_set1_epi32(15);
-        let (mut acc_e, mut acc_o) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for i in (0..bytes.len()).step_by(8) {
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(i) as *const __m128i));
-            let w_e = lookup(lo, hi, _mm256_srli_epi32::<4>(b));
-            let w_o = lookup(lo, hi, _mm256_and_si256(b, nibble));
-            acc_e = _mm256_fmadd_ps(w_e, _mm256_loadu_ps(even.as_ptr().add(i)), acc_e);
-            acc_o = _mm256_fmadd_ps(w_o, _mm256_loadu_ps(odd.as_ptr().add(i)), acc_o);
+        // Each block's sum stays in a vector and is scaled there, so the row needs one
+        // horizontal sum at its end.
+        let mut acc = _mm256_setzero_ps();
+        for (blk, &a) in absmax.iter().enumerate() {
+            let base = blk * half_block;
+            let (mut acc_e, mut acc_o) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in (base..base + half_block).step_by(8) {
+                let b =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.as_ptr().add(i) as *const __m128i));
+                let w_e = lookup(lo, hi, _mm256_srli_epi32::<4>(b));
+                let w_o = lookup(lo, hi, _mm256_and_si256(b, nibble));
+                acc_e = _mm256_fmadd_ps(w_e, _mm256_loadu_ps(even.as_ptr().add(i)), acc_e);
+                acc_o = _mm256_fmadd_ps(w_o, _mm256_loadu_ps(odd.as_ptr().add(i)), acc_o);
+            }
+            acc = _mm256_fmadd_ps(_mm256_add_ps(acc_e, acc_o), _mm256_set1_ps(a), acc);
         }
-        let s = _mm256_add_ps(acc_e, acc_o);
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
