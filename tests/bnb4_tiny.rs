@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::models::{logits, open_dir};
+use common::models::{dense_twin, logits, open_dir};
 use common::{tiny, TestApp};
 use quantd::export::gguf::{GgufFile, TensorType};
 use quantd::nn::{KvCache, Llama};
@@ -74,20 +74,6 @@ async fn run_job(
         .await;
     std::fs::write(out.path().join("model.gguf"), &bytes).unwrap();
     out
-}
-
-fn dense_twin(stored: &quantd::model::checkpoint::Checkpoint, dir: &std::path::Path) -> Llama {
-    let dense_dir = dir.join("dense");
-    quantd::export::hf::write_hf_folder(
-        stored,
-        &dense_dir,
-        quantd::export::hf::HfDtype::F32,
-        &|_, _| {},
-    )
-    .unwrap();
-    quantd::model::servable::load(&open_dir(&dense_dir), 64)
-        .unwrap()
-        .llama
 }
 
 fn assert_same_logits(a: &Llama, b: &Llama) {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::models::{logits, open_dir};
+use common::models::{dense_twin, logits, open_dir};
 use common::{tiny, TestApp};
 use quantd::export::gguf::{GgufFile, TensorType, Value};
 use quantd::nn::{KvCache, Llama};
@@ -49,21 +49,6 @@ async fn run_job(
         .await;
     std::fs::write(out.path().join("model.gguf"), &bytes).unwrap();
     out
-}
-
-/// The same model with every weight dequantized to f32, served densely.
-fn dense_twin(stored: &quantd::model::checkpoint::Checkpoint, dir: &std::path::Path) -> Llama {
-    let dense_dir = dir.join("dense");
-    quantd::export::hf::write_hf_folder(
-        stored,
-        &dense_dir,
-        quantd::export::hf::HfDtype::F32,
-        &|_, _| {},
-    )
-    .unwrap();
-    quantd::model::servable::load(&open_dir(&dense_dir), 64)
-        .unwrap()
-        .llama
 }
 
 fn max_logit_diff(a: &Llama, b: &Llama) -> (f32, f32) {

@@ -30,6 +30,22 @@ pub fn open_dir(dir: &Path) -> Checkpoint {
     .unwrap()
 }
 
+/// `stored` with every weight dequantized to f32 (written under `dir/dense`) and served densely:
+/// what a quantized variant's kernels must agree with.
+pub fn dense_twin(stored: &Checkpoint, dir: &Path) -> Llama {
+    let dense_dir = dir.join("dense");
+    quantd::export::hf::write_hf_folder(
+        stored,
+        &dense_dir,
+        quantd::export::hf::HfDtype::F32,
+        &|_, _| {},
+    )
+    .unwrap();
+    quantd::model::servable::load(&open_dir(&dense_dir), 64)
+        .unwrap()
+        .llama
+}
+
 /// One sequence through the decoder: its logits rows (the last, or one per token).
 pub fn logits(
     llama: &Llama,
