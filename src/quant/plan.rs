@@ -172,24 +172,7 @@ impl Plan {
             .iter()
             .map(|(name, shape)| {
                 let elems = shape.iter().map(|&d| d as u64).product();
-                let float = |fallback_from| {
-                    let dtype = if shape.len() >= 2 {
-                        GgmlDType::F16
-                    } else {
-                        GgmlDType::F32
-                    };
-                    PlannedTensor {
-                        name: name.clone(),
-                        shape: shape.clone(),
-                        type_name: ggml_type_name(dtype),
-                        dtype,
-                        bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
-                        quantized: false,
-                        fallback_from,
-                        groups: None,
-                        own_form: None,
-                    }
-                };
+                let float = |fallback_from| float_tensor(name, shape, fallback_from);
                 if !(name.starts_with("blk.") && is_quantizable(name, shape)) {
                     return float(None);
                 }
@@ -250,7 +233,6 @@ impl Plan {
         let planned = tensors
             .iter()
             .map(|(name, shape)| {
-                let elems = shape.iter().map(|&d| d as u64).product();
                 let linear = name.starts_with("blk.") && is_quantizable(name, shape);
                 if linear && form.fits(shape[1]) {
                     return PlannedTensor {
@@ -265,22 +247,7 @@ impl Plan {
                         own_form: Some(form),
                     };
                 }
-                let dtype = if shape.len() >= 2 {
-                    GgmlDType::F16
-                } else {
-                    GgmlDType::F32
-                };
-                PlannedTensor {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    type_name: ggml_type_name(dtype),
-                    dtype,
-                    bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
-                    quantized: false,
-                    fallback_from: linear.then_some(type_name),
-                    groups: None,
-                    own_form: None,
-                }
+                float_tensor(name, shape, linear.then_some(type_name))
             })
             .collect();
         Self::summarize(method, GgufType::F16, planned, threads)
@@ -320,6 +287,28 @@ impl Plan {
             peak_memory_bytes: peak_memory(&planned, threads),
             tensors: planned,
         }
+    }
+}
+
+/// A tensor the methods with their own formats leave in float: F16 when 2-D (embeddings, the
+/// output layer, linears that do not fit), F32 otherwise (norms).
+fn float_tensor(name: &str, shape: &[usize], fallback_from: Option<&'static str>) -> PlannedTensor {
+    let dtype = if shape.len() >= 2 {
+        GgmlDType::F16
+    } else {
+        GgmlDType::F32
+    };
+    let elems = shape.iter().map(|&d| d as u64).product();
+    PlannedTensor {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        type_name: ggml_type_name(dtype),
+        dtype,
+        bytes: tensor_bytes(dtype, elems).expect("float types have no blocks"),
+        quantized: false,
+        fallback_from,
+        groups: None,
+        own_form: None,
     }
 }
 
