@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod kernels;
 pub mod model;
 pub mod nn;
+pub mod process_tuning;
 pub mod quant;
 pub mod startup;
 pub mod store;

@@ -125,57 +125,75 @@ impl Int8Matmul {
 
     /// `x`: `[n, cols]` row-major → `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let quantized = match self.activations {
-            Activations::PerToken => per_token(x, n, self.cols, self.kp, None),
-            Activations::Torch => per_tensor_u7(x, n, self.cols, self.kp),
+        // What spans every row is settled first (LLM.int8()'s outlier columns, PyTorch's one
+        // scale per call); then each thread quantizes, multiplies and scales its own rows.
+        let float_columns = match self.activations {
             Activations::Outliers { threshold } => {
                 let cols = outlier_columns(x, self.cols, threshold);
                 self.count_outliers(cols.len());
-                per_token(x, n, self.cols, self.kp, Some((&cols, threshold)))
+                Some((cols, threshold))
             }
+            _ => None,
         };
-        let mut acc = vec![0i32; n * self.rows];
-        // Prompts split their rows across the rayon pool (each thread reads every weight, so
-        // the split pays off only once a panel is long); decode runs on the calling thread.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = n.div_ceil(threads).next_multiple_of(PARALLEL_ROWS);
-        let gemm_rows = |(levels, out): (&[i8], &mut [i32])| {
-            let m = out.len() / self.rows;
+        let torch = (self.activations == Activations::Torch).then(|| torch_params(x));
+        let rows_to_outputs = |(xr, yr): (&[f32], &mut [f32])| {
+            let m = yr.len() / self.rows;
+            let q = match (&float_columns, torch) {
+                (Some((cols, threshold)), _) => {
+                    per_token(xr, m, self.cols, self.kp, Some((cols, *threshold)))
+                }
+                (None, Some((scale, zero))) => quantize_u7(xr, m, self.cols, self.kp, scale, zero),
+                (None, None) => per_token(xr, m, self.cols, self.kp, None),
+            };
+            let mut acc = vec![0i32; m * self.rows];
             gemm(
                 self.isa,
-                levels,
+                &q.levels,
                 m,
                 &self.weights,
                 &self.row_sums,
                 self.rows,
                 self.kp,
-                out,
-            )
+                &mut acc,
+            );
+            self.apply_scales(&q, &acc, yr);
         };
+        let mut y = vec![0f32; n * self.rows];
+        // Prompts split their rows across the rayon pool (each thread reads every weight, so
+        // the split pays off only once a panel is long); decode runs on the calling thread.
+        let threads = rayon::current_num_threads().max(1);
         if threads > 1 && n >= 2 * PARALLEL_ROWS {
             use rayon::prelude::*;
-            quantized
-                .levels
-                .par_chunks(chunk * self.kp)
-                .zip(acc.par_chunks_mut(chunk * self.rows))
-                .for_each(gemm_rows);
+            let chunk = n.div_ceil(threads).next_multiple_of(PARALLEL_ROWS);
+            x[..n * self.cols]
+                .par_chunks(chunk * self.cols)
+                .zip(y.par_chunks_mut(chunk * self.rows))
+                .for_each(rows_to_outputs);
         } else {
-            gemm_rows((&quantized.levels, &mut acc));
+            rows_to_outputs((&x[..n * self.cols], &mut y));
         }
-        let mut y = vec![0f32; n * self.rows];
-        for i in 0..n {
-            let (sx, zero) = quantized.row_params(i);
-            let yr = &mut y[i * self.rows..(i + 1) * self.rows];
-            let ar = &acc[i * self.rows..(i + 1) * self.rows];
-            for j in 0..self.rows {
-                let sum = ar[j] as i64 - zero as i64 * self.row_sums[j] as i64;
-                yr[j] = sum as f32 * sx * self.scales[j];
-            }
-        }
-        if let Some(cols) = quantized.float_columns {
+        if let Some((cols, _)) = float_columns.filter(|(c, _)| !c.is_empty()) {
             self.add_float_columns(x, n, &cols, &mut y);
         }
         y
+    }
+
+    /// y = (Σ − zero·Σw) · s_x · s_w for each output; the zero point is 0 but for PyTorch's
+    /// scheme, whose path keeps the sums in i64.
+    fn apply_scales(&self, q: &QuantizedRows, acc: &[i32], y: &mut [f32]) {
+        for (i, (yr, ar)) in y.chunks_mut(self.rows).zip(acc.chunks(self.rows)).enumerate() {
+            let (sx, zero) = q.row_params(i);
+            if zero == 0 {
+                for ((y, &a), &sw) in yr.iter_mut().zip(ar).zip(&self.scales) {
+                    *y = a as f32 * sx * sw;
+                }
+            } else {
+                for (j, (y, &a)) in yr.iter_mut().zip(ar).enumerate() {
+                    let sum = a as i64 - zero as i64 * self.row_sums[j] as i64;
+                    *y = sum as f32 * sx * self.scales[j];
+                }
+            }
+        }
     }
 
     /// y += x[:, cols] · W[:, cols]ᵀ with the weights dequantized (bitsandbytes' `subB`).
@@ -209,8 +227,6 @@ struct QuantizedRows {
     /// One scale per row, or one for all.
     scales: Vec<f32>,
     zero: i32,
-    /// Columns to add back in float (LLM.int8() outliers); None when there are none.
-    float_columns: Option<Vec<usize>>,
 }
 
 impl QuantizedRows {
@@ -238,14 +254,10 @@ fn per_token(
     let mut scales = Vec::with_capacity(n);
     let threshold = outliers.map_or(f32::INFINITY, |(_, t)| t);
     for (row, dst) in x.chunks(cols).take(n).zip(levels.chunks_mut(kp)) {
-        let absmax = row
-            .iter()
-            .map(|v| v.abs())
-            .filter(|&a| a < threshold)
-            .fold(0f32, f32::max);
+        let absmax = absmax_below(row, threshold);
         let scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+            *d = round_small((v / scale).clamp(-127.0, 127.0)) as i8;
         }
         if let Some((cols, _)) = outliers {
             for &c in cols {
@@ -258,14 +270,13 @@ fn per_token(
         levels,
         scales,
         zero: 0,
-        float_columns: outliers.map(|(c, _)| c.to_vec()).filter(|c| !c.is_empty()),
     }
 }
 
-/// fbgemm's dynamic activation quantization with `reduce_range`: one scale and zero point for
-/// the whole input over [min(x, 0), max(x, 0)] on [0, 127]
+/// fbgemm's dynamic activation quantization with `reduce_range`: the one scale and zero point
+/// for a whole call's input, over [min(x, 0), max(x, 0)] on [0, 127]
 /// (`fbgemm::ChooseQuantizationParams`, the zero point taken from whichever end loses less).
-fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {
+fn torch_params(x: &[f32]) -> (f32, i32) {
     let (qmin, qmax) = (0f64, 127f64);
     let lo = x.iter().copied().fold(0f32, f32::min) as f64;
     let hi = x.iter().copied().fold(0f32, f32::max) as f64;
@@ -284,11 +295,17 @@ fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {
         from_max
     };
     let zero = initial.clamp(qmin, qmax).round_ties_even() as i32;
-    let (scale, inv) = (scale as f32, 1.0 / scale as f32);
+    (scale as f32, zero)
+}
+
+/// `n` rows of `x` on [0, 127] with the given scale and zero point.
+fn quantize_u7(x: &[f32], n: usize, cols: usize, kp: usize, scale: f32, zero: i32) -> QuantizedRows {
+    let inv = 1.0 / scale;
     let mut levels = vec![0i8; n * kp];
     for (row, dst) in x.chunks(cols).take(n).zip(levels.chunks_mut(kp)) {
         for (d, &v) in dst.iter_mut().zip(row) {
-            let q = (v * inv).round_ties_even() as i32 + zero;
+            // Anything beyond ±256 clamps to 0 or 127 below whatever the zero point.
+            let q = round_small((v * inv).clamp(-256.0, 256.0)) + zero;
             *d = q.clamp(0, 127) as i8;
         }
     }
@@ -296,8 +313,37 @@ fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {
         levels,
         scales: vec![scale],
         zero,
-        float_columns: None,
     }
+}
+
+/// The largest |v| below `threshold` (0 when none), in eight lanes so it compiles to vector
+/// max instructions; a NaN is skipped, as `f32::max` skips it.
+fn absmax_below(row: &[f32], threshold: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            let a = if a < threshold { a } else { 0.0 };
+            *l = if a > *l { a } else { *l };
+        }
+    }
+    for &v in tail {
+        let a = v.abs();
+        if a < threshold && a > lanes[0] {
+            lanes[0] = a;
+        }
+    }
+    lanes.iter().copied().fold(0f32, f32::max)
+}
+
+/// `v` rounded half to even, for |v| ≤ 2²²: adding 1.5·2²³ leaves the integer in the low
+/// mantissa bits under the default rounding mode. Equal to `v.round_ties_even() as i32` there,
+/// but plain float adds and integer ops, which vectorize (the saturating cast does not).
+fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
 }
 
 /// Columns in which some row has |x| ≥ threshold, ascending.
@@ -361,6 +407,34 @@ impl LinearKernel for Int8Matmul {
 mod tests {
     use super::*;
     use crate::nn::test_support::random_values;
+
+    /// PyTorch's scheme on a whole input at once.
+    fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {
+        let (scale, zero) = torch_params(&x[..n * cols]);
+        quantize_u7(x, n, cols, kp, scale, zero)
+    }
+
+    #[test]
+    fn fast_rounding_and_absmax_equal_the_plain_definitions() {
+        let mut v = random_values(4099, 9);
+        v.extend([0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5, 4194303.5, f32::NAN, 1e30]);
+        for &x in &v {
+            let x = x.clamp(-4194304.0, 4194304.0);
+            if !x.is_nan() {
+                assert_eq!(round_small(x), x.round_ties_even() as i32, "{x}");
+            }
+        }
+        for threshold in [0.3, 1.0, f32::INFINITY] {
+            for len in [0, 1, 7, 8, 9, 100] {
+                let want = v[..len]
+                    .iter()
+                    .map(|x| x.abs())
+                    .filter(|&a| a < threshold)
+                    .fold(0f32, f32::max);
+                assert_eq!(absmax_below(&v[..len], threshold), want);
+            }
+        }
+    }
 
     fn weights(rows: usize, cols: usize) -> Int8Rows {
         Int8Rows::quantize(&random_values(rows * cols, 5), rows, cols)
