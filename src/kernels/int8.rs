@@ -181,7 +181,11 @@ impl Int8Matmul {
     /// y = (Σ − zero·Σw) · s_x · s_w for each output; the zero point is 0 but for PyTorch's
     /// scheme, whose path keeps the sums in i64.
     fn apply_scales(&self, q: &QuantizedRows, acc: &[i32], y: &mut [f32]) {
-        for (i, (yr, ar)) in y.chunks_mut(self.rows).zip(acc.chunks(self.rows)).enumerate() {
+        for (i, (yr, ar)) in y
+            .chunks_mut(self.rows)
+            .zip(acc.chunks(self.rows))
+            .enumerate()
+        {
             let (sx, zero) = q.row_params(i);
             if zero == 0 {
                 for ((y, &a), &sw) in yr.iter_mut().zip(ar).zip(&self.scales) {
@@ -299,7 +303,14 @@ fn torch_params(x: &[f32]) -> (f32, i32) {
 }
 
 /// `n` rows of `x` on [0, 127] with the given scale and zero point.
-fn quantize_u7(x: &[f32], n: usize, cols: usize, kp: usize, scale: f32, zero: i32) -> QuantizedRows {
+fn quantize_u7(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    kp: usize,
+    scale: f32,
+    zero: i32,
+) -> QuantizedRows {
     let inv = 1.0 / scale;
     let mut levels = vec![0i8; n * kp];
     for (row, dst) in x.chunks(cols).take(n).zip(levels.chunks_mut(kp)) {
@@ -417,7 +428,18 @@ mod tests {
     #[test]
     fn fast_rounding_and_absmax_equal_the_plain_definitions() {
         let mut v = random_values(4099, 9);
-        v.extend([0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5, 4194303.5, f32::NAN, 1e30]);
+        v.extend([
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -2.5,
+            126.5,
+            -126.5,
+            4194303.5,
+            f32::NAN,
+            1e30,
+        ]);
         for &x in &v {
             let x = x.clamp(-4194304.0, 4194304.0);
             if !x.is_nan() {

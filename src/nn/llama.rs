@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Result, Tensor};
 
+use super::attention::causal_attention;
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::rope::Rope;
@@ -387,36 +388,6 @@ impl Llama {
             }
         }
     }
-}
-
-/// Causal attention of `q` (`[1, heads, t, d]`, positions `start..start+t`) over the
-/// cached keys/values (`[1, kv_heads, start+t, d]`). Query heads sharing a KV head are
-/// stacked as rows of one matmul so K and V are never copied per head.
-fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-    let (_, heads, t, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let total = k.dim(2)?;
-    let group = heads / kv_heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    let q = (q.reshape((1, kv_heads, group * t, d))? * scale)?;
-    let mut scores = q.matmul(&k.t()?)?;
-    if t > 1 {
-        // Row r of a group is query r % t at absolute position start + r % t.
-        let mut mask = vec![0f32; group * t * total];
-        for r in 0..group * t {
-            let pos = start + r % t;
-            for m in &mut mask[r * total + pos + 1..(r + 1) * total] {
-                *m = f32::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (group * t, total), &Device::Cpu)?;
-        scores = scores.broadcast_add(&mask)?;
-    }
-    let p = candle_nn::ops::softmax_last_dim(&scores)?;
-    p.matmul(v)?
-        .reshape((1, heads, t, d))?
-        .transpose(1, 2)?
-        .reshape((t, heads * d))
 }
 
 /// Dot product with eight independent sums, which the compiler turns into SIMD lanes.

@@ -3,6 +3,7 @@
 //! per-sequence KV caches, RoPE, and capture hooks that show each linear's inputs to
 //! calibration. Models are built from checkpoints by `model::servable`.
 
+pub mod attention;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
