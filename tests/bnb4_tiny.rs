@@ -76,27 +76,33 @@ async fn run_job(
     out
 }
 
+/// The served model against its dense twin: prompts of 40 rows take dequantize + gemm and
+/// must agree to rounding; 24 rows take the kernel's 8-bit loop (activations in blocks of 32,
+/// the table in 8 bits), which the kernel's unit test bounds, and here stay within 2 % of the
+/// logits' scale.
 fn assert_same_logits(a: &Llama, b: &Llama) {
     let prompt: Vec<u32> = (0..24).map(|i| (i * 37 % 250) as u32).collect();
-    for (x, y) in [true, false].map(|gemm| {
-        // 24 rows take the kernel's own loop; 40 rows the dequantize-and-gemm path.
+    for gemm in [true, false] {
         let p: Vec<u32> = if gemm {
             prompt.repeat(2)[..40].to_vec()
         } else {
             prompt.clone()
         };
-        (
-            logits(a, &p, &mut KvCache::new(), true),
-            logits(b, &p, &mut KvCache::new(), true),
-        )
-    }) {
+        let x = logits(a, &p, &mut KvCache::new(), true);
+        let y = logits(b, &p, &mut KvCache::new(), true);
         let worst = x
             .iter()
             .flatten()
             .zip(y.iter().flatten())
             .map(|(p, q)| (p - q).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 1e-4, "max |Δlogit| {worst}");
+        let scale = y.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let budget = if gemm { 1e-4 } else { 0.02 * scale };
+        assert!(
+            worst <= budget,
+            "{} rows: max |Δlogit| {worst} of {scale}",
+            p.len()
+        );
     }
 }
 

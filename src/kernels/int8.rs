@@ -14,6 +14,7 @@
 //!
 //! The op is a candle `CustomOp1`, so it runs inside a candle graph like any other op.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -24,6 +25,17 @@ use crate::quant::int8_rows::Int8Rows;
 
 /// Input rows per thread below which a call is not split (one activation panel of the GEMM).
 const PARALLEL_ROWS: usize = 32;
+
+/// Weight rows per thread below which a decode call is not split.
+const SPLIT_OUTPUTS: usize = 64;
+
+/// What a call's rows are quantized by, fixed before the rows are split.
+struct RowScheme<'a> {
+    /// LLM.int8(): the call's outlier columns and the threshold.
+    outliers: Option<(&'a [usize], f32)>,
+    /// PyTorch's one scale and zero point for the call.
+    torch: Option<(f32, i32)>,
+}
 
 /// How the kernel quantizes its inputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -126,7 +138,7 @@ impl Int8Matmul {
     /// `x`: `[n, cols]` row-major → `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         // What spans every row is settled first (LLM.int8()'s outlier columns, PyTorch's one
-        // scale per call); then each thread quantizes, multiplies and scales its own rows.
+        // scale per call); then each part quantizes, multiplies and scales.
         let float_columns = match self.activations {
             Activations::Outliers { threshold } => {
                 let cols = outlier_columns(x, self.cols, threshold);
@@ -135,42 +147,51 @@ impl Int8Matmul {
             }
             _ => None,
         };
-        let torch = (self.activations == Activations::Torch).then(|| torch_params(x));
-        let rows_to_outputs = |(xr, yr): (&[f32], &mut [f32])| {
-            let m = yr.len() / self.rows;
-            let q = match (&float_columns, torch) {
-                (Some((cols, threshold)), _) => {
-                    per_token(xr, m, self.cols, self.kp, Some((cols, *threshold)))
-                }
-                (None, Some((scale, zero))) => quantize_u7(xr, m, self.cols, self.kp, scale, zero),
-                (None, None) => per_token(xr, m, self.cols, self.kp, None),
-            };
-            let mut acc = vec![0i32; m * self.rows];
-            gemm(
-                self.isa,
-                &q.levels,
-                m,
-                &self.weights,
-                &self.row_sums,
-                self.rows,
-                self.kp,
-                &mut acc,
-            );
-            self.apply_scales(&q, &acc, yr);
+        let scheme = RowScheme {
+            outliers: float_columns.as_ref().map(|(c, t)| (c.as_slice(), *t)),
+            torch: (self.activations == Activations::Torch).then(|| torch_params(x)),
         };
+        let x = &x[..n * self.cols];
         let mut y = vec![0f32; n * self.rows];
-        // Prompts split their rows across the rayon pool (each thread reads every weight, so
-        // the split pays off only once a panel is long); decode runs on the calling thread.
         let threads = rayon::current_num_threads().max(1);
         if threads > 1 && n >= 2 * PARALLEL_ROWS {
+            // Prompts split their input rows across the rayon pool (each thread reads every
+            // weight, so the split pays off only once a panel is long).
             use rayon::prelude::*;
             let chunk = n.div_ceil(threads).next_multiple_of(PARALLEL_ROWS);
-            x[..n * self.cols]
-                .par_chunks(chunk * self.cols)
+            x.par_chunks(chunk * self.cols)
                 .zip(y.par_chunks_mut(chunk * self.rows))
-                .for_each(rows_to_outputs);
+                .for_each(|(xr, yr)| {
+                    let m = yr.len() / self.rows;
+                    let q = self.quantize(&scheme, xr, m);
+                    self.outputs(&q, m, 0..self.rows, yr);
+                });
+        } else if threads > 1 && self.rows >= threads * SPLIT_OUTPUTS {
+            // Decode: a few input rows, so the weight rows are split instead; each part
+            // computes its own output columns.
+            use rayon::prelude::*;
+            let q = self.quantize(&scheme, x, n);
+            let part = self.rows.div_ceil(threads).next_multiple_of(4);
+            let parts: Vec<(usize, Vec<f32>)> = (0..self.rows)
+                .step_by(part)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|j0| {
+                    let cols = j0..(j0 + part).min(self.rows);
+                    let mut out = vec![0f32; n * cols.len()];
+                    self.outputs(&q, n, cols, &mut out);
+                    (j0, out)
+                })
+                .collect();
+            for (j0, out) in parts {
+                let len = out.len() / n;
+                for (yr, o) in y.chunks_mut(self.rows).zip(out.chunks(len)) {
+                    yr[j0..j0 + len].copy_from_slice(o);
+                }
+            }
         } else {
-            rows_to_outputs((&x[..n * self.cols], &mut y));
+            let q = self.quantize(&scheme, x, n);
+            self.outputs(&q, n, 0..self.rows, &mut y);
         }
         if let Some((cols, _)) = float_columns.filter(|(c, _)| !c.is_empty()) {
             self.add_float_columns(x, n, &cols, &mut y);
@@ -178,23 +199,42 @@ impl Int8Matmul {
         y
     }
 
-    /// y = (Σ − zero·Σw) · s_x · s_w for each output; the zero point is 0 but for PyTorch's
-    /// scheme, whose path keeps the sums in i64.
-    fn apply_scales(&self, q: &QuantizedRows, acc: &[i32], y: &mut [f32]) {
-        for (i, (yr, ar)) in y
-            .chunks_mut(self.rows)
-            .zip(acc.chunks(self.rows))
-            .enumerate()
-        {
+    /// `m` input rows to int8 by the call's scheme.
+    fn quantize(&self, scheme: &RowScheme<'_>, x: &[f32], m: usize) -> QuantizedRows {
+        match (scheme.outliers, scheme.torch) {
+            (Some(outliers), _) => per_token(x, m, self.cols, self.kp, Some(outliers)),
+            (None, Some((scale, zero))) => quantize_u7(x, m, self.cols, self.kp, scale, zero),
+            (None, None) => per_token(x, m, self.cols, self.kp, None),
+        }
+    }
+
+    /// `out` (`[m, outputs.len()]`) = the quantized rows times weight rows `outputs`, scaled:
+    /// (Σ − zero·Σw) · s_x · s_w. The zero point is 0 but for PyTorch's scheme, whose path
+    /// keeps the sums in i64.
+    fn outputs(&self, q: &QuantizedRows, m: usize, outputs: Range<usize>, out: &mut [f32]) {
+        let len = outputs.len();
+        let mut acc = vec![0i32; m * len];
+        gemm(
+            self.isa,
+            &q.levels,
+            m,
+            &self.weights[outputs.start * self.kp..],
+            &self.row_sums[outputs.clone()],
+            len,
+            self.kp,
+            &mut acc,
+        );
+        let (scales, sums) = (&self.scales[outputs.clone()], &self.row_sums[outputs]);
+        for (i, (yr, ar)) in out.chunks_mut(len).zip(acc.chunks(len)).enumerate() {
             let (sx, zero) = q.row_params(i);
             if zero == 0 {
-                for ((y, &a), &sw) in yr.iter_mut().zip(ar).zip(&self.scales) {
+                for ((y, &a), &sw) in yr.iter_mut().zip(ar).zip(scales) {
                     *y = a as f32 * sx * sw;
                 }
             } else {
-                for (j, (y, &a)) in yr.iter_mut().zip(ar).enumerate() {
-                    let sum = a as i64 - zero as i64 * self.row_sums[j] as i64;
-                    *y = sum as f32 * sx * self.scales[j];
+                for (((y, &a), &sw), &ws) in yr.iter_mut().zip(ar).zip(scales).zip(sums) {
+                    let sum = a as i64 - zero as i64 * ws as i64;
+                    *y = sum as f32 * sx * sw;
                 }
             }
         }

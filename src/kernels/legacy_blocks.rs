@@ -14,9 +14,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
+use super::q8_activations::{quantize_row, ActBlock, QK};
 use crate::nn::LinearKernel;
-
-const QK: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -41,33 +40,6 @@ impl Kind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
         }
-    }
-}
-
-/// One block of 32 activations: `x ≈ d * qs`, `s = d * Σqs` (for the blocks' offsets).
-#[derive(Clone, Copy)]
-struct ActBlock {
-    d: f32,
-    s: f32,
-    qs: [i8; QK],
-}
-
-fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
-    for chunk in x.chunks_exact(QK) {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; QK];
-        let mut sum = 0i32;
-        for (q, v) in qs.iter_mut().zip(chunk) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
-        out.push(ActBlock {
-            d,
-            s: d * sum as f32,
-            qs,
-        });
     }
 }
 
@@ -115,6 +87,7 @@ fn dot_scalar(kind: Kind, w: &[u8], a: &[ActBlock]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+    use crate::kernels::q8_activations::x86::{hsum, mul_sum_i8, mul_sum_us8};
     use std::arch::x86_64::*;
 
     /// 32 nibbles → 32 bytes (low nibbles first, as GGML lays them out).
@@ -140,21 +113,6 @@ mod avx2 {
         _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 
-    /// Σ unsigned(ax) · signed(sy) over 32 bytes, as 8 f32 partial sums.
-    #[inline(always)]
-    unsafe fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256 {
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
-
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(kind: Kind, w: &[u8], a: &[ActBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -170,10 +128,7 @@ mod avx2 {
                     let hi =
                         _mm256_andnot_si256(bytes_from_bits_32(blk.add(2)), _mm256_set1_epi8(-16));
                     qx = _mm256_or_si256(qx, hi);
-                    // Signed × signed through the sign trick.
-                    let ax = _mm256_sign_epi8(qx, qx);
-                    let sy = _mm256_sign_epi8(qy, qx);
-                    mul_sum_us8(ax, sy)
+                    mul_sum_i8(qx, qy)
                 }
                 Kind::Q5_1 => {
                     offsets += read_f16(std::slice::from_raw_parts(blk.add(2), 2)) * act.s;

@@ -162,12 +162,11 @@ fn read_dense(ckpt: &Checkpoint, t: &TensorRef) -> Result<Tensor, LoadError> {
     Ok(Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?)
 }
 
-/// A tensor kept as GGML blocks when it is stored as blocks.
+/// A tensor kept as GGML blocks when it is stored as blocks, or as f16 when it is F16 (half
+/// the memory of f32, and what decode reads; `kernels::f16` multiplies it).
 fn read_blocks(ckpt: &Checkpoint, t: &TensorRef) -> Result<Option<Arc<QTensor>>, LoadError> {
     match t.dtype {
-        SourceDtype::Ggml(dtype)
-            if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) =>
-        {
+        SourceDtype::Ggml(dtype) if !matches!(dtype, GgmlDType::F32 | GgmlDType::BF16) => {
             let storage = QStorage::from_data(
                 std::borrow::Cow::Borrowed(ckpt.raw_bytes(t)),
                 &Device::Cpu,

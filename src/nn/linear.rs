@@ -54,11 +54,17 @@ impl QLinear {
         })
     }
 
-    /// GGML blocks, kept as blocks. Float GGML tensors (F32/F16/BF16) become dense weights.
+    /// GGML blocks, kept as blocks. F16 tensors stay f16 behind quantd's f16 kernel; F32 and
+    /// BF16 become dense weights.
     pub fn ggml(q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, _) = q.shape().dims2()?;
         let weight = match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            // Kept in f16 (half the bytes of a dense f32 copy, shared with a tied embedding).
+            GgmlDType::F16 => match crate::kernels::f16::F16Matmul::new(q.clone()) {
+                Some(k) => Weight::Custom(Arc::new(k)),
+                None => Weight::Dense(q.dequantize(&candle_core::Device::Cpu)?),
+            },
+            GgmlDType::F32 | GgmlDType::BF16 => {
                 Weight::Dense(q.dequantize(&candle_core::Device::Cpu)?)
             }
             _ => Weight::Ggml(
