@@ -27,6 +27,9 @@ export QUANTD_PYTHON=${QUANTD_PYTHON:-$(dirname "$FIXTURE")/.venv/bin/python}
 # The official OpenAI client drives the server in tests/openai_client.rs.
 "$QUANTD_PYTHON" -c 'import openai' 2>/dev/null ||
   "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3'
+# The official Prometheus client's parser reads `GET /metrics` in tests/metrics.rs.
+"$QUANTD_PYTHON" -c 'import prometheus_client' 2>/dev/null ||
+  "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'prometheus-client>=0.20,<1'
 
 # llama.cpp through llama-cpp-python is the independent reference for perplexity
 # (tests/eval_llama_cpp.rs). PyPI has only its sdist: the first build takes about 11 minutes on

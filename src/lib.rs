@@ -12,6 +12,7 @@ pub mod export;
 pub mod http;
 pub mod jobs;
 pub mod kernels;
+pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod process_tuning;

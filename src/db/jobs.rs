@@ -294,6 +294,15 @@ pub async fn retry(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
     Ok(status)
 }
 
+/// (method, status, jobs) over the whole table, for the metrics scrape.
+pub async fn counts(db: &Db) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT method, status, COUNT(*) FROM jobs GROUP BY method, status ORDER BY 1, 2",
+    )
+    .fetch_all(db)
+    .await
+}
+
 pub async fn cancel_requested(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
     let v: Option<i64> = sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
         .bind(id)

@@ -59,12 +59,14 @@ impl FinishReason {
 pub enum SeqEvent {
     /// The prompt's tokens with their logprobs (only when asked for).
     Prompt(Vec<TokenLogprob>),
-    /// Text that became final (may be empty while a possible stop string is held back) and
-    /// the token that produced it (absent on the last flush).
+    /// One sampled token: the text that became final with it (empty while a possible stop
+    /// string is held back) and its logprobs when they were asked for.
     Token {
         text: String,
         token: Option<TokenLogprob>,
     },
+    /// Text held back for a possible stop string, released as the sequence ends (no token).
+    Flush(String),
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,

@@ -82,10 +82,7 @@ impl Seq {
         };
         rest.push_str(&self.stop.flush());
         if !rest.is_empty() {
-            self.send(SeqEvent::Token {
-                text: rest,
-                token: None,
-            });
+            self.send(SeqEvent::Flush(rest));
         }
         self.send(SeqEvent::Done {
             finish_reason: reason,

@@ -10,6 +10,7 @@ mod health;
 mod inference;
 mod jobs;
 pub mod json;
+mod metrics;
 mod models;
 
 use std::sync::atomic::AtomicBool;
@@ -122,8 +123,13 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
+        .route("/metrics", get(metrics::metrics))
         .merge(protected)
         .fallback(health::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         // Every request gets an `x-request-id` (kept if the client sent one), logged in the
         // trace span and echoed in the response, so a user's report can be found in the log.
         .layer(PropagateRequestIdLayer::x_request_id())

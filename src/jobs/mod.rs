@@ -42,6 +42,7 @@ struct Inner {
     cancel_flags: Mutex<HashMap<String, Arc<AtomicBool>>>,
     pool: Arc<rayon::ThreadPool>,
     shutdown: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl JobSystem {
@@ -61,12 +62,18 @@ impl JobSystem {
                 cancel_flags: Mutex::new(HashMap::new()),
                 pool: Arc::new(pool),
                 shutdown,
+                metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
         }
     }
 
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// The process's Prometheus metrics (jobs record stages here; HTTP and inference too).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     pub fn store(&self) -> &BlobStore {

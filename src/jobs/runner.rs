@@ -70,6 +70,12 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
     watcher.abort();
     js.forget_cancel_flag(&job.id);
     let db = js.db();
+    let ended = match &outcome {
+        Ok(_) => "succeeded",
+        Err(RunError::Cancelled) if js.shutdown_token().is_cancelled() => "requeued",
+        Err(RunError::Cancelled) => "cancelled",
+        Err(RunError::Failed(_) | RunError::GateMissed { .. }) => "failed",
+    };
     let result = match outcome {
         Ok(output) => {
             info!(output = %output, "job succeeded");
@@ -95,6 +101,7 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
     if let Err(e) = result {
         warn!(error = %e, "could not record the job's outcome");
     }
+    js.metrics().job_ended(&job.id, &job.method, ended);
 }
 
 async fn finish(
@@ -138,7 +145,9 @@ fn spawn_cancel_watcher(
     })
 }
 
-async fn stage(js: &JobSystem, id: &str, stage: &'static str) -> Result<(), sqlx::Error> {
+async fn stage(js: &JobSystem, job: &JobRow, stage: &'static str) -> Result<(), sqlx::Error> {
+    let id = job.id.as_str();
+    js.metrics().job_stage(id, &job.method, stage);
     db::jobs::set_progress(js.db(), id, stage, 0, 0, "").await?;
     let data = json!({"stage": stage});
     db::jobs::add_event(js.db(), id, "stage", &data).await?;
@@ -160,7 +169,7 @@ async fn execute(
     if db::jobs::cancel_requested(js.db(), &job.id).await? {
         return Err(RunError::Cancelled);
     }
-    stage(js, &job.id, "loading").await?;
+    stage(js, job, "loading").await?;
     let done = match &spec.method {
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
         _ => quantize_and_publish(js, job, &spec, cancel).await?,
@@ -185,7 +194,7 @@ async fn evaluate_and_gate(
     let Some(params) = &spec.eval else {
         return Ok(None);
     };
-    stage(js, &job.id, "evaluating").await?;
+    stage(js, job, "evaluating").await?;
     let report = evaluation::run(js, &job.id, spec, params, target, cancel.clone()).await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
@@ -229,7 +238,7 @@ async fn quantize_and_publish(
     };
     let quant_report = serde_json::to_value(&quantized.report).expect("report serializes");
     let eval = evaluate_and_gate(js, job, spec, target, cancel.clone(), quant_report).await?;
-    stage(js, &job.id, "writing").await?;
+    stage(js, job, "writing").await?;
     let (store, gguf, stem, outputs) = (
         js.store().clone(),
         quantized.temp.path().to_path_buf(),
@@ -350,7 +359,7 @@ async fn quantize(
 
     let (calibrated, calibration) = match &spec.calibration {
         Some(params) => {
-            stage(js, &job.id, "calibrating").await?;
+            stage(js, job, "calibrating").await?;
             let text_path = match &params.dataset {
                 Some(id) => {
                     let dataset = db::datasets::get(js.db(), id)
@@ -408,7 +417,7 @@ async fn quantize(
         None => None,
     };
 
-    stage(js, &job.id, "quantizing").await?;
+    stage(js, job, "quantizing").await?;
     let temp = js.store().temp_file("job")?;
     let hooks = JobHooks::new(js, &job.id, cancel);
     let pool = js.pool();

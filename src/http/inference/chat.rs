@@ -168,7 +168,15 @@ pub async fn chat_completions(
     };
     let limit = state.engine.settings().max_tokens;
     let max_tokens = check_lengths(&model, limit, ids.len(), requested, limit, field)?;
-    let choices = submit(&model, &[ids], &v, max_tokens, logprobs, false)?;
+    let choices = submit(
+        state.jobs.metrics(),
+        &model,
+        &[ids],
+        &v,
+        max_tokens,
+        logprobs,
+        false,
+    )?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model_id = model.id.clone();

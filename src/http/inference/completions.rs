@@ -152,7 +152,15 @@ pub async fn completions(
     }
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.0.clone()).collect();
     let prompt_logprobs = req.echo && logprobs.is_some();
-    let choices = submit(&model, &ids, &v, max_tokens, logprobs, prompt_logprobs)?;
+    let choices = submit(
+        state.jobs.metrics(),
+        &model,
+        &ids,
+        &v,
+        max_tokens,
+        logprobs,
+        prompt_logprobs,
+    )?;
     let echo_texts: Vec<Option<String>> = prompts
         .iter()
         .flat_map(|(_, text)| std::iter::repeat_n(req.echo.then(|| text.clone()), v.n))

@@ -9,6 +9,7 @@ mod manage;
 mod stream;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use crate::catalog::{self, CatalogError};
 use crate::engine::{
     EngineError, FinishReason, GenerateRequest, LoadedModel, SamplingParams, SeqEvent, TokenLogprob,
 };
+use crate::metrics::Metrics;
 use crate::model::servable;
 
 pub use manage::{engine_stats, load_model, unload_model};
@@ -321,6 +323,7 @@ pub struct Choice {
 /// Submits one sequence per (prompt, n); on a full queue the ones already queued are dropped
 /// with their receivers, so the engine discards them.
 pub fn submit(
+    metrics: &Arc<Metrics>,
     model: &LoadedModel,
     prompts: &[Vec<u32>],
     v: &Validated,
@@ -354,11 +357,55 @@ pub fn submit(
             })?;
             choices.push(Choice {
                 index: choices.len(),
-                events: rx,
+                events: observed(metrics.clone(), model.id.clone(), rx),
             });
         }
     }
     Ok(choices)
+}
+
+/// Relays a sequence's events while timing them for the metrics: time to the first token,
+/// time between tokens, and the token counts at the end. The relay stops when either side
+/// does, so a client that goes away still stops its sequence at the engine's next token.
+fn observed(
+    metrics: Arc<Metrics>,
+    model: String,
+    mut from_engine: UnboundedReceiver<SeqEvent>,
+) -> UnboundedReceiver<SeqEvent> {
+    let (to_client, events) = unbounded_channel();
+    tokio::spawn(async move {
+        let submitted = Instant::now();
+        let mut last_token: Option<Instant> = None;
+        loop {
+            let event = tokio::select! {
+                e = from_engine.recv() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+                _ = to_client.closed() => break,
+            };
+            match &event {
+                SeqEvent::Token { .. } => {
+                    let now = Instant::now();
+                    match last_token {
+                        None => metrics.first_token(&model, (now - submitted).as_secs_f64()),
+                        Some(t) => metrics.next_token(&model, (now - t).as_secs_f64()),
+                    }
+                    last_token = Some(now);
+                }
+                SeqEvent::Done {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => metrics.tokens(&model, *prompt_tokens, *completion_tokens),
+                _ => {}
+            }
+            if to_client.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    events
 }
 
 /// A choice gathered to its end (non-streaming responses).
@@ -381,6 +428,7 @@ pub async fn gather(mut choice: Choice) -> Result<Finished, ApiError> {
                 out.text.push_str(&text);
                 out.tokens.extend(token);
             }
+            SeqEvent::Flush(text) => out.text.push_str(&text),
             SeqEvent::Done {
                 finish_reason,
                 prompt_tokens,

@@ -77,6 +77,7 @@ pub fn sse<S: ChunkShape>(meta: StreamMeta, choices: Vec<Choice>, mut shape: S) 
             let c = match e {
                 SeqEvent::Prompt(p) => shape.prompt(i, &p),
                 SeqEvent::Token { text, token } => shape.token(i, text, token),
+                SeqEvent::Flush(text) => shape.token(i, text, None),
                 SeqEvent::Done { finish_reason, prompt_tokens: p, completion_tokens: c } => {
                     if i % n == 0 {
                         prompt_tokens += p;
