@@ -1,7 +1,10 @@
 //! The command line: `serve`, `quantize` (offline, the job code path with a progress bar),
-//! `convert` (GGUF ⇄ HF safetensors), `export` (GPTQ/AWQ checkpoints) and `migrate`.
+//! `convert` (GGUF ⇄ HF safetensors), `export` (GPTQ/AWQ/bitsandbytes checkpoints), `eval`,
+//! `bench`, `migrate`, and the client commands against a running server (`upload`, `models`,
+//! `jobs`, `chat`).
 
 mod bench;
+mod client;
 mod eval;
 mod offline;
 
@@ -46,6 +49,14 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Measure inference speed (prompt processing, decoding, concurrent streams).
     Bench(bench::BenchArgs),
+    /// Upload an HF folder or a GGUF file to a running server (as blobs, then the model).
+    Upload(client::UploadArgs),
+    /// List the server's models.
+    Models(client::ModelsArgs),
+    /// Submit, list, follow and cancel jobs on a running server.
+    Jobs(client::JobsArgs),
+    /// Chat with a served model, answers streamed as they are generated.
+    Chat(client::ChatArgs),
     /// Create or upgrade the database under data_dir, then exit.
     Migrate {
         #[arg(long)]
@@ -66,6 +77,10 @@ pub fn main() -> ExitCode {
         Command::Export(args) => offline::export(args),
         Command::Bench(args) => bench::bench(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Upload(args) => client::upload(args),
+        Command::Models(args) => client::models(args),
+        Command::Jobs(args) => client::jobs::run(args),
+        Command::Chat(args) => client::chat::run(args),
         Command::Migrate { config } => migrate(config),
     };
     match result {
