@@ -536,7 +536,14 @@ mod tests {
 
     #[test]
     fn every_scheme_and_isa_matches_its_float_definition() {
-        let (rows, cols) = (37, 200);
+        // 37 rows run whole; 301 rows split decode calls over the weight rows (with 2+
+        // threads), in parts of a multiple of 4 and a shorter last part.
+        for (rows, cols) in [(37, 200), (301, 96)] {
+            check_every_scheme_and_isa(rows, cols);
+        }
+    }
+
+    fn check_every_scheme_and_isa(rows: usize, cols: usize) {
         let w = weights(rows, cols);
         for act in [
             Activations::PerToken,
