@@ -21,19 +21,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .into_iter()
         .map(|(m, s, n)| (m, s, n.max(0) as u64))
         .collect();
-    let models = state
-        .engine
-        .stats()
-        .into_iter()
-        .map(|m| {
-            (
-                m.id,
-                m.weight_bytes as u64,
-                m.active as u64,
-                m.queued as u64,
-            )
-        })
-        .collect();
+    let models = state.engine.stats();
     let body = state.jobs.metrics().render(&Live { jobs, models });
     Ok((
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

@@ -16,6 +16,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 
+use super::by_output_row;
 use super::q8_activations::{quantize_row, ActBlock, QK};
 use crate::nn::linear::GEMM_MIN_ROWS;
 use crate::nn::LinearKernel;
@@ -103,23 +104,19 @@ impl Bnb4Matmul {
             pair_order(xr, &mut packed_order);
             quantize_row(&packed_order, &mut act);
         }
-        let mut out = vec![0f32; n * rows];
-        let out_ptr = out.as_mut_ptr() as usize;
         let row_bytes = cols / 2;
-        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-            let mut scales = vec![0f32; chunks];
-            for r in range {
-                self.chunk_scales(r, &mut scales);
+        by_output_row(
+            rows,
+            n,
+            || vec![0f32; chunks],
+            |scales, r, column| {
+                self.chunk_scales(r, scales);
                 let w = &self.weight.packed[r * row_bytes..(r + 1) * row_bytes];
-                for i in 0..n {
-                    let v = self.row_dot(w, &act[i * chunks..(i + 1) * chunks], &scales);
-                    // SAFETY: each (i, r) is written by exactly one worker; `out` outlives
-                    // the call (execute_chunked returns after every worker finished).
-                    unsafe { *(out_ptr as *mut f32).add(i * rows + r) = v };
+                for (v, a) in column.iter_mut().zip(act.chunks(chunks)) {
+                    *v = self.row_dot(w, a, scales);
                 }
-            }
-        });
-        out
+            },
+        )
     }
 }
 

@@ -13,6 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
+use super::by_output_row;
 use crate::nn::linear::GEMM_MIN_ROWS;
 use crate::nn::LinearKernel;
 
@@ -56,21 +57,18 @@ impl F16Matmul {
 
     fn gemv(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let data = self.weight.data()?;
-        let (rows, cols) = (self.rows, self.cols);
-        let mut out = vec![0f32; n * rows];
-        let out_ptr = out.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-            for r in range {
+        let cols = self.cols;
+        Ok(by_output_row(
+            self.rows,
+            n,
+            || (),
+            |_, r, column| {
                 let w = &data[r * cols * 2..(r + 1) * cols * 2];
-                for i in 0..n {
-                    let v = self.row_dot(w, &x[i * cols..(i + 1) * cols]);
-                    // SAFETY: each (i, r) is written by exactly one worker; `out` outlives
-                    // the call (execute_chunked returns after every worker finished).
-                    unsafe { *(out_ptr as *mut f32).add(i * rows + r) = v };
+                for (v, xr) in column.iter_mut().zip(x.chunks(cols)) {
+                    *v = self.row_dot(w, xr);
                 }
-            }
-        });
-        Ok(out)
+            },
+        ))
     }
 }
 

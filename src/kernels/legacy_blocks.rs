@@ -14,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
+use super::by_output_row;
 use super::q8_activations::{quantize_row, ActBlock, QK};
 use crate::nn::LinearKernel;
 
@@ -216,20 +217,18 @@ impl LinearKernel for LegacyBlockMatmul {
         }
         let data = self.weight.data()?;
         let row_bytes = blocks * self.kind.block_bytes();
-        let mut out = vec![0f32; rows * self.n];
-        let out_ptr = out.as_mut_ptr() as usize;
-        let (n, kind, simd) = (self.n, self.kind, self.simd);
-        candle_core::utils::barrier_pool().execute_chunked(n, |cols| {
-            for col in cols {
+        let (kind, simd) = (self.kind, self.simd);
+        let out = by_output_row(
+            self.n,
+            rows,
+            || (),
+            |_, col, column| {
                 let w = &data[col * row_bytes..(col + 1) * row_bytes];
-                for r in 0..rows {
-                    let v = dot(kind, w, &act[r * blocks..(r + 1) * blocks], simd);
-                    // SAFETY: each (r, col) is written by exactly one worker; `out` outlives
-                    // the call (execute_chunked returns after every worker finished).
-                    unsafe { *(out_ptr as *mut f32).add(r * n + col) = v };
+                for (v, a) in column.iter_mut().zip(act.chunks(blocks)) {
+                    *v = dot(kind, w, a, simd);
                 }
-            }
-        });
+            },
+        );
         Tensor::from_vec(out, (rows, self.n), &Device::Cpu)
     }
 

@@ -18,6 +18,32 @@ use candle_core::quantized::QTensor;
 
 use crate::nn::LinearKernel;
 
+/// `out[i·outputs + r]` for `inputs` activation rows and `outputs` weight rows, the weight rows
+/// split over candle's thread pool (decode: few inputs, so each worker streams its own share
+/// of the weights). `row(scratch, r, column)` fills `column[i]` for weight row `r`; each worker
+/// makes one `scratch` for its rows.
+pub(crate) fn by_output_row<S>(
+    outputs: usize,
+    inputs: usize,
+    scratch: impl Fn() -> S + Sync,
+    row: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; inputs * outputs];
+    let out_ptr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(outputs, |range| {
+        let (mut s, mut column) = (scratch(), vec![0f32; inputs]);
+        for r in range {
+            row(&mut s, r, &mut column);
+            for (i, &v) in column.iter().enumerate() {
+                // SAFETY: each (i, r) is written by exactly one worker; `out` outlives the
+                // call (execute_chunked returns after every worker finished).
+                unsafe { *(out_ptr as *mut f32).add(i * outputs + r) = v };
+            }
+        }
+    });
+    out
+}
+
 /// A faster kernel than candle's for these GGML blocks, if quantd has one.
 pub fn for_ggml(weight: &Arc<QTensor>) -> Option<Arc<dyn LinearKernel>> {
     legacy_blocks::LegacyBlockMatmul::new(weight.clone())

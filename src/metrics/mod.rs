@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::engine::ModelStats;
 use registry::{render_gauge, CounterFamily, HistogramFamily, LATENCY_BUCKETS, STAGE_BUCKETS};
 
 /// Token-latency buckets in seconds: a decode step to a long prompt's first token.
@@ -38,8 +39,8 @@ impl Default for Metrics {
 pub struct Live {
     /// (method, status, jobs) from the database.
     pub jobs: Vec<(String, String, u64)>,
-    /// (model id, weight bytes, running sequences, queued sequences).
-    pub models: Vec<(String, u64, u64, u64)>,
+    /// The engine's loaded models.
+    pub models: Vec<ModelStats>,
 }
 
 impl Metrics {
@@ -178,10 +179,10 @@ impl Metrics {
             &[],
             &[(vec![], live.models.len() as f64)],
         );
-        let per_model = |f: fn(&(String, u64, u64, u64)) -> u64| -> Vec<(Vec<String>, f64)> {
+        let per_model = |f: fn(&ModelStats) -> usize| -> Vec<(Vec<String>, f64)> {
             live.models
                 .iter()
-                .map(|m| (vec![m.0.clone()], f(m) as f64))
+                .map(|m| (vec![m.id.clone()], f(m) as f64))
                 .collect()
         };
         render_gauge(
@@ -189,21 +190,21 @@ impl Metrics {
             "quantd_model_weight_bytes",
             "Bytes of weights each loaded model holds in memory.",
             &["model"],
-            &per_model(|m| m.1),
+            &per_model(|m| m.weight_bytes),
         );
         render_gauge(
             &mut out,
             "quantd_model_running_sequences",
             "Sequences each loaded model is generating.",
             &["model"],
-            &per_model(|m| m.2),
+            &per_model(|m| m.active),
         );
         render_gauge(
             &mut out,
             "quantd_model_queued_sequences",
             "Sequences waiting for a model's batch.",
             &["model"],
-            &per_model(|m| m.3),
+            &per_model(|m| m.queued),
         );
         out
     }

@@ -154,28 +154,17 @@ mod tests {
         }
         let mask = Tensor::from_vec(mask, (t, total), &Device::Cpu).unwrap();
         let mut outs = Vec::new();
+        // Head `h` of `[1, heads, t, d]` as `[t, d]`.
+        let head = |x: &Tensor, h: usize| {
+            x.narrow(1, h, 1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        };
         for h in 0..heads {
-            let qh = q
-                .narrow(1, h, 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let kh = k
-                .narrow(1, h / group, 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let vh = v
-                .narrow(1, h / group, 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
+            let (qh, kh, vh) = (head(q, h), head(k, h / group), head(v, h / group));
             let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
             let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&mask).unwrap()).unwrap();
             outs.push(p.matmul(&vh).unwrap());

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use super::api::{read_events, Api, Connection};
-use super::print_table;
+use super::{data, print_table};
 
 #[derive(clap::Args)]
 pub struct JobsArgs {
@@ -163,10 +163,7 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
         println!("{page}");
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = page["data"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = data(&page)
         .iter()
         .map(|j| {
             let p = &j["progress"];

@@ -115,10 +115,7 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
         println!("{list}");
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = list["data"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = data(&list)
         .iter()
         .map(|m| {
             vec![
@@ -133,6 +130,11 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
         .collect();
     print_table(&["MODEL", "KIND", "SIZE", "BITS/W"], &rows);
     Ok(())
+}
+
+/// The `data` array of a list response (empty if absent).
+pub fn data(list: &Value) -> &[Value] {
+    list["data"].as_array().map_or(&[], |a| a.as_slice())
 }
 
 pub fn human_bytes(b: f64) -> String {
