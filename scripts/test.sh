@@ -11,6 +11,8 @@ command -v unzip >/dev/null || need_apt+=(unzip)
 command -v curl >/dev/null || need_apt+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v g++ >/dev/null || need_apt+=(g++)
+# Debian's Chromium: tests/dashboard.rs drives the dashboard in it, headless.
+[[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
@@ -30,6 +32,13 @@ export QUANTD_PYTHON=${QUANTD_PYTHON:-$(dirname "$FIXTURE")/.venv/bin/python}
 # The official Prometheus client's parser reads `GET /metrics` in tests/metrics.rs.
 "$QUANTD_PYTHON" -c 'import prometheus_client' 2>/dev/null ||
   "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'prometheus-client>=0.20,<1'
+
+# schemathesis fuzzes a live server against openapi.json (tests/openapi.rs); Playwright's
+# Python client drives Debian's Chromium for tests/dashboard.rs (it downloads no browser).
+"$QUANTD_PYTHON" -c 'import schemathesis' 2>/dev/null ||
+  "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'schemathesis>=4.30,<5'
+"$QUANTD_PYTHON" -c 'import playwright' 2>/dev/null ||
+  "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'playwright>=1.50,<2'
 
 # llama.cpp through llama-cpp-python is the independent reference for perplexity
 # (tests/eval_llama_cpp.rs). PyPI has only its sdist: the first build takes about 11 minutes on

@@ -73,10 +73,23 @@ def measure(args, name, qargs):
 
 
 def evaluate(args, path, reference=True):
-    cmd = [args.quantd, "eval", path, "--text", args.text, "--max-tokens", str(args.max_tokens), "--json"]
-    if reference:
-        cmd += ["--reference", args.model]
-    ev = run_json(cmd)
+    """Quality from `quantd eval` (deterministic, so cached in --work beside the variant and
+    reused on a rerun with the same text and token count), then speed from `quantd bench`,
+    always measured afresh."""
+    name = slug(os.path.basename(path.rstrip(os.sep)))
+    cache = os.path.join(args.work, f"{name}.eval-{slug(os.path.basename(args.text))}-{args.max_tokens}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            ev = json.load(f)
+    else:
+        cmd = [args.quantd, "eval", path, "--text", args.text, "--max-tokens", str(args.max_tokens), "--json"]
+        if reference:
+            cmd += ["--reference", args.model]
+        ev = run_json(cmd)
+        with open(cache, "w") as f:
+            json.dump(ev, f)
+    if args.no_bench:
+        return ev, None
     bench = run_json([args.quantd, "bench", path, "--json", "--repeat", str(args.repeat),
                       "--concurrency", "0"])
     return ev, bench
@@ -111,11 +124,21 @@ def main():
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", action="append", help="measure only these variants (repeatable)")
+    p.add_argument("--no-bench", action="store_true",
+                   help="quantize and evaluate only (fills the caches in --work; writes no table)")
     p.add_argument("--doc", default=os.path.join(os.path.dirname(__file__), "..", "..", "docs", "methods.md"))
     args = p.parse_args()
     if os.path.abspath(args.calib) == os.path.abspath(args.text):
         sys.exit("--calib must not be the evaluation text")
     os.makedirs(args.work, exist_ok=True)
+
+    if args.no_bench:
+        evaluate(args, args.model, reference=False)
+        for name, qargs, _ in VARIANTS:
+            if not args.only or name in args.only:
+                print(name, file=sys.stderr)
+                evaluate(args, measure(args, name, qargs)[0])
+        return
 
     rows = []
     # The base model: perplexity only (it is the reference), and its speed.

@@ -116,6 +116,14 @@ pub async fn list(db: &Db, f: &ListFilter<'_>) -> Result<Vec<JobRow>, sqlx::Erro
     .await
 }
 
+/// The newest jobs first (the dashboard's list).
+pub async fn recent(db: &Db, limit: u32) -> Result<Vec<JobRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?")
+        .bind(limit as i64)
+        .fetch_all(db)
+        .await
+}
+
 /// Takes the oldest queued job, marks it running and counts the attempt, atomically.
 pub async fn claim(db: &Db) -> Result<Option<JobRow>, sqlx::Error> {
     let mut conn = db.acquire().await?;

@@ -48,7 +48,8 @@ pub struct LoadedModel {
     last_used: AtomicU64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// What one loaded model's engine did so far (`GET /v1/engine`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelStats {
     pub id: String,
     pub weight_bytes: usize,

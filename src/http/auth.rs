@@ -3,7 +3,7 @@
 //! SHA-256, so neither content nor length leaks through timing.
 
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use sha2::{Digest, Sha256};
@@ -65,12 +65,30 @@ fn required_scope(method: &Method, path: &str) -> Scope {
     }
 }
 
-fn presented_key(req: &Request) -> Option<&str> {
-    let headers = req.headers();
+/// The dashboard's cookie: the key, hex-encoded so any key is a valid cookie value.
+pub const COOKIE: &str = "quantd_key";
+
+/// The key a request presents: `Authorization: Bearer`, `x-api-key`, or (only when
+/// `allow_cookie`, which callers grant to GET and HEAD) the dashboard's cookie. A cookie is sent
+/// by the browser on its own, so it may read but never change anything; that, and
+/// SameSite=Strict, keeps other sites from acting with it.
+pub fn key_from_headers(headers: &HeaderMap, allow_cookie: bool) -> Option<String> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").map(str::trim);
+        return v.strip_prefix("Bearer ").map(|k| k.trim().to_string());
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok())
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.to_string());
+    }
+    if !allow_cookie {
+        return None;
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .find_map(|hex_key| String::from_utf8(hex::decode(hex_key).ok()?).ok())
 }
 
 pub async fn require_key(
@@ -81,7 +99,8 @@ pub async fn require_key(
     if state.keys.is_empty() {
         return Ok(next.run(req).await);
     }
-    let Some(key) = presented_key(&req) else {
+    let reading = req.method() == Method::GET || req.method() == Method::HEAD;
+    let Some(key) = key_from_headers(req.headers(), reading) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -89,7 +108,7 @@ pub async fn require_key(
         )
         .with_param("authorization"));
     };
-    let Some(scope) = state.keys.scope_of(key) else {
+    let Some(scope) = state.keys.scope_of(&key) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -119,6 +138,17 @@ mod tests {
         assert_eq!(keys.scope_of("admin-key-123"), Some(Scope::Admin));
         assert_eq!(keys.scope_of("infer-key-456"), Some(Scope::Infer));
         assert_eq!(keys.scope_of("admin-key-12"), None);
+    }
+
+    #[test]
+    fn the_cookie_counts_only_where_reading_is_allowed() {
+        let mut h = HeaderMap::new();
+        let cookie = format!("other=1; {COOKIE}={}", hex::encode("k-1"));
+        h.insert(header::COOKIE, cookie.parse().unwrap());
+        assert_eq!(key_from_headers(&h, true).as_deref(), Some("k-1"));
+        assert_eq!(key_from_headers(&h, false), None);
+        h.insert("authorization", "Bearer k-2".parse().unwrap());
+        assert_eq!(key_from_headers(&h, true).as_deref(), Some("k-2"));
     }
 
     #[test]

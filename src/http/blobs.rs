@@ -5,9 +5,10 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::db;
 use crate::store::{Digest, StoreError};
@@ -16,6 +17,18 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     Digest::parse(s).map_err(|e| ApiError::bad_request("digest", e.to_string()))
 }
 
+/// A stored blob.
+#[derive(Serialize, ToSchema)]
+pub struct Blob {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    pub size: i64,
+}
+
+#[utoipa::path(head, path = "/v1/blobs/{digest}", tag = "models",
+    params(("digest" = String, Path, description = "sha256:<64 hex digits>")),
+    responses((status = 200, description = "stored"), (status = 404, description = "not stored"),
+        (status = 400, description = "not a sha256 digest")))]
 pub async fn head_blob(
     State(state): State<AppState>,
     Path(digest): Path<String>,
@@ -29,17 +42,27 @@ pub async fn head_blob(
     )
 }
 
+#[utoipa::path(put, path = "/v1/blobs/{digest}", tag = "models",
+    params(("digest" = String, Path, description = "sha256:<64 hex digits> of the body")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, description = "stored", body = Blob),
+        (status = 200, description = "already stored; nothing was read", body = Blob),
+        (status = 400, description = "not a sha256 digest, or the body hashes to another", body = ErrorBody),
+        (status = 413, body = ErrorBody)))]
 pub async fn put_blob(
     State(state): State<AppState>,
     Path(digest): Path<String>,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Blob>), ApiError> {
     let digest = parse_digest(&digest)?;
     let db = state.jobs.db();
     if let Some(size) = db::blobs::exists(db, digest.as_str()).await? {
         return Ok((
             StatusCode::OK,
-            Json(json!({"digest": digest.as_str(), "size": size})),
+            Json(Blob {
+                digest: digest.to_string(),
+                size,
+            }),
         ));
     }
     let store = state.jobs.store();
@@ -58,6 +81,9 @@ pub async fn put_blob(
     db::blobs::insert(db, digest.as_str(), size).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"digest": digest.as_str(), "size": size})),
+        Json(Blob {
+            digest: digest.to_string(),
+            size: size as i64,
+        }),
     ))
 }

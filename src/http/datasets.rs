@@ -3,6 +3,7 @@
 //! content-addressed; its id is `ds_` + the first 16 hex digits of its SHA-256, so the same
 //! text uploaded twice is one dataset.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use axum::body::Bytes;
@@ -10,39 +11,57 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest as _, Sha256};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::openapi::{list_type, Deleted};
 use super::AppState;
 use crate::db::{self, datasets::DatasetRow};
 use crate::store::Digest;
 
 /// The dataset as the API shows it, with its token counts read from the database.
-async fn shown(db: &db::Db, row: &DatasetRow) -> Result<Value, ApiError> {
-    Ok(dataset_json(
+async fn shown(db: &db::Db, row: &DatasetRow) -> Result<Dataset, ApiError> {
+    Ok(Dataset::new(
         row,
         &db::evals::dataset_tokens(db, &row.id).await?,
     ))
 }
 
-fn dataset_json(row: &DatasetRow, tokens_by_model: &[(String, i64)]) -> Value {
-    let tokens: serde_json::Map<String, Value> = tokens_by_model
-        .iter()
-        .map(|(model, n)| (model.clone(), json!(n)))
-        .collect();
-    json!({
-        "id": row.id,
-        "object": "dataset",
-        "format": row.format,
-        "bytes": row.bytes,
-        "documents": row.documents,
-        "digest": row.digest,
-        "created": row.created_at,
-        // Filled in as jobs tokenize the dataset with a model's tokenizer.
-        "tokens_by_model": tokens,
-    })
+#[derive(Serialize, ToSchema)]
+pub struct Dataset {
+    /// `ds_` + the first 16 hex digits of the text's SHA-256.
+    pub id: String,
+    /// Always `dataset`.
+    pub object: &'static str,
+    /// `text` or `jsonl`.
+    pub format: String,
+    pub bytes: i64,
+    pub documents: i64,
+    pub digest: String,
+    pub created: i64,
+    /// Model id → tokens, filled in as jobs tokenize the dataset with a model's tokenizer.
+    pub tokens_by_model: BTreeMap<String, i64>,
 }
+
+impl Dataset {
+    fn new(row: &DatasetRow, tokens_by_model: &[(String, i64)]) -> Self {
+        Self {
+            id: row.id.clone(),
+            object: "dataset",
+            format: row.format.clone(),
+            bytes: row.bytes,
+            documents: row.documents,
+            digest: row.digest.clone(),
+            created: row.created_at,
+            tokens_by_model: tokens_by_model.iter().cloned().collect(),
+        }
+    }
+}
+
+list_type!(DatasetList, Dataset);
 
 /// The text to store and its document count, from a text/plain or JSONL body.
 fn normalize(body: &[u8], jsonl: bool) -> Result<(String, u64), ApiError> {
@@ -86,11 +105,18 @@ fn normalize(body: &[u8], jsonl: bool) -> Result<(String, u64), ApiError> {
 }
 
 /// `POST /v1/datasets`: 201 with the new dataset, 200 when the same text already exists.
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets",
+    request_body(description = "plain text, or JSONL with a string field `text` per line",
+        content((String = "text/plain"), (String = "application/jsonl"))),
+    responses((status = 201, description = "stored", body = Dataset),
+        (status = 200, description = "the same text was stored before", body = Dataset),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody)))]
 pub async fn create_dataset(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Dataset>), ApiError> {
     let limit = state.settings().limits.max_dataset_bytes;
     let body = body.map_err(|e| {
         let mut err = ApiError::body(e);
@@ -149,32 +175,39 @@ pub async fn create_dataset(
     let row = db::datasets::get(db, &id)
         .await?
         .ok_or_else(|| ApiError::internal("storing the dataset", "row vanished"))?;
-    Ok((StatusCode::CREATED, Json(dataset_json(&row, &[]))))
+    Ok((StatusCode::CREATED, Json(Dataset::new(&row, &[]))))
 }
 
-pub async fn list_datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
+    responses((status = 200, body = DatasetList)))]
+pub async fn list_datasets(State(state): State<AppState>) -> Result<Json<DatasetList>, ApiError> {
     let db = state.jobs.db();
     let mut data = Vec::new();
     for row in db::datasets::list(db).await? {
         data.push(shown(db, &row).await?);
     }
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(DatasetList::new(data)))
 }
 
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = String, Path)),
+    responses((status = 200, body = Dataset), (status = 404, body = ErrorBody)))]
 pub async fn get_dataset(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Dataset>, ApiError> {
     let row = db::datasets::get(state.jobs.db(), &id)
         .await?
         .ok_or_else(|| ApiError::not_found("id", format!("dataset {id:?} does not exist")))?;
     Ok(Json(shown(state.jobs.db(), &row).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody),
+        (status = 409, description = "a queued or running job uses it", body = ErrorBody)))]
 pub async fn delete_dataset(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     if db::datasets::in_use_by_job(state.jobs.db(), &id).await? {
         return Err(ApiError::conflict(
             "id",
@@ -189,7 +222,5 @@ pub async fn delete_dataset(
             state.jobs.store().remove(&digest)?;
         }
     }
-    Ok(Json(
-        json!({"id": id, "object": "dataset", "deleted": true}),
-    ))
+    Ok(Json(Deleted::new(id, "dataset")))
 }

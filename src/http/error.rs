@@ -4,7 +4,8 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::catalog::CatalogError;
 use crate::jobs::submit::SubmitError;
@@ -76,9 +77,36 @@ impl ApiError {
     }
 }
 
+/// The error envelope every 4xx and 5xx carries, as OpenAI sends it.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for a person to read.
+    pub message: String,
+    /// `invalid_request_error`, `not_found_error`, `conflict_error`, `authentication_error`,
+    /// `permission_error`, `server_error`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The field or header at fault (`params.bits`, `authorization`), when there is one.
+    pub param: Option<String>,
+    /// Always null; kept for OpenAI clients that read it.
+    pub code: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.kind.to_string(),
+                param: self.param,
+                code: None,
+            },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

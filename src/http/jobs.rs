@@ -9,11 +9,13 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use futures::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::{prefixed, ValidJson};
+use super::openapi::ServerSentEvent;
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
@@ -47,19 +49,37 @@ const AVAILABLE: &[&str] = &[
     "eval",
 ];
 
-#[derive(Deserialize)]
+/// A job to submit (DESIGN §4). Each method's `params`, and the `calibration`, `eval` and
+/// `gate` blocks, are checked field by field; an error names the field (`params.bits`).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
+    /// The model to quantize or evaluate.
+    #[schema(example = "smollm2")]
     model: String,
+    /// gguf, rtn, gptq, awq, int8-dynamic, llm-int8, nf4, fp4 or eval.
+    #[schema(example = "rtn")]
     method: String,
+    /// The new variant's id; by default `MODEL:VARIANT`.
     output_name: Option<String>,
+    /// The method's parameters (`{"type": "Q4_K_M"}`, `{"bits": 4, "group_size": 128}`, ...).
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Value,
+    /// `{"dataset": "ds_..."}`, or `{}` to calibrate on text the model generates.
+    #[schema(value_type = Option<Object>)]
     calibration: Option<Value>,
+    /// Evaluate the result: `{"dataset": "ds_...", "max_tokens": 4096, ...}`.
+    #[schema(value_type = Option<Object>)]
     eval: Option<Value>,
+    /// Fail the job when the evaluation misses these budgets.
+    #[schema(value_type = Option<Object>)]
     gate: Option<Value>,
+    /// Extra exports: gptq-safetensors, awq-safetensors, bnb-safetensors.
     outputs: Option<Vec<String>>,
+    /// The same key returns the existing job instead of a second one.
     idempotency_key: Option<String>,
+    /// Plan only: what would be made, and its size.
     #[serde(default)]
     dry_run: bool,
 }
@@ -283,78 +303,177 @@ impl JobRequest {
     }
 }
 
-/// The job as the API shows it.
-pub fn job_json(row: &JobRow) -> Value {
-    let spec: Value = serde_json::from_str(&row.spec).unwrap_or(Value::Null);
-    let eta = match (
-        row.status.as_str(),
-        row.started_at,
-        row.progress_done,
-        row.progress_total,
-    ) {
-        ("running", Some(start), done, total) if done > 0 && total > done => {
-            let elapsed = (db::now() - start).max(0) as f64;
-            Some((elapsed / done as f64 * (total - done) as f64).round() as i64)
-        }
-        _ => None,
-    };
-    json!({
-        "id": row.id,
-        "object": "job",
-        "model": row.model_id,
-        "method": row.method,
-        "params": spec.get("params"),
-        // An eval job makes no model; its output name is only its id.
-        "output_name": (row.method != "eval").then_some(&row.output_name),
-        "eval": spec.get("eval"),
-        "gate": spec.get("gate"),
-        "status": row.status,
-        "stage": row.stage,
-        "progress": {"done": row.progress_done, "total": row.progress_total, "unit": row.progress_unit},
-        "eta_seconds": eta,
-        "created_at": row.created_at,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "attempts": row.attempts,
-        "max_attempts": row.max_attempts,
-        "error": row.error,
-        "idempotency_key": row.idempotency_key,
-        "plan": serde_json::from_str::<Value>(&row.plan).unwrap_or(Value::Null),
-        "metrics": row.report.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
-        "output_model": row.output_model,
-    })
+/// A job as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    /// Always `job`.
+    pub object: &'static str,
+    pub model: String,
+    pub method: String,
+    #[schema(value_type = Object)]
+    pub params: Value,
+    /// The variant it makes; null for an eval job, which makes no model.
+    pub output_name: Option<String>,
+    pub eval: Value,
+    pub gate: Value,
+    /// queued, running, succeeded, failed or cancelled.
+    pub status: String,
+    pub stage: Option<String>,
+    pub progress: Progress,
+    /// Estimated from the progress so far, while running.
+    pub eta_seconds: Option<i64>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// What the job will make and how: tensors, types, sizes.
+    pub plan: Value,
+    /// The job's report: evaluation metrics, per-tensor errors, timings.
+    pub metrics: Value,
+    /// The model it made, once it succeeded.
+    pub output_model: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Progress {
+    pub done: i64,
+    pub total: i64,
+    /// tensors, tokens, layers, ...
+    pub unit: Option<String>,
+}
+
+impl Job {
+    pub fn from_row(row: &JobRow) -> Self {
+        let spec: Value = serde_json::from_str(&row.spec).unwrap_or(Value::Null);
+        let field = |name: &str| spec.get(name).cloned().unwrap_or(Value::Null);
+        let eta = match (
+            row.status.as_str(),
+            row.started_at,
+            row.progress_done,
+            row.progress_total,
+        ) {
+            ("running", Some(start), done, total) if done > 0 && total > done => {
+                let elapsed = (db::now() - start).max(0) as f64;
+                Some((elapsed / done as f64 * (total - done) as f64).round() as i64)
+            }
+            _ => None,
+        };
+        Self {
+            id: row.id.clone(),
+            object: "job",
+            model: row.model_id.clone(),
+            method: row.method.clone(),
+            params: field("params"),
+            // An eval job makes no model; its output name is only its id.
+            output_name: (row.method != "eval").then(|| row.output_name.clone()),
+            eval: field("eval"),
+            gate: field("gate"),
+            status: row.status.clone(),
+            stage: row.stage.clone(),
+            progress: Progress {
+                done: row.progress_done,
+                total: row.progress_total,
+                unit: row.progress_unit.clone(),
+            },
+            eta_seconds: eta,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            attempts: row.attempts,
+            max_attempts: row.max_attempts,
+            error: row.error.clone(),
+            idempotency_key: row.idempotency_key.clone(),
+            plan: serde_json::from_str(&row.plan).unwrap_or(Value::Null),
+            metrics: row
+                .report
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or(Value::Null),
+            output_model: row.output_model.clone(),
+        }
+    }
+}
+
+/// What `POST /v1/jobs` answers: the job, or with `dry_run` its plan.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Submission {
+    Job(Box<Job>),
+    Plan(PlanOnly),
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlanOnly {
+    /// Always `plan`.
+    pub object: &'static str,
+    pub dry_run: bool,
+    #[schema(value_type = Object)]
+    pub plan: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<Job>,
+    /// More jobs follow; ask again with `after` = the last id.
+    pub has_more: bool,
+}
+
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobRequest,
+    responses(
+        (status = 202, description = "queued", body = Job),
+        (status = 200, description = "an existing job with this idempotency key, or a dry run's plan", body = Submission),
+        (status = 400, description = "not JSON", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, description = "a field is invalid; `param` names it", body = ErrorBody)))]
 pub async fn create_job(
     State(state): State<AppState>,
     ValidJson(req): ValidJson<JobRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Submission>), ApiError> {
     let (spec, key, dry_run) = req.into_spec()?;
+    let job = |row: &JobRow| Submission::Job(Box::new(Job::from_row(row)));
     Ok(match submit(&state.jobs, spec, key, dry_run).await? {
-        Submitted::Queued(row) => (StatusCode::ACCEPTED, Json(job_json(&row))),
-        Submitted::Existing(row) => (StatusCode::OK, Json(job_json(&row))),
+        Submitted::Queued(row) => (StatusCode::ACCEPTED, Json(job(&row))),
+        Submitted::Existing(row) => (StatusCode::OK, Json(job(&row))),
         Submitted::Plan(plan) => (
             StatusCode::OK,
-            Json(json!({"object": "plan", "dry_run": true, "plan": plan})),
+            Json(Submission::Plan(PlanOnly {
+                object: "plan",
+                dry_run: true,
+                plan: serde_json::to_value(plan).map_err(|e| ApiError::internal("planning", e))?,
+            })),
         ),
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// queued, running, succeeded, failed or cancelled.
     status: Option<String>,
+    /// Only jobs on this model.
     model: Option<String>,
+    /// 1..=100, default 20.
     limit: Option<u32>,
+    /// The last id of the previous page.
     after: Option<String>,
 }
 
 const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
 
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListQuery),
+    responses((status = 200, body = JobList), (status = 422, body = ErrorBody)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     if let Some(s) = &q.status {
         if !STATUSES.contains(&s.as_str()) {
@@ -382,10 +501,15 @@ pub async fn list_jobs(
     )
     .await?;
     let has_more = rows.len() > limit as usize;
-    let data: Vec<Value> = rows.iter().take(limit as usize).map(job_json).collect();
-    Ok(Json(
-        json!({"object": "list", "data": data, "has_more": has_more}),
-    ))
+    Ok(Json(JobList {
+        object: "list",
+        data: rows
+            .iter()
+            .take(limit as usize)
+            .map(Job::from_row)
+            .collect(),
+        has_more,
+    }))
 }
 
 async fn existing(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
@@ -394,17 +518,23 @@ async fn existing(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
         .ok_or_else(|| ApiError::not_found("id", format!("job {id:?} does not exist")))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(job_json(&existing(&state, &id).await?)))
+) -> Result<Json<Job>, ApiError> {
+    Ok(Json(Job::from_row(&existing(&state, &id).await?)))
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, description = "cancelled, or cancelling at its next checkpoint", body = Job),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "the job has finished", body = ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     let db = state.jobs.db();
     match db::jobs::request_cancel(db, &id).await?.as_deref() {
         None => {
@@ -432,14 +562,18 @@ pub async fn cancel_job(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(job_json(&existing(&state, &id).await?)),
+        Json(Job::from_row(&existing(&state, &id).await?)),
     ))
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, description = "queued again", body = Job),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "the job is not failed or cancelled, or its output exists", body = ErrorBody)))]
 pub async fn retry_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     let job = existing(&state, &id).await?;
     if db::models::get(state.jobs.db(), &job.output_name)
         .await?
@@ -480,12 +614,16 @@ pub async fn retry_job(
     state.jobs.wake();
     Ok((
         StatusCode::ACCEPTED,
-        Json(job_json(&existing(&state, &id).await?)),
+        Json(Job::from_row(&existing(&state, &id).await?)),
     ))
 }
 
 /// SSE: the stored history first (stages, logs, the outcome), then live events, ending after
 /// `done`, `failed` or `cancelled`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "Server-sent events: progress, stage, log, metric, \
+        then done, failed or cancelled; each data line is JSON", content_type = "text/event-stream", body = ServerSentEvent),
+        (status = 404, body = ErrorBody)))]
 pub async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -14,6 +14,9 @@ use super::AppState;
 use crate::db;
 use crate::metrics::Live;
 
+/// Prometheus text exposition 0.0.4; every name starts with `quantd_`.
+#[utoipa::path(get, path = "/metrics", tag = "service", security(()),
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let jobs = db::jobs::counts(state.jobs.db())
         .await

@@ -4,6 +4,7 @@
 
 mod auth;
 mod blobs;
+mod dashboard;
 mod datasets;
 pub mod error;
 mod health;
@@ -12,6 +13,7 @@ mod jobs;
 pub mod json;
 mod metrics;
 mod models;
+pub mod openapi;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -124,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::serve_openapi))
+        .merge(dashboard::router())
         .merge(protected)
         .fallback(health::not_found)
         .layer(axum::middleware::from_fn_with_state(

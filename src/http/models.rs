@@ -9,48 +9,142 @@ use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tower::ServiceExt;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::parse;
+use super::openapi::{list_type, Deleted};
 use super::AppState;
 use crate::catalog::{self, IncomingFile};
 use crate::db::{self, models::ModelRow};
 use crate::store::Digest;
 
 /// The OpenAI model object, extended with quantd's fields.
-pub fn model_json(row: &ModelRow) -> Value {
-    json!({
-        "id": row.id,
-        "object": "model",
-        "created": row.created_at,
-        "owned_by": "quantd",
-        "kind": row.kind,
-        "architecture": row.architecture,
-        "parameters": row.parameters,
-        "size_bytes": row.size_bytes,
-        "bits_per_weight": row.bits_per_weight,
-        "format": row.format,
-        "base_model": row.base_model,
-        "job_id": row.job_id,
-        "status": "ready",
-    })
+#[derive(Serialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: i64,
+    pub owned_by: &'static str,
+    /// `base` (uploaded) or `variant` (made by a job).
+    pub kind: String,
+    pub architecture: String,
+    pub parameters: i64,
+    pub size_bytes: i64,
+    pub bits_per_weight: Option<f64>,
+    /// `gguf`, `safetensors`, ...
+    pub format: String,
+    /// The base a variant was made from.
+    pub base_model: Option<String>,
+    /// The job that made a variant.
+    pub job_id: Option<String>,
+    /// Always `ready`: a model is listed once all its files are stored.
+    pub status: &'static str,
+    /// In the list only: whether the engine holds it in memory right now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded: Option<bool>,
 }
 
-pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+impl Model {
+    pub fn from_row(row: &ModelRow) -> Self {
+        Self {
+            id: row.id.clone(),
+            object: "model",
+            created: row.created_at,
+            owned_by: "quantd",
+            kind: row.kind.clone(),
+            architecture: row.architecture.clone(),
+            parameters: row.parameters,
+            size_bytes: row.size_bytes,
+            bits_per_weight: row.bits_per_weight,
+            format: row.format.clone(),
+            base_model: row.base_model.clone(),
+            job_id: row.job_id.clone(),
+            status: "ready",
+            loaded: None,
+        }
+    }
+}
+
+/// One model with its files, its latest metrics and what they were measured against.
+#[derive(Serialize, ToSchema)]
+pub struct ModelDetail {
+    #[serde(flatten)]
+    pub model: Model,
+    /// What the loader found (architecture, tensors, types); free-form.
+    pub summary: Value,
+    pub files: Vec<ModelFile>,
+    /// The latest value of each model-level metric (perplexity, kld_mean, ...).
+    pub metrics: BTreeMap<String, Option<f64>>,
+    /// The latest evaluation's reference, dataset, ctx and job; null before any.
+    pub evaluation: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelFile {
+    pub name: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    pub size: i64,
+}
+
+/// A variant of a base with what it trades (DESIGN §5).
+#[derive(Serialize, ToSchema)]
+pub struct Variant {
+    pub id: String,
+    /// Always `model.variant`.
+    pub object: &'static str,
+    pub method: Option<String>,
+    /// The GGUF type or the method's form (`Q4_K_M`, `int4_g128`, ...).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub size_bytes: i64,
+    /// Over the quantized linears.
+    pub bits_per_weight: Option<f64>,
+    /// Over every weight, embeddings and norms included.
+    pub bits_per_weight_total: Option<f64>,
+    pub perplexity: Option<f64>,
+    pub reference_perplexity: Option<f64>,
+    pub delta_ppl_pct: Option<f64>,
+    pub kld_mean: Option<f64>,
+    pub kld_p99: Option<f64>,
+    pub top1_agreement_pct: Option<f64>,
+    pub prompt_tok_s: Option<f64>,
+    pub decode_tok_s: Option<f64>,
+    pub evaluation: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Artifact {
+    pub name: String,
+    pub size: i64,
+    pub digest: String,
+    /// Where to download it (Range requests work).
+    pub url: String,
+}
+
+list_type!(ModelList, Model);
+list_type!(VariantList, Variant);
+list_type!(ArtifactList, Artifact);
+
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses((status = 200, description = "every stored model", body = ModelList)))]
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let rows = db::models::list(state.jobs.db()).await?;
-    let data: Vec<Value> = rows
+    let data = rows
         .iter()
-        .map(|row| {
-            let mut v = model_json(row);
+        .map(|row| Model {
             // Every stored model can be served; these are in memory right now.
-            v["loaded"] = json!(state.engine.is_loaded(&row.id));
-            v
+            loaded: Some(state.engine.is_loaded(&row.id)),
+            ..Model::from_row(row)
         })
         .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(ModelList::new(data)))
 }
 
 async fn existing(state: &AppState, id: &str) -> Result<ModelRow, ApiError> {
@@ -80,79 +174,120 @@ async fn model_metrics(
     Ok((metrics, evaluation))
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", params(("id" = String, Path)),
+    responses((status = 200, body = ModelDetail), (status = 404, body = ErrorBody)))]
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ModelDetail>, ApiError> {
     let row = existing(&state, &id).await?;
     let db = state.jobs.db();
     let files = db::models::files(db, &id).await?;
     let (metrics, evaluation) = model_metrics(db, &id).await?;
-    let mut v = model_json(&row);
-    v["summary"] = serde_json::from_str(&row.summary).unwrap_or(Value::Null);
-    v["files"] = json!(files);
-    v["metrics"] = json!(metrics);
-    v["evaluation"] = evaluation;
-    Ok(Json(v))
+    Ok(Json(ModelDetail {
+        model: Model::from_row(&row),
+        summary: serde_json::from_str(&row.summary).unwrap_or(Value::Null),
+        files: files
+            .into_iter()
+            .map(|f| ModelFile {
+                name: f.name,
+                digest: f.digest,
+                size: f.size,
+            })
+            .collect(),
+        metrics,
+        evaluation,
+    }))
 }
 
 /// Every variant of a base with what it trades: type, size, bits per weight, and the latest
 /// evaluation's Δppl, KL divergence, top-1 agreement and speed; smallest first.
+#[utoipa::path(get, path = "/v1/models/{id}/variants", tag = "models", params(("id" = String, Path)),
+    responses((status = 200, body = VariantList), (status = 404, body = ErrorBody)))]
 pub async fn list_variants(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VariantList>, ApiError> {
     existing(&state, &id).await?;
-    let db = state.jobs.db();
+    Ok(Json(VariantList::new(
+        variants(state.jobs.db(), &id).await?,
+    )))
+}
+
+/// The variants of base `id` (the dashboard draws them too).
+pub async fn variants(db: &db::Db, id: &str) -> Result<Vec<Variant>, sqlx::Error> {
     let mut data = Vec::new();
-    for row in db::models::variants(db, &id).await? {
+    for row in db::models::variants(db, id).await? {
         let (m, evaluation) = model_metrics(db, &row.id).await?;
         let summary: Value = serde_json::from_str(&row.summary).unwrap_or(Value::Null);
         let get = |name: &str| m.get(name).copied().flatten();
-        data.push(json!({
-            "id": row.id,
-            "object": "model.variant",
-            "method": summary.get("method"),
-            "type": summary.get("type"),
-            "size_bytes": row.size_bytes,
-            "bits_per_weight": row.bits_per_weight,
-            "bits_per_weight_total": summary.get("bits_per_weight_total"),
-            "perplexity": get("perplexity"),
-            "reference_perplexity": get("reference_perplexity"),
-            "delta_ppl_pct": get("delta_ppl_pct"),
-            "kld_mean": get("kld_mean"),
-            "kld_p99": get("kld_p99"),
-            "top1_agreement_pct": get("top1_agreement_pct"),
-            "prompt_tok_s": get("prompt_tok_s"),
-            "decode_tok_s": get("decode_tok_s"),
-            "evaluation": evaluation,
-        }));
+        let text = |name: &str| {
+            summary
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        data.push(Variant {
+            id: row.id,
+            object: "model.variant",
+            method: text("method"),
+            kind: text("type"),
+            size_bytes: row.size_bytes,
+            bits_per_weight: row.bits_per_weight,
+            bits_per_weight_total: summary.get("bits_per_weight_total").and_then(Value::as_f64),
+            perplexity: get("perplexity"),
+            reference_perplexity: get("reference_perplexity"),
+            delta_ppl_pct: get("delta_ppl_pct"),
+            kld_mean: get("kld_mean"),
+            kld_p99: get("kld_p99"),
+            top1_agreement_pct: get("top1_agreement_pct"),
+            prompt_tok_s: get("prompt_tok_s"),
+            decode_tok_s: get("decode_tok_s"),
+            evaluation,
+        });
     }
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(data)
 }
 
+#[utoipa::path(delete, path = "/v1/models/{id}", tag = "models", params(("id" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody),
+        (status = 409, description = "a job or a variant still needs it", body = ErrorBody)))]
 pub async fn delete_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     catalog::delete_model(state.jobs.db(), state.jobs.store(), &id).await?;
-    Ok(Json(json!({"id": id, "object": "model", "deleted": true})))
+    Ok(Json(Deleted::new(id, "model")))
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}/artifacts", tag = "models", params(("id" = String, Path)),
+    responses((status = 200, body = ArtifactList), (status = 404, body = ErrorBody)))]
 pub async fn list_artifacts(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArtifactList>, ApiError> {
     existing(&state, &id).await?;
     let files = db::models::files(state.jobs.db(), &id).await?;
-    let data: Vec<Value> = files
-        .iter()
-        .map(|f| json!({"name": f.name, "size": f.size, "digest": f.digest, "url": format!("/v1/models/{id}/artifacts/{}", f.name)}))
+    let data = files
+        .into_iter()
+        .map(|f| Artifact {
+            url: format!("/v1/models/{id}/artifacts/{}", f.name),
+            name: f.name,
+            size: f.size,
+            digest: f.digest,
+        })
         .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(ArtifactList::new(data)))
 }
 
 /// Streams an artifact; Range, If-Range and HEAD are handled by tower-http's `ServeFile`.
+#[utoipa::path(get, path = "/v1/models/{id}/artifacts/{name}", tag = "models",
+    params(("id" = String, Path), ("name" = String, Path, description = "file name")),
+    responses(
+        (status = 200, description = "the file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "the requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = ErrorBody),
+        (status = 416, description = "the range lies outside the file")))]
 pub async fn download_artifact(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
@@ -185,18 +320,39 @@ pub async fn download_artifact(
     Ok(resp)
 }
 
-#[derive(Deserialize)]
+/// A model made of blobs already uploaded with `PUT /v1/blobs/{digest}`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateFromBlobs {
+pub struct CreateFromBlobs {
+    /// The model's id; by default taken from the checkpoint.
     name: Option<String>,
+    /// File name → `sha256:<hex>` digest of its blob.
     files: BTreeMap<String, String>,
 }
 
+/// Multipart upload: the files of an HF folder (config.json, tokenizer.json, *.safetensors)
+/// or one GGUF, each as a file part, plus an optional `name` text part.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    name: Option<String>,
+    #[schema(value_type = Vec<String>, format = Binary)]
+    files: Vec<Vec<u8>>,
+}
+
 /// `POST /v1/models`: multipart files, or JSON `{name, files: {file name: digest}}`.
+#[utoipa::path(post, path = "/v1/models", tag = "models",
+    request_body(description = "multipart files, or JSON naming uploaded blobs",
+        content((CreateFromBlobs = "application/json"), (UploadForm = "multipart/form-data"))),
+    responses((status = 201, description = "the new base model", body = Model),
+        (status = 400, description = "a malformed body", body = ErrorBody),
+        (status = 409, description = "a model with this id exists", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 pub async fn create_model(
     State(state): State<AppState>,
     req: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Model>), ApiError> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -238,7 +394,7 @@ pub async fn create_model(
         files,
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(model_json(&row))))
+    Ok((StatusCode::CREATED, Json(Model::from_row(&row))))
 }
 
 const MAX_NAME_FIELD: usize = 256;

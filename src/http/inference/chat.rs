@@ -6,43 +6,49 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
-    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
-    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, InferenceError,
+    SamplingFields, StreamOptions, Usage, MAX_LOGPROBS,
 };
 use crate::engine::chat_template::{self, ChatMessage};
 use crate::engine::{FinishReason, TokenLogprob};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::openapi::ServerSentEvent;
 use crate::http::AppState;
 
 const MAX_MESSAGES: usize = 1024;
 
-#[derive(Debug, Deserialize)]
+/// Text, or a list of text parts.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
-enum Content {
+pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
-struct Part {
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Part {
+    /// Only `text`.
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Message {
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Message {
+    /// system, developer, user, assistant or tool.
     role: String,
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatRequest {
+    #[schema(example = "smollm2")]
     model: String,
     messages: Vec<Message>,
     max_tokens: Option<u64>,
@@ -55,6 +61,47 @@ struct ChatRequest {
     top_logprobs: Option<u64>,
     #[allow(dead_code)]
     user: Option<String>,
+}
+
+/// `POST /v1/chat/completions`'s body: the request and the sampling fields, side by side.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ChatBody {
+    #[serde(flatten)]
+    request: ChatRequest,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+/// A chat completion, as OpenAI's `chat.completion`.
+#[derive(Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    /// `{content: [{token, logprob, bytes, top_logprobs}], refusal}` when asked for.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    pub content: String,
+    pub refusal: Option<String>,
 }
 
 fn messages(req: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -118,6 +165,12 @@ fn logprob_entry(e: &TokenLogprob) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body = ChatBody,
+    responses((status = 200, description = "the answer; with `stream: true`, server-sent \
+        `chat.completion.chunk` deltas ending in `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ServerSentEvent = "text/event-stream"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "the engine is full; retry after `Retry-After`", body = ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
@@ -205,21 +258,25 @@ pub async fn chat_completions(
         let lp = logprobs.map(|_| {
             json!({"content": f.tokens.iter().map(logprob_entry).collect::<Vec<_>>(), "refusal": null})
         });
-        out.push(json!({
-            "index": index,
-            "message": {"role": "assistant", "content": f.text, "refusal": null},
-            "logprobs": lp,
-            "finish_reason": f.finish_reason.map(|r| r.as_str()),
-        }));
+        out.push(ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: f.text,
+                refusal: None,
+            },
+            logprobs: lp,
+            finish_reason: f.finish_reason.map(|r| r.as_str()),
+        });
     }
-    Ok(Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model_id,
-        "choices": out,
-        "usage": usage_json(prompt_tokens, completion_tokens),
-    }))
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model: model_id,
+        choices: out,
+        usage: Usage::new(prompt_tokens, completion_tokens),
+    })
     .into_response())
 }
 

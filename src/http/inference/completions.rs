@@ -6,32 +6,36 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
-    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, usage_json,
-    InferenceError, SamplingFields, StreamOptions, MAX_LOGPROBS, MAX_PROMPTS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, InferenceError,
+    SamplingFields, StreamOptions, Usage, MAX_LOGPROBS, MAX_PROMPTS,
 };
 use crate::engine::{FinishReason, TokenLogprob};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::openapi::ServerSentEvent;
 use crate::http::AppState;
 
 /// OpenAI's default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
-#[derive(Debug, Deserialize)]
+/// A prompt as text, texts, token ids, or lists of token ids.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
-enum PromptField {
+pub enum PromptField {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    #[schema(example = "smollm2")]
     model: String,
     prompt: PromptField,
     max_tokens: Option<u64>,
@@ -45,6 +49,39 @@ struct CompletionRequest {
     suffix: Option<String>,
     #[allow(dead_code)]
     user: Option<String>,
+}
+
+/// `POST /v1/completions`'s body: the request and the sampling fields, side by side.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CompletionBody {
+    #[serde(flatten)]
+    request: CompletionRequest,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+/// A completion, as OpenAI's `text_completion`.
+#[derive(Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    /// tokens, token_logprobs, top_logprobs, text_offset (when `logprobs` was asked for).
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: Option<&'static str>,
 }
 
 /// The prompts as token ids, with the text `echo` returns for each.
@@ -107,6 +144,12 @@ fn logprobs_json(entries: &[TokenLogprob], offset: &mut usize) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body = CompletionBody,
+    responses((status = 200, description = "the completion; with `stream: true`, server-sent \
+        `text_completion` chunks ending in `data: [DONE]`",
+            content((Completion = "application/json"), (ServerSentEvent = "text/event-stream"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "the engine is full; retry after `Retry-After`", body = ErrorBody)))]
 pub async fn completions(
     State(state): State<AppState>,
     body: Bytes,
@@ -212,21 +255,21 @@ pub async fn completions(
             entries.extend(f.tokens);
             logprobs_json(&entries, &mut offset)
         });
-        out.push(json!({
-            "index": index,
-            "text": text,
-            "logprobs": lp,
-            "finish_reason": f.finish_reason.map(|r| r.as_str()),
-        }));
+        out.push(CompletionChoice {
+            index,
+            text,
+            logprobs: lp,
+            finish_reason: f.finish_reason.map(|r| r.as_str()),
+        });
     }
-    Ok(Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model_id,
-        "choices": out,
-        "usage": usage_json(prompt_tokens, completion_tokens),
-    }))
+    Ok(Json(Completion {
+        id,
+        object: "text_completion",
+        created,
+        model: model_id,
+        choices: out,
+        usage: Usage::new(prompt_tokens, completion_tokens),
+    })
     .into_response())
 }
 

@@ -5,7 +5,7 @@
 
 pub mod chat;
 pub mod completions;
-mod manage;
+pub mod manage;
 mod stream;
 
 use std::sync::Arc;
@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::AppState;
@@ -117,21 +118,22 @@ pub async fn model_for(state: &AppState, id: &str) -> Result<Arc<LoadedModel>, A
         .await?)
 }
 
-#[derive(Debug, Deserialize)]
+/// One stop string or several.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// The sampling fields both endpoints share.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -465,10 +467,24 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Token counts, as OpenAI reports them.
+#[derive(Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
 pub fn usage_json(prompt: usize, completion: usize) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
+    serde_json::to_value(Usage::new(prompt, completion)).expect("usage serializes")
 }

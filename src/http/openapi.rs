@@ -1,0 +1,190 @@
+//! The OpenAPI 3.1 description of the API, generated from the handlers' `#[utoipa::path]`
+//! annotations and the wire types' `ToSchema` derives, served at `GET /openapi.json` and
+//! committed as `openapi.json` (a test fails when the two drift). Also the small wire types
+//! several modules share: the list envelope and the deletion answer.
+
+use axum::Json;
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{blobs, datasets, health, inference, jobs, metrics, models};
+
+/// An OpenAI-style list envelope `{"object": "list", "data": [...]}` named `$name`.
+macro_rules! list_type {
+    ($name:ident, $item:ty) => {
+        #[derive(serde::Serialize, utoipa::ToSchema)]
+        pub struct $name {
+            /// Always `list`.
+            pub object: &'static str,
+            pub data: Vec<$item>,
+        }
+
+        impl $name {
+            pub fn new(data: Vec<$item>) -> Self {
+                Self {
+                    object: "list",
+                    data,
+                }
+            }
+        }
+    };
+}
+pub(crate) use list_type;
+
+/// What a DELETE answers.
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    pub id: String,
+    /// `model` or `dataset`.
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+impl Deleted {
+    pub fn new(id: String, object: &'static str) -> Self {
+        Self {
+            id,
+            object,
+            deleted: true,
+        }
+    }
+}
+
+/// One server-sent event of a stream (`text/event-stream`), as clients parse it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ServerSentEvent {
+    /// The event's name (`progress`, `stage`, `log`, `metric`, `done`, ...); absent on the
+    /// completion streams, whose events are all `message`.
+    event: Option<String>,
+    /// JSON text (a chunk, an event's fields), or `[DONE]` at the end of a completion stream.
+    data: String,
+    /// Stored job events carry their sequence number.
+    id: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "quantd",
+        description = "Quantize language-model checkpoints, measure what each variant lost, \
+            and serve the variants through an OpenAI-compatible API. Every route under /v1 \
+            needs `Authorization: Bearer <key>` when keys are configured; errors carry \
+            `{\"error\": {message, type, param, code}}`, with `param` naming the field at fault."
+    ),
+    paths(
+        health::health,
+        health::ready,
+        metrics::metrics,
+        serve_openapi,
+        blobs::head_blob,
+        blobs::put_blob,
+        models::create_model,
+        models::list_models,
+        models::get_model,
+        models::delete_model,
+        models::list_variants,
+        models::list_artifacts,
+        models::download_artifact,
+        jobs::create_job,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::retry_job,
+        jobs::job_events,
+        datasets::create_dataset,
+        datasets::list_datasets,
+        datasets::get_dataset,
+        datasets::delete_dataset,
+        inference::completions::completions,
+        inference::chat::chat_completions,
+        inference::manage::load_model,
+        inference::manage::unload_model,
+        inference::manage::engine_stats,
+    ),
+    modifiers(&BearerKeys),
+    security(("bearer" = [])),
+    tags(
+        (name = "models", description = "Uploads, the catalog, variants and their files"),
+        (name = "jobs", description = "Quantization and evaluation jobs, with live progress"),
+        (name = "datasets", description = "Texts for calibration and evaluation"),
+        (name = "inference", description = "OpenAI-compatible completions, and the engine"),
+        (name = "service", description = "Health, readiness, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the bearer-key scheme the document's `security` refers to, and adds the answers
+/// of the key check (401 without a valid key, 403 for an `infer` key on an admin route) to
+/// every operation that needs a key.
+struct BearerKeys;
+
+impl Modify for BearerKeys {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        let refused = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.head,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // Public operations override the document's security (with `[{}]`).
+                if op.security.is_some() {
+                    continue;
+                }
+                let responses = &mut op.responses.responses;
+                responses.entry("401".into()).or_insert_with(|| {
+                    refused("no key, or an unknown one (when keys are configured)").into()
+                });
+                responses.entry("403".into()).or_insert_with(|| {
+                    refused("an `infer` key on a route that needs `admin`").into()
+                });
+            }
+        }
+    }
+}
+
+/// The document, with the running version.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut api = ApiDoc::openapi();
+    api.info.version = env!("CARGO_PKG_VERSION").to_string();
+    api
+}
+
+/// The document as the committed `openapi.json` holds it (pretty, newline-terminated).
+pub fn document_json() -> String {
+    let mut text = document()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object)))]
+pub async fn serve_openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(document())
+}

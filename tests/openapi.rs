@@ -1,0 +1,205 @@
+//! The OpenAPI document: the committed `openapi.json` equals what the code generates (run with
+//! `QUANTD_BLESS=1` to rewrite it after an API change), the server serves the same document,
+//! every documented operation reaches a real route, and schemathesis (PyPI) fuzzing a live
+//! server with a model, a dataset and a job in it finds no 5xx, no undocumented status and no
+//! response that breaks the schema.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{tiny, TestApp};
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-openapi-test";
+
+#[test]
+fn committed_openapi_json_matches_the_code() {
+    let generated = quantd::http::openapi::document_json();
+    let path = common::repo_root().join("openapi.json");
+    if std::env::var_os("QUANTD_BLESS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "openapi.json differs from the API the code describes; rerun with QUANTD_BLESS=1 \
+         and commit the file (first difference near byte {})",
+        committed
+            .bytes()
+            .zip(generated.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(committed.len().min(generated.len()))
+    );
+    let doc: Value = serde_json::from_str(&generated).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+}
+
+async fn spawn() -> TestApp {
+    TestApp::spawn_with(|s| s.auth.admin_keys = vec![KEY.into()]).await
+}
+
+fn authed(app: &TestApp, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    app.client.request(method, app.url(path)).bearer_auth(KEY)
+}
+
+#[tokio::test]
+async fn the_server_serves_the_document_and_every_operation_reaches_a_route() {
+    let app = spawn().await;
+    let served: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let doc: Value = serde_json::from_str(&quantd::http::openapi::document_json()).unwrap();
+    assert_eq!(
+        served, doc,
+        "served without a key, and equal to the generated one"
+    );
+
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 20, "{:?}", paths.keys());
+    for (template, ops) in paths {
+        let path = template
+            .replace("{digest}", &format!("sha256:{}", "0".repeat(64)))
+            .replace(['{', '}'], "");
+        for method in ops.as_object().unwrap().keys() {
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let resp = authed(&app, m.clone(), &path).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            assert!(
+                !body.contains("no such route") && status != 405,
+                "{method} {template} is documented but not routed: {status} {body}"
+            );
+            // Each documented operation declares the status it answered with.
+            let declared = &ops[method]["responses"];
+            assert!(
+                declared.get(status.to_string()).is_some(),
+                "{method} {template} answered {status}, not among {:?}",
+                declared.as_object().unwrap().keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    app.stop().await;
+}
+
+/// Which Python has schemathesis: the fixture venv, where scripts/test.sh installs it.
+fn schemathesis() -> std::path::PathBuf {
+    let python = common::python();
+    let st = python.with_file_name("schemathesis");
+    assert!(
+        st.exists(),
+        "schemathesis is missing beside {}: run scripts/test.sh (it installs it)",
+        python.display()
+    );
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
+    let st = schemathesis();
+    let app = spawn().await;
+    // The examples in the document name model "smollm2": give the server one by that name (a
+    // tiny random model), a dataset and a finished job, so requests reach the success paths
+    // and their responses are checked too.
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path());
+    let mut form = reqwest::multipart::Form::new().text("name", "smollm2");
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        form = form.part(
+            name.clone(),
+            reqwest::multipart::Part::bytes(std::fs::read(&p).unwrap()).file_name(name),
+        );
+    }
+    let created = authed(&app, reqwest::Method::POST, "/v1/models")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
+    let job: Value = authed(&app, reqwest::Method::POST, "/v1/jobs")
+        .json(
+            &json!({"model": "smollm2", "method": "rtn", "params": {"bits": 4, "group_size": 32}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..600 {
+        let j: Value = client
+            .get(app.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            break;
+        }
+        assert!(j["status"] != "failed", "{j}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    authed(&app, reqwest::Method::POST, "/v1/datasets")
+        .header("content-type", "text/plain")
+        .body(common::corpus("calib-emma.txt", 2000))
+        .send()
+        .await
+        .unwrap();
+
+    let url = app.url("/openapi.json");
+    // A fixed seed keeps CI repeatable; QUANTD_SCHEMATHESIS_SEED and _EXAMPLES explore more.
+    let seed = std::env::var("QUANTD_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
+    let examples = std::env::var("QUANTD_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(st)
+            .args([
+                "run",
+                &url,
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+                "--max-examples",
+                &examples,
+                "--seed",
+                &seed,
+                "--header",
+                &format!("Authorization: Bearer {KEY}"),
+                "--request-timeout",
+                "30",
+                "--no-color",
+                // Nothing kept between runs (the default writes .schemathesis/ here).
+                "--generation-database",
+                "none",
+            ])
+            .env("SCHEMATHESIS_HOOKS", "")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    // It did run the operations (a broken document would test nothing and still exit 0).
+    assert!(
+        text.contains("passed") && !text.contains("No operations"),
+        "{text}"
+    );
+    app.stop().await;
+}
