@@ -164,8 +164,12 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
     // A fixed seed keeps CI repeatable; QUANTD_SCHEMATHESIS_SEED and _EXAMPLES explore more.
     let seed = std::env::var("QUANTD_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
     let examples = std::env::var("QUANTD_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
+    // Run from a scratch folder: schemathesis keeps a cache in `.schemathesis/` of its cwd.
+    let scratch = tempfile::tempdir().unwrap();
+    let cwd = scratch.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(st)
+            .current_dir(cwd)
             .args([
                 "run",
                 &url,
