@@ -153,6 +153,7 @@ async fn the_dashboard_charts_every_evaluated_variant_and_follows_a_running_job(
         v.len()
     };
     assert!(distinct >= 3, "progress advanced in steps: {samples:?}");
+    eprintln!("progress the page showed: {values:?}");
     let last = samples.last().unwrap();
     assert_eq!(last["status"], "succeeded", "{samples:?}");
     assert_eq!(last["value"], last["max"], "{samples:?}");

@@ -121,7 +121,7 @@ def main():
     p.add_argument("--text", required=True, help="evaluation text")
     p.add_argument("--calib", required=True, help="calibration text (not the evaluation text)")
     p.add_argument("--work", required=True, help="folder for the variants (reused on reruns)")
-    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", action="append", help="measure only these variants (repeatable)")
     p.add_argument("--no-bench", action="store_true",

@@ -31,7 +31,7 @@ pub struct Model {
     /// Unix seconds.
     pub created: i64,
     pub owned_by: &'static str,
-    /// `base` (uploaded) or `variant` (made by a job).
+    /// `base` (uploaded) or `quantized` (made by a job).
     pub kind: String,
     pub architecture: String,
     pub parameters: i64,
@@ -100,7 +100,9 @@ pub struct Variant {
     /// Always `model.variant`.
     pub object: &'static str,
     pub method: Option<String>,
-    /// The GGUF type or the method's form (`Q4_K_M`, `int4_g128`, ...).
+    /// The plan's GGUF type: the type asked for by a `gguf` job (`Q4_K_M`); for the other
+    /// methods, the block type their groups are stored in (`Q4_0`), or `F16` where they keep
+    /// their own tensors.
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub size_bytes: i64,
