@@ -64,6 +64,33 @@ async fn the_server_serves_the_document_and_every_operation_reaches_a_route() {
 
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 20, "{:?}", paths.keys());
+    // Links name operations that exist, so a client can follow them.
+    let ops: Vec<&Value> = paths
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .collect();
+    let ids: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| op["operationId"].as_str())
+        .collect();
+    let mut links = 0;
+    for op in &ops {
+        for response in op["responses"].as_object().unwrap().values() {
+            for link in response["links"]
+                .as_object()
+                .into_iter()
+                .flat_map(|l| l.values())
+            {
+                let target = link["operationId"].as_str().unwrap();
+                assert!(
+                    ids.contains(&target),
+                    "a link to unknown operation {target}"
+                );
+                links += 1;
+            }
+        }
+    }
+    assert!(links >= 10, "{links} links");
     for (template, ops) in paths {
         let path = template
             .replace("{digest}", &format!("sha256:{}", "0".repeat(64)))
@@ -200,6 +227,8 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    let summary = text.find("SUMMARY").map_or(text.as_str(), |i| &text[i..]);
+    eprintln!("{summary}");
     // It did run the operations (a broken document would test nothing and still exit 0).
     assert!(
         text.contains("passed") && !text.contains("No operations"),

@@ -5,6 +5,7 @@
 
 use axum::Json;
 use serde::Serialize;
+use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -104,7 +105,7 @@ pub struct ServerSentEvent {
         inference::manage::unload_model,
         inference::manage::engine_stats,
     ),
-    modifiers(&BearerKeys),
+    modifiers(&BearerKeys, &Links),
     security(("bearer" = [])),
     tags(
         (name = "models", description = "Uploads, the catalog, variants and their files"),
@@ -166,6 +167,62 @@ impl Modify for BearerKeys {
     }
 }
 
+/// OpenAPI links from each operation that creates something to the operations that take its
+/// id, so clients (and schemathesis' stateful phase) can follow a real id from one call to the
+/// next: a new job to its get, cancel, retry and events; a dataset to get and delete; a model
+/// to get, artifacts and variants; a blob to its HEAD.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::link::LinkBuilder;
+        use utoipa::openapi::RefOr;
+
+        let created: [(&str, &str, &str, &[&str]); 4] = [
+            (
+                "/v1/jobs",
+                "202",
+                "id",
+                &["get_job", "cancel_job", "retry_job", "job_events"],
+            ),
+            (
+                "/v1/datasets",
+                "201",
+                "id",
+                &["get_dataset", "delete_dataset"],
+            ),
+            (
+                "/v1/models",
+                "201",
+                "id",
+                &["get_model", "list_artifacts", "list_variants"],
+            ),
+            ("/v1/blobs/{digest}", "201", "digest", &["head_blob"]),
+        ];
+        for (path, status, field, targets) in created {
+            let Some(item) = api.paths.paths.get_mut(path) else {
+                continue;
+            };
+            let op = if path.starts_with("/v1/blobs") {
+                item.put.as_mut()
+            } else {
+                item.post.as_mut()
+            };
+            let Some(RefOr::T(response)) = op.and_then(|op| op.responses.responses.get_mut(status))
+            else {
+                continue;
+            };
+            for target in targets {
+                let link = LinkBuilder::new()
+                    .operation_id(*target)
+                    .parameter(field, format!("$response.body#/{field}"))
+                    .build();
+                response.links.insert(target.to_string(), link.into());
+            }
+        }
+    }
+}
+
 /// The document, with the running version.
 pub fn document() -> utoipa::openapi::OpenApi {
     let mut api = ApiDoc::openapi();
@@ -173,11 +230,41 @@ pub fn document() -> utoipa::openapi::OpenApi {
     api
 }
 
+/// The document as JSON, as served and committed. utoipa 5.5 writes a link's fields in snake
+/// case (`operation_id`), which no OpenAPI reader knows, so they get OpenAPI's names here.
+pub fn document_value() -> Value {
+    let mut doc = serde_json::to_value(document()).expect("the OpenAPI document serializes");
+    name_link_fields(&mut doc);
+    doc
+}
+
+fn name_link_fields(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Object(links)) = map.get_mut("links") {
+                for link in links.values_mut().filter_map(Value::as_object_mut) {
+                    for (from, to) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                        ("request_body", "requestBody"),
+                    ] {
+                        if let Some(x) = link.remove(from) {
+                            link.insert(to.into(), x);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(name_link_fields);
+        }
+        Value::Array(items) => items.iter_mut().for_each(name_link_fields),
+        _ => {}
+    }
+}
+
 /// The document as the committed `openapi.json` holds it (pretty, newline-terminated).
 pub fn document_json() -> String {
-    let mut text = document()
-        .to_pretty_json()
-        .expect("the OpenAPI document serializes");
+    let mut text =
+        serde_json::to_string_pretty(&document_value()).expect("the OpenAPI document serializes");
     text.push('\n');
     text
 }
@@ -185,6 +272,6 @@ pub fn document_json() -> String {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
     responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object)))]
-pub async fn serve_openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(document())
+pub async fn serve_openapi() -> Json<Value> {
+    Json(document_value())
 }
