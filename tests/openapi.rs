@@ -36,19 +36,17 @@ fn committed_openapi_json_matches_the_code() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
 }
 
+/// A server with an admin key, whose test client sends it on every request.
 async fn spawn() -> TestApp {
-    TestApp::spawn_with(|s| s.auth.admin_keys = vec![KEY.into()]).await
-}
-
-fn authed(app: &TestApp, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-    app.client.request(method, app.url(path)).bearer_auth(KEY)
+    TestApp::spawn_with(|s| s.auth.admin_keys = vec![KEY.into()])
+        .await
+        .with_key(KEY)
 }
 
 #[tokio::test]
 async fn the_server_serves_the_document_and_every_operation_reaches_a_route() {
     let app = spawn().await;
-    let served: Value = app
-        .client
+    let served: Value = reqwest::Client::new()
         .get(app.url("/openapi.json"))
         .send()
         .await
@@ -97,7 +95,12 @@ async fn the_server_serves_the_document_and_every_operation_reaches_a_route() {
             .replace(['{', '}'], "");
         for method in ops.as_object().unwrap().keys() {
             let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-            let resp = authed(&app, m.clone(), &path).send().await.unwrap();
+            let resp = app
+                .client
+                .request(m.clone(), app.url(&path))
+                .send()
+                .await
+                .unwrap();
             let status = resp.status().as_u16();
             let body = resp.text().await.unwrap_or_default();
             assert!(
@@ -135,57 +138,20 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
     // The examples in the document name model "smollm2": give the server one by that name (a
     // tiny random model), a dataset and a finished job, so requests reach the success paths
     // and their responses are checked too.
-    let dir = tempfile::tempdir().unwrap();
-    tiny::write_model(dir.path());
-    let mut form = reqwest::multipart::Form::new().text("name", "smollm2");
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let p = entry.unwrap().path();
-        let name = p.file_name().unwrap().to_str().unwrap().to_string();
-        form = form.part(
-            name.clone(),
-            reqwest::multipart::Part::bytes(std::fs::read(&p).unwrap()).file_name(name),
-        );
-    }
-    let created = authed(&app, reqwest::Method::POST, "/v1/models")
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
-    let job: Value = authed(&app, reqwest::Method::POST, "/v1/jobs")
-        .json(
+    tiny::upload(&app, "smollm2").await;
+    let (status, job) = app
+        .post_json(
+            "/v1/jobs",
             &json!({"model": "smollm2", "method": "rtn", "params": {"bits": 4, "group_size": 32}}),
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let client = reqwest::Client::new();
-    let id = job["id"].as_str().unwrap().to_string();
-    for _ in 0..600 {
-        let j: Value = client
-            .get(app.url(&format!("/v1/jobs/{id}")))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["status"] == "succeeded" {
-            break;
-        }
-        assert!(j["status"] != "failed", "{j}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    authed(&app, reqwest::Method::POST, "/v1/datasets")
-        .header("content-type", "text/plain")
-        .body(common::corpus("calib-emma.txt", 2000))
-        .send()
-        .await
-        .unwrap();
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let done = app
+        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    app.post_dataset(&common::corpus("calib-emma.txt", 2000))
+        .await;
 
     let url = app.url("/openapi.json");
     // A fixed seed keeps CI repeatable; QUANTD_SCHEMATHESIS_SEED and _EXAMPLES explore more.

@@ -50,6 +50,23 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
+    /// Makes the test client send `key` as a bearer token on every request, so the helpers
+    /// below work against a server with keys configured.
+    pub fn with_key(mut self, key: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}")
+                .parse()
+                .expect("a key is a header value"),
+        );
+        self.client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client builds");
+        self
+    }
+
     /// A handle that only knows the address (for blocking helpers such as curl).
     pub fn url_only(addr: &str) -> UrlOnly {
         UrlOnly(addr.to_string())

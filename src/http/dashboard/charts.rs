@@ -99,6 +99,50 @@ fn tick_text(v: f64) -> String {
     }
 }
 
+/// The start of a chart `width` pixels wide: the svg element, its title, and the plot frame.
+fn open(class: &str, width: f64, title: &str) -> String {
+    format!(
+        r#"<svg class="chart {class}" viewBox="0 0 {width} {H}" width="{width}" height="{H}" role="img" aria-label="{t}"><title>{t}</title><text class="chart-title" x="{}" y="18" text-anchor="middle">{t}</text><rect class="frame" x="{LEFT}" y="{TOP}" width="{}" height="{}"/>"#,
+        width / 2.0,
+        width - LEFT - RIGHT,
+        H - TOP - BOTTOM,
+        t = escape(title)
+    )
+}
+
+/// The vertical axis of a chart `width` pixels wide: a grid line and value per tick, and the
+/// axis label turned upright along the left edge.
+fn y_axis(s: &mut String, ya: &Axis, width: f64, label: &str) {
+    for v in ya.ticks() {
+        let y = ya.px(v);
+        let _ = write!(
+            s,
+            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}"/><text class="tick" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            width - RIGHT,
+            LEFT - 5.0,
+            y + 4.0,
+            tick_text(v)
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text class="axis" transform="translate(14 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        (TOP + H - BOTTOM) / 2.0,
+        escape(label)
+    );
+}
+
+/// The horizontal axis' label, centred under the plot of a chart `width` pixels wide.
+fn x_axis_label(s: &mut String, width: f64, label: &str) {
+    let _ = write!(
+        s,
+        r#"<text class="axis" x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        (LEFT + width - RIGHT) / 2.0,
+        H - 8.0,
+        escape(label)
+    );
+}
+
 /// A scatter of `points` with labelled axes; points whose value cannot be drawn (not finite,
 /// or ≤ 0 on a log axis) are left out, and the caller says so beside the chart.
 pub fn scatter(
@@ -119,24 +163,7 @@ pub fn scatter(
         TOP,
         scale == Scale::Log,
     );
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg class="chart scatter" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{t}"><title>{t}</title>"#,
-        t = escape(title)
-    );
-    let _ = write!(
-        s,
-        r#"<text class="chart-title" x="{}" y="18" text-anchor="middle">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
-    let _ = write!(
-        s,
-        r#"<rect class="frame" x="{LEFT}" y="{TOP}" width="{}" height="{}"/>"#,
-        W - LEFT - RIGHT,
-        H - TOP - BOTTOM
-    );
+    let mut s = open("scatter", W, title);
     for v in xa.ticks() {
         let x = xa.px(v);
         let _ = write!(
@@ -147,17 +174,7 @@ pub fn scatter(
             tick_text(v)
         );
     }
-    for v in ya.ticks() {
-        let y = ya.px(v);
-        let _ = write!(
-            s,
-            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}"/><text class="tick" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            W - RIGHT,
-            LEFT - 5.0,
-            y + 4.0,
-            tick_text(v)
-        );
-    }
+    y_axis(&mut s, &ya, W, y_label);
     if scale == Scale::Linear && ya.lo < 0.0 && ya.hi > 0.0 {
         let y = ya.px(0.0);
         let _ = write!(
@@ -166,19 +183,7 @@ pub fn scatter(
             W - RIGHT
         );
     }
-    let _ = write!(
-        s,
-        r#"<text class="axis" x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        (LEFT + W - RIGHT) / 2.0,
-        H - 8.0,
-        escape(x_label)
-    );
-    let _ = write!(
-        s,
-        r#"<text class="axis" transform="translate(14 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        (TOP + H - BOTTOM) / 2.0,
-        escape(y_label)
-    );
+    x_axis_label(&mut s, W, x_label);
     for p in &drawable {
         let (x, y) = (xa.px(p.x), ya.px(p.y));
         let _ = write!(
@@ -227,37 +232,12 @@ pub fn bars(title: &str, y_label: &str, items: &[Bar]) -> String {
             groups.push(b.group);
         }
     }
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg class="chart bars" viewBox="0 0 {BW} {H}" width="{BW}" height="{H}" role="img" aria-label="{t}"><title>{t}</title><text class="chart-title" x="{}" y="18" text-anchor="middle">{t}</text>"#,
-        BW / 2.0,
-        t = escape(title)
-    );
-    let _ = write!(
-        s,
-        r#"<rect class="frame" x="{LEFT}" y="{TOP}" width="{width}" height="{}"/>"#,
-        H - TOP - BOTTOM
-    );
-    for v in ya.ticks() {
-        let y = ya.px(v);
-        let _ = write!(
-            s,
-            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}"/><text class="tick" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            BW - RIGHT,
-            LEFT - 5.0,
-            y + 4.0,
-            tick_text(v)
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text class="axis" transform="translate(14 {}) rotate(-90)" text-anchor="middle">{}</text><text class="axis" x="{}" y="{}" text-anchor="middle">tensors in model order ({})</text>"#,
-        (TOP + H - BOTTOM) / 2.0,
-        escape(y_label),
-        LEFT + width / 2.0,
-        H - 8.0,
-        items.len()
+    let mut s = open("bars", BW, title);
+    y_axis(&mut s, &ya, BW, y_label);
+    x_axis_label(
+        &mut s,
+        BW,
+        &format!("tensors in model order ({})", items.len()),
     );
     let step = width / items.len().max(1) as f64;
     for (i, b) in items.iter().enumerate() {

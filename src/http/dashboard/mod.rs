@@ -90,6 +90,14 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map(f).unwrap_or_else(|| "–".into())
 }
 
+/// What a job made, or for an unfinished one what it will make (nothing for an eval job).
+fn made(job: &Job) -> &str {
+    job.output_model
+        .as_deref()
+        .or(job.output_name.as_deref())
+        .unwrap_or("")
+}
+
 fn status(s: &str) -> String {
     format!(r#"<span class="status {0}">{0}</span>"#, escape(s))
 }
@@ -155,12 +163,7 @@ async fn render_overview(state: &AppState) -> Result<String, ApiError> {
                 },
                 model = escape(&job.model),
                 method = escape(&job.method),
-                out = escape(
-                    job.output_model
-                        .as_deref()
-                        .or(job.output_name.as_deref())
-                        .unwrap_or("")
-                ),
+                out = escape(made(&job)),
                 status = status(&job.status),
                 stage = escape(job.stage.as_deref().unwrap_or("")),
                 progress = progress(&job),
@@ -309,12 +312,7 @@ async fn render_job(state: &AppState, id: &str) -> Result<String, ApiError> {
         model = escape(&job.model),
         method = escape(&job.method),
         params = escape(&job.params.to_string()),
-        out = escape(
-            job.output_model
-                .as_deref()
-                .or(job.output_name.as_deref())
-                .unwrap_or("")
-        ),
+        out = escape(made(&job)),
         status = status(&job.status),
         stage = escape(job.stage.as_deref().unwrap_or("")),
         progress = progress(&job),
