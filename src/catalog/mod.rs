@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::db::models::{ModelFileRow, ModelRow};
+use crate::db::models::{Deletion, ModelFileRow, ModelRow};
 use crate::db::{self, Db};
 use crate::jobs::spec::is_valid_model_id;
 use crate::model::checkpoint::{is_weights_file, CheckLimits, Checkpoint, CheckpointError};
@@ -211,6 +211,7 @@ fn base_row(id: &str, ckpt: &Checkpoint, files: &[IncomingFile]) -> ModelRow {
             json!({"config": ckpt.config, "tensors": ckpt.tensors.len(), "source_dtypes": dtypes})
                 .to_string(),
         created_at: db::now(),
+        revision: db::models::new_revision(),
     }
 }
 
@@ -261,23 +262,21 @@ pub async fn open_checkpoint(
 }
 
 /// Deletes a model unless a queued or running job needs it; removes blobs no model uses.
+/// Whoever serves the model must drop it afterwards (`Engine::retire`).
 pub async fn delete_model(db: &Db, store: &BlobStore, id: &str) -> Result<(), CatalogError> {
-    if db::models::get(db, id).await?.is_none() {
-        return Err(CatalogError::NotFound(id.to_string()));
-    }
-    if db::models::in_use_by_job(db, id).await? {
-        return Err(CatalogError::Conflict {
+    match db::models::delete(db, id).await? {
+        Deletion::NotFound => Err(CatalogError::NotFound(id.to_string())),
+        Deletion::InUse => Err(CatalogError::Conflict {
             param: "id".into(),
             message: format!("model {id:?} is used by a queued or running job"),
-        });
-    }
-    let orphans = db::models::delete(db, id)
-        .await?
-        .ok_or_else(|| CatalogError::NotFound(id.to_string()))?;
-    for d in orphans {
-        if let Ok(d) = Digest::parse(&d) {
-            store.remove(&d)?;
+        }),
+        Deletion::Deleted { orphans } => {
+            for d in orphans {
+                if let Ok(d) = Digest::parse(&d) {
+                    store.remove(&d)?;
+                }
+            }
+            Ok(())
         }
     }
-    Ok(())
 }

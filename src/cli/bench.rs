@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::offline::open_path;
 use crate::config::Settings;
-use crate::engine::{Engine, GenerateRequest, SamplingParams, SeqEvent};
+use crate::engine::{Engine, GenerateRequest, LoadedModel, ModelKey, SamplingParams, SeqEvent};
 use crate::eval::speed::{median, samples, synthetic_tokens};
 use crate::model::servable;
 
@@ -38,10 +38,7 @@ pub struct BenchArgs {
 }
 
 /// Tokens/s of `streams` greedy sequences of `n` tokens each, all through the scheduler.
-async fn through_engine(engine: &Engine, streams: usize, n: usize) -> anyhow::Result<f64> {
-    let model = engine
-        .get("bench")
-        .ok_or_else(|| anyhow::anyhow!("bench model not loaded"))?;
+async fn through_engine(model: &LoadedModel, streams: usize, n: usize) -> anyhow::Result<f64> {
     let vocab = model.servable.llama.vocab_size();
     let start = Instant::now();
     let mut receivers = Vec::new();
@@ -106,11 +103,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(engine.get_or_load("bench", || async move { Ok(model) }))
+        let key = ModelKey {
+            id: "bench".into(),
+            revision: "bench".into(),
+        };
+        let loaded = rt
+            .block_on(engine.get_or_load(engine.ticket(&key.id), &key, || async move { Ok(model) }))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         for _ in 0..args.repeat {
-            single.push(rt.block_on(through_engine(&engine, 1, args.gen_tokens))?);
-            multi.push(rt.block_on(through_engine(&engine, args.concurrency, args.gen_tokens))?);
+            single.push(rt.block_on(through_engine(&loaded, 1, args.gen_tokens))?);
+            multi.push(rt.block_on(through_engine(&loaded, args.concurrency, args.gen_tokens))?);
         }
     }
 

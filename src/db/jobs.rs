@@ -32,6 +32,8 @@ pub struct JobRow {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub updated_at: i64,
+    /// The revision of `model_id` the job was planned for (NULL for jobs older than revisions).
+    pub model_revision: Option<String>,
 }
 
 /// What a new job row needs; the rest starts at its default.
@@ -45,14 +47,20 @@ pub struct NewJob<'a> {
     pub plan: &'a str,
     pub max_attempts: u32,
     pub idempotency_key: Option<&'a str>,
+    /// The revision of `model_id` the plan was computed from.
+    pub model_revision: &'a str,
 }
 
-pub async fn insert(db: &Db, job: &NewJob<'_>) -> Result<(), sqlx::Error> {
+/// Queues a job, only while its model still has the revision it was planned for (one
+/// statement, so a delete or re-upload of the model cannot slip in between). Returns whether
+/// the job was inserted.
+pub async fn insert(db: &Db, job: &NewJob<'_>) -> Result<bool, sqlx::Error> {
     let t = now();
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO jobs (id, model_id, method, output_name, spec, spec_hash, plan, status, \
-         max_attempts, idempotency_key, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+         max_attempts, idempotency_key, created_at, updated_at, model_revision) \
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?10, ?11 \
+         WHERE EXISTS (SELECT 1 FROM models WHERE id = ?2 AND revision = ?11)",
     )
     .bind(job.id)
     .bind(job.model_id)
@@ -64,10 +72,10 @@ pub async fn insert(db: &Db, job: &NewJob<'_>) -> Result<(), sqlx::Error> {
     .bind(job.max_attempts as i64)
     .bind(job.idempotency_key)
     .bind(t)
-    .bind(t)
+    .bind(job.model_revision)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<JobRow>, sqlx::Error> {

@@ -18,6 +18,8 @@ pub struct ModelRow {
     pub job_id: Option<String>,
     pub summary: String,
     pub created_at: i64,
+    /// This incarnation of the id (see `new_revision`).
+    pub revision: String,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
@@ -55,8 +57,8 @@ pub async fn insert(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO models (id, kind, format, architecture, parameters, size_bytes, \
-         bits_per_weight, base_model, job_id, summary, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         bits_per_weight, base_model, job_id, summary, created_at, revision) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&row.id)
     .bind(&row.kind)
@@ -69,6 +71,7 @@ pub async fn insert(
     .bind(&row.job_id)
     .bind(&row.summary)
     .bind(row.created_at)
+    .bind(&row.revision)
     .execute(&mut **tx)
     .await?;
     for f in files {
@@ -83,10 +86,31 @@ pub async fn insert(
     Ok(())
 }
 
-/// Deletes a model; returns the digests that no model refers to any more (their blob rows are
-/// deleted too, so the caller can remove the files).
-pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+/// A fresh revision for a model row: 128 random bits, so no two incarnations of an id share one.
+pub fn new_revision() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// What `delete` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// Deleted; these digests are referred to by no model any more (their blob rows are gone
+    /// too, so the caller can remove the files).
+    Deleted {
+        orphans: Vec<String>,
+    },
+    NotFound,
+    /// A queued or running job reads or writes the model.
+    InUse,
+}
+
+/// Deletes a model unless a queued or running job needs it. The check and the delete share one
+/// write transaction, so a job submitted meanwhile either is seen here or sees no model.
+pub async fn delete(db: &Db, id: &str) -> Result<Deletion, sqlx::Error> {
     let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+    if in_use_by_job(&mut *tx, id).await? {
+        return Ok(Deletion::InUse);
+    }
     let digests: Vec<String> =
         sqlx::query_scalar("SELECT digest FROM model_files WHERE model_id = ?")
             .bind(id)
@@ -98,9 +122,10 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Erro
         .await?
         .rows_affected();
     if deleted == 0 {
-        return Ok(None);
+        return Ok(Deletion::NotFound);
     }
-    // Its measurements go with it, so a later model of the same id starts clean.
+    // Its measurements go with it, so a later model of the same id starts clean (its cached
+    // eval baselines and dataset token counts go by foreign key).
     sqlx::query("DELETE FROM metrics WHERE model_id = ?")
         .bind(id)
         .execute(&mut *tx)
@@ -116,11 +141,14 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Vec<String>>, sqlx::Erro
         }
     }
     tx.commit().await?;
-    Ok(Some(orphans))
+    Ok(Deletion::Deleted { orphans })
 }
 
 /// True while a queued or running job reads this model or will write it.
-pub async fn in_use_by_job(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+pub async fn in_use_by_job<'e>(
+    db: impl sqlx::SqliteExecutor<'e>,
+    id: &str,
+) -> Result<bool, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM jobs WHERE (model_id = ? OR output_name = ? \
          OR json_extract(spec, '$.params.reference') = ?) AND status IN ('queued', 'running')",

@@ -73,4 +73,6 @@ pub enum SeqEvent {
         completion_tokens: usize,
     },
     Error(String),
+    /// The model was deleted while the sequence ran or waited: it ends here.
+    ModelGone(String),
 }

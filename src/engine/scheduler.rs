@@ -2,9 +2,10 @@
 //! channel up to `max_batch` active sequences, and runs steps that batch every active
 //! sequence: prompt chunks being prefilled next to sequences decoding one token (continuous
 //! batching). A sequence whose receiver is gone (client disconnected) is dropped before the
-//! next step, so it stops within one token.
+//! next step, so it stops within one token. When the model is deleted (`retired`), every
+//! running and queued sequence ends with `SeqEvent::ModelGone` and the thread stops.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
@@ -35,6 +36,10 @@ pub struct Stats {
 pub struct SchedulerConfig {
     pub max_batch: usize,
     pub prefill_chunk: usize,
+    /// For the message sequences get when the model is deleted.
+    pub model_id: String,
+    /// Set by `Engine::retire`.
+    pub retired: Arc<AtomicBool>,
 }
 
 struct Seq {
@@ -137,6 +142,10 @@ pub fn run(
                 Err(TryRecvError::Disconnected) => closed = true,
             }
         }
+        if cfg.retired.load(Ordering::SeqCst) {
+            end_retired(active, &rx, &stats, &cfg.model_id);
+            return;
+        }
         active.retain(|s| {
             let gone = s.req.events.is_closed();
             if gone {
@@ -165,6 +174,27 @@ pub fn run(
         }
         stats.active.store(active.len(), Ordering::Relaxed);
     }
+}
+
+/// The model was deleted: every sequence running or still queued ends with `ModelGone`. The
+/// thread returns after this, dropping the receiver, so later submissions fail at once.
+fn end_retired(active: Vec<Seq>, rx: &Receiver<GenerateRequest>, stats: &Stats, model_id: &str) {
+    let message = format!("model {model_id:?} was deleted");
+    for s in &active {
+        s.send(SeqEvent::ModelGone(message.clone()));
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+    while let Ok(req) = rx.try_recv() {
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        let _ = req.events.send(SeqEvent::ModelGone(message.clone()));
+    }
+    stats.active.store(0, Ordering::Relaxed);
+    tracing::info!(
+        model = model_id,
+        ended = active.len(),
+        "deleted model's engine stopped"
+    );
 }
 
 /// Ends every active sequence with an error event.

@@ -569,12 +569,24 @@ pub async fn cancel_job(
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
     responses((status = 202, description = "queued again", body = Job),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "the job is not failed or cancelled, or its output exists", body = ErrorBody)))]
+        (status = 409, description = "the job is not failed or cancelled, its output exists, or its model was deleted or replaced", body = ErrorBody)))]
 pub async fn retry_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let job = existing(&state, &id).await?;
+    if let Some(planned) = &job.model_revision {
+        let current = db::models::get(state.jobs.db(), &job.model_id).await?;
+        if current.is_none_or(|m| m.revision != *planned) {
+            return Err(ApiError::conflict(
+                "model",
+                format!(
+                    "model {:?} was deleted or replaced since this job was planned; submit a new job",
+                    job.model_id
+                ),
+            ));
+        }
+    }
     if db::models::get(state.jobs.db(), &job.output_name)
         .await?
         .is_some()

@@ -15,6 +15,7 @@ use tower::ServiceExt;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
+use super::inference::engine_key;
 use super::json::parse;
 use super::openapi::{list_type, Deleted};
 use super::AppState;
@@ -142,7 +143,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList
         .iter()
         .map(|row| Model {
             // Every stored model can be served; these are in memory right now.
-            loaded: Some(state.engine.is_loaded(&row.id)),
+            loaded: Some(state.engine.is_loaded(&engine_key(row))),
             ..Model::from_row(row)
         })
         .collect();
@@ -259,6 +260,9 @@ pub async fn delete_model(
     Path(id): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     catalog::delete_model(state.jobs.db(), state.jobs.store(), &id).await?;
+    // Streams of it end with an error event, queued requests get 404, and a load of it in
+    // flight is discarded: nothing serves a model the catalog no longer has.
+    state.engine.retire(&id);
     Ok(Json(Deleted::new(id, "model")))
 }
 

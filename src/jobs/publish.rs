@@ -133,6 +133,7 @@ pub(super) async fn publish(
                         "bits_per_weight_total": o.plan.bits_per_weight_total})
         .to_string(),
         created_at: db::now(),
+        revision: db::models::new_revision(),
     };
     let mut report = serde_json::to_value(o.report).expect("report serializes");
     if let Some(e) = o.eval {

@@ -169,6 +169,7 @@ async fn execute(
     if db::jobs::cancel_requested(js.db(), &job.id).await? {
         return Err(RunError::Cancelled);
     }
+    check_model_revision(js, job).await?;
     stage(js, job, "loading").await?;
     let done = match &spec.method {
         MethodSpec::Eval(_) => evaluate_only(js, job, &spec, cancel).await?,
@@ -180,6 +181,26 @@ async fn execute(
         data: done.1,
     });
     Ok(done.0)
+}
+
+/// Fails a job whose model was deleted, or deleted and created again under its id, since the
+/// job was planned: its plan describes the old model, so running it would make or measure
+/// something nobody asked for.
+async fn check_model_revision(js: &JobSystem, job: &JobRow) -> Result<(), RunError> {
+    let Some(planned) = &job.model_revision else {
+        return Ok(());
+    };
+    match db::models::get(js.db(), &job.model_id).await? {
+        Some(m) if m.revision == *planned => Ok(()),
+        Some(_) => Err(RunError::Failed(format!(
+            "model {:?} was replaced by a new upload after this job was submitted; submit a new job",
+            job.model_id
+        ))),
+        None => Err(RunError::Failed(format!(
+            "model {:?} was deleted after this job was submitted",
+            job.model_id
+        ))),
+    }
 }
 
 /// The eval stage and the gate after it; `Ok(None)` when the job has no eval.

@@ -200,12 +200,12 @@ pub async fn submit(
     dry_run: bool,
 ) -> Result<Submitted, SubmitError> {
     let db = js.db();
-    if db::models::get(db, &spec.model).await?.is_none() {
+    let Some(model) = db::models::get(db, &spec.model).await? else {
         return Err(SubmitError::NotFound {
             param: "model".into(),
             message: format!("model {:?} does not exist", spec.model),
         });
-    }
+    };
     if spec.method.makes_model() && !is_valid_model_id(&spec.output_name) {
         return Err(SubmitError::Invalid {
             param: "output_name".into(),
@@ -305,6 +305,7 @@ pub async fn submit(
             plan: &plan_json.to_string(),
             max_attempts: js.settings().jobs.max_attempts,
             idempotency_key: idempotency_key.as_deref(),
+            model_revision: &model.revision,
         },
     )
     .await;
@@ -322,7 +323,15 @@ pub async fn submit(
             });
         }
     }
-    inserted?;
+    if !inserted? {
+        return Err(SubmitError::Conflict {
+            param: "model".into(),
+            message: format!(
+                "model {:?} was deleted or replaced while the job was being planned; submit it again",
+                spec.model
+            ),
+        });
+    }
     let row = db::jobs::get(db, &id)
         .await?
         .expect("job was just inserted");

@@ -114,6 +114,11 @@ pub fn tensor_shapes() -> Vec<(String, Vec<usize>)> {
 
 /// Writes a complete tiny HF folder into `dir`.
 pub fn write_model(dir: &Path) {
+    write_model_seeded(dir, 0);
+}
+
+/// `write_model` with other weights for another `seed` (same shapes and tokenizer).
+pub fn write_model_seeded(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config().to_string()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer().to_string()).unwrap();
@@ -131,7 +136,7 @@ pub fn write_model(dir: &Path) {
                 name.as_str(),
                 "F32",
                 shape.clone(),
-                values(shape.iter().product(), i as u64),
+                values(shape.iter().product(), i as u64 + seed * 1000),
             )
         })
         .collect();
@@ -140,8 +145,13 @@ pub fn write_model(dir: &Path) {
 
 /// Writes a tiny model and uploads it to `app` as `name`.
 pub async fn upload(app: &super::TestApp, name: &str) -> String {
+    upload_seeded(app, name, 0).await
+}
+
+/// `upload` of the weights `write_model_seeded` makes for `seed`.
+pub async fn upload_seeded(app: &super::TestApp, name: &str, seed: u64) -> String {
     let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path());
+    write_model_seeded(dir.path(), seed);
     let files: Vec<_> = [
         "config.json",
         "tokenizer.json",

@@ -23,6 +23,7 @@ use self::charts::{Bar, Point, Scale};
 use self::page::{escape, page, progress};
 use super::auth::{self, Scope};
 use super::error::ApiError;
+use super::inference::engine_key;
 use super::jobs::Job;
 use super::models::{variants, Variant};
 use super::AppState;
@@ -131,7 +132,7 @@ async fn render_overview(state: &AppState) -> Result<String, ApiError> {
             arch = escape(&base.architecture),
             params = base.parameters as f64 / 1e6,
             size = mb(base.size_bytes),
-            loaded = if state.engine.is_loaded(&base.id) {
+            loaded = if state.engine.is_loaded(&engine_key(base)) {
                 "loaded"
             } else {
                 "not loaded"

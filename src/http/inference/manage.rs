@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use super::{model_for, InferenceError};
 use crate::db;
-use crate::engine::ModelStats;
+use crate::engine::{ModelStats, Unloading};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::AppState;
 
@@ -37,6 +37,9 @@ pub struct EngineStats {
     pub queue_depth: usize,
     pub memory_budget_bytes: u64,
     pub models: Vec<ModelStats>,
+    /// Models unloaded or deleted whose weights are still in memory: sequences still finishing
+    /// after an unload, or an engine thread stopping after a delete.
+    pub unloading: Vec<Unloading>,
 }
 
 /// `POST /v1/models/{id}/load`
@@ -90,5 +93,6 @@ pub async fn engine_stats(State(state): State<AppState>) -> Json<EngineStats> {
         queue_depth: s.queue_depth,
         memory_budget_bytes: s.memory_budget_bytes,
         models: state.engine.stats(),
+        unloading: state.engine.unloading(),
     })
 }

@@ -20,8 +20,10 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::AppState;
 use crate::catalog::{self, CatalogError};
+use crate::db::{self, models::ModelRow};
 use crate::engine::{
-    EngineError, FinishReason, GenerateRequest, LoadedModel, SamplingParams, SeqEvent, TokenLogprob,
+    EngineError, FinishReason, GenerateRequest, LoadedModel, ModelKey, SamplingParams, SeqEvent,
+    TokenLogprob,
 };
 use crate::metrics::Metrics;
 use crate::model::servable;
@@ -89,14 +91,29 @@ pub fn parse_request<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
     })
 }
 
-/// The loaded model, loading it from the catalog on first use.
+/// The engine's name for the stored model `row`.
+pub fn engine_key(row: &ModelRow) -> ModelKey {
+    ModelKey {
+        id: row.id.clone(),
+        revision: row.revision.clone(),
+    }
+}
+
+/// The loaded model, loading it from the catalog on first use. The catalog is read on every
+/// request, so a deleted model answers 404 and one uploaded again under its id is loaded anew.
 pub async fn model_for(state: &AppState, id: &str) -> Result<Arc<LoadedModel>, ApiError> {
     let engine = state.engine.clone();
+    // Before the catalog read: a delete after this point voids the load below.
+    let ticket = engine.ticket(id);
+    let row = db::models::get(state.jobs.db(), id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+    let key = engine_key(&row);
     let max_context = engine.settings().max_context;
     let jobs = state.jobs.clone();
     let owned = id.to_string();
     Ok(engine
-        .get_or_load(id, move || async move {
+        .get_or_load(ticket, &key, move || async move {
             let ckpt = catalog::open_checkpoint(jobs.db(), jobs.store(), jobs.settings(), &owned)
                 .await
                 .map_err(|e| match e {
@@ -442,6 +459,7 @@ pub async fn gather(mut choice: Choice) -> Result<Finished, ApiError> {
                 return Ok(out);
             }
             SeqEvent::Error(m) => return Err(ApiError::internal("generating", m)),
+            SeqEvent::ModelGone(m) => return Err(ApiError::not_found("model", m)),
         }
     }
     Err(ApiError::internal(

@@ -1,6 +1,6 @@
 //! The SSE side both endpoints share: merging the choices' event streams, counting usage (each
 //! prompt once, whatever `n` is), the final usage chunk, the error event when the engine stops
-//! early, and `data: [DONE]`. Each endpoint supplies only the shape of its chunks.
+//! early or the model is deleted mid-stream, and `data: [DONE]`. Each endpoint supplies only the shape of its chunks.
 
 use std::convert::Infallible;
 
@@ -35,9 +35,9 @@ pub struct StreamMeta {
     pub n: usize,
 }
 
-fn error_event(message: &str) -> Event {
-    let err =
-        json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+/// The error envelope as the stream's last event (the status line went out long ago).
+fn error_event(message: &str, kind: &str, param: Option<&str>) -> Event {
+    let err = json!({"error": {"message": message, "type": kind, "param": param, "code": null}});
     Event::default().data(err.to_string())
 }
 
@@ -88,7 +88,11 @@ pub fn sse<S: ChunkShape>(meta: StreamMeta, choices: Vec<Choice>, mut shape: S) 
                 }
                 SeqEvent::Error(m) => {
                     tracing::error!(error = %m, "generation failed mid-stream");
-                    yield Ok(error_event(&m));
+                    yield Ok(error_event(&m, "server_error", None));
+                    return;
+                }
+                SeqEvent::ModelGone(m) => {
+                    yield Ok(error_event(&m, "not_found_error", Some("model")));
                     return;
                 }
             };
@@ -101,7 +105,11 @@ pub fn sse<S: ChunkShape>(meta: StreamMeta, choices: Vec<Choice>, mut shape: S) 
         }
         if finished < total {
             // The engine went away mid-generation: say so instead of a clean end.
-            yield Ok(error_event("the engine stopped before the generation finished"));
+            yield Ok(error_event(
+                "the engine stopped before the generation finished",
+                "server_error",
+                None,
+            ));
             return;
         }
         if include_usage {
