@@ -171,7 +171,7 @@ async fn deleting_a_model_ends_its_stream_refuses_its_queue_and_frees_its_weight
     let last = raw
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .unwrap();
     let last: Value = serde_json::from_str(last).unwrap();
     assert_eq!(last["error"]["type"], "not_found_error", "{last}");
