@@ -27,6 +27,7 @@ async fn run_job(
     method: &str,
     params: serde_json::Value,
     variant: &str,
+    int8_tensors: usize,
 ) -> tempfile::TempDir {
     let (status, job) = app
         .post_json(
@@ -36,7 +37,7 @@ async fn run_job(
         .await;
     assert_eq!(status, 202, "{job}");
     assert_eq!(job["output_name"], format!("tiny:{variant}"));
-    assert_eq!(job["plan"]["type_counts"], json!({"INT8": 14}));
+    assert_eq!(job["plan"]["type_counts"], json!({"INT8": int8_tensors}));
     let done = app
         .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
         .await;
@@ -69,7 +70,7 @@ fn max_logit_diff(a: &Llama, b: &Llama) -> (f32, f32) {
 async fn an_int8_dynamic_job_stores_int8_rows_and_serves_them_with_per_token_activations() {
     let app = TestApp::spawn().await;
     tiny::upload(&app, "tiny").await;
-    let out = run_job(&app, "int8-dynamic", json!({}), "int8-per-token").await;
+    let out = run_job(&app, "int8-dynamic", json!({}), "int8-per-token", 14).await;
 
     let gguf = GgufFile::open(&out.path().join("model.gguf")).unwrap();
     let levels = gguf.tensor("blk.0.attn_q.int8_weight").expect("int8 parts");
@@ -118,18 +119,76 @@ async fn an_int8_dynamic_job_stores_int8_rows_and_serves_them_with_per_token_act
         .await;
     assert_eq!(status, 200, "{r}");
 
-    // PyTorch's scheme is recorded and served as such.
+    // `activations: "torch"` alone is PyTorch's default recipe: per-tensor weights on every
+    // linear, the tied head included (its own int8 copy; the embeddings stay float).
     let out = run_job(
         &app,
         "int8-dynamic",
         json!({"activations": "torch"}),
         "int8-torch",
+        15,
     )
     .await;
-    let served = quantd::model::servable::load(&open_dir(out.path()), 64)
-        .unwrap()
-        .llama;
+    let stored = open_dir(out.path());
+    let gguf = GgufFile::open(&out.path().join("model.gguf")).unwrap();
+    assert!(
+        gguf.tensor("output.int8_weight").is_some(),
+        "the head is int8"
+    );
+    assert!(
+        gguf.tensor("token_embd.weight").is_some(),
+        "the embeddings stay float"
+    );
+    let mut minus_128 = 0;
+    for t in stored.tensors.iter().filter(|t| t.shape.len() == 2) {
+        if t.name == "token_embd.weight" {
+            continue;
+        }
+        let got = stored.read_f32(t).unwrap();
+        let want = match t.name.as_str() {
+            "output.weight" => source.read_f32(source.tensor("token_embd.weight").unwrap()),
+            name => source.read_f32(source.tensor(name).unwrap()),
+        }
+        .unwrap();
+        // One scale for the tensor, absmax / 127.5, levels in [−128, 127].
+        let s = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.5;
+        let expect: Vec<f32> = want
+            .iter()
+            .map(|&x| (x / s).round_ties_even().clamp(-128.0, 127.0) * s)
+            .collect();
+        assert_eq!(got, expect, "{}", t.name);
+        minus_128 += expect.iter().filter(|&&v| v == -128.0 * s).count();
+    }
+    assert!(minus_128 > 0, "PyTorch's level −128 is used");
+    let served = quantd::model::servable::load(&stored, 64).unwrap().llama;
     assert_eq!(served.blocks[1].q.kind(), "int8-torch");
+    assert_eq!(served.output.kind(), "int8-torch");
+    assert!(!served.tied_output);
+    let (worst, scale) = max_logit_diff(&served, &dense_twin(&stored, out.path()));
+    assert!(
+        worst > 0.0 && worst <= 0.05 * scale,
+        "max |Δlogit| {worst} of {scale}"
+    );
+
+    // The per-channel variant with a float head is asked for by name.
+    let out = run_job(
+        &app,
+        "int8-dynamic",
+        json!({"activations": "torch", "weights": "per_channel", "head": "float"}),
+        "int8-torch-per-channel-float-head",
+        14,
+    )
+    .await;
+    let stored = open_dir(out.path());
+    let served = quantd::model::servable::load(&stored, 64).unwrap().llama;
+    assert_eq!(served.blocks[1].q.kind(), "int8-torch");
+    assert!(served.tied_output);
+    let t = stored.tensor("blk.0.attn_q.weight").unwrap();
+    let want = source
+        .read_f32(source.tensor("blk.0.attn_q.weight").unwrap())
+        .unwrap();
+    let expect: Vec<f32> = want.chunks(64).flat_map(int8_row).collect();
+    assert_eq!(stored.read_f32(t).unwrap(), expect);
     app.stop().await;
 }
 
@@ -144,6 +203,7 @@ async fn llm_int8_sends_outlier_columns_through_float_and_counts_them() {
         "llm-int8",
         json!({"threshold": 1e-9}),
         "llm-int8-t0.000000001",
+        14,
     )
     .await;
     let gguf = GgufFile::open(&out.path().join("model.gguf")).unwrap();
@@ -160,7 +220,7 @@ async fn llm_int8_sends_outlier_columns_through_float_and_counts_them() {
     assert_eq!(q.counts.max_columns, 64, "{q:?}");
 
     // The default threshold: the tiny model's activations stay below 6, nothing is split off.
-    let out = run_job(&app, "llm-int8", json!({}), "llm-int8").await;
+    let out = run_job(&app, "llm-int8", json!({}), "llm-int8", 14).await;
     let served = quantd::model::servable::load(&open_dir(out.path()), 64)
         .unwrap()
         .llama;
@@ -187,6 +247,12 @@ async fn int8_parameters_are_checked_by_name() {
             "params.activations",
         ),
         ("int8-dynamic", json!({"bits": 4}), "params.bits"),
+        (
+            "int8-dynamic",
+            json!({"weights": "per_tensor"}),
+            "params.weights",
+        ),
+        ("int8-dynamic", json!({"head": "fp8"}), "params.head"),
         ("llm-int8", json!({"threshold": -1.0}), "params.threshold"),
         ("llm-int8", json!({"threshold": 1e9}), "params.threshold"),
         ("llm-int8", json!({"threshold": "six"}), "params.threshold"),
@@ -203,6 +269,19 @@ async fn int8_parameters_are_checked_by_name() {
             "{method} {params} → {r}"
         );
     }
+    // bitsandbytes' int8 rows have a scale per row and leave lm_head float.
+    let (status, r) = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "tiny", "method": "int8-dynamic", "params": {"activations": "torch"},
+                    "outputs": ["bnb-safetensors"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, r["error"]["param"].as_str()),
+        (422, Some("outputs")),
+        "{r}"
+    );
     // No calibration: these methods quantize the weights alone.
     let (status, r) = app
         .post_json(

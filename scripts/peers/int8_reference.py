@@ -6,17 +6,23 @@ gptq_reference.py's own evaluation (llama-perplexity's windowing, as `quantd eva
 --ctx windows, logits at positions ctx/2 .. ctx-2 predict the next token, at most --max-tokens
 scored tokens). The int8 version is one of:
 
-- `--mode torch`: `torch.ao.quantization.quantize_dynamic` with `per_channel_dynamic_qconfig`
-  (int8 symmetric weights per output channel; fbgemm quantizes each call's activations with one
-  asymmetric 7-bit scale, `reduce_range`) on the decoder layers' nn.Linear modules, which are
-  the tensors quantd quantizes (embeddings and the tied lm_head stay float). This is quantd's
-  `activations: "torch"`.
+- `--mode torch`: PyTorch's default recipe, the course's
+  `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`: default
+  qconfig, so per-tensor symmetric int8 weights (`MinMaxObserver`, scale = absmax / 127.5,
+  levels [-128, 127]), fbgemm's one asymmetric 7-bit activation scale per call
+  (`reduce_range`), on every nn.Linear, the lm_head included (its tied weight gets its own int8
+  copy; the embeddings stay float). This is quantd's `activations: "torch"` with its defaults.
+- `--mode torch_per_channel`: the same call with `per_channel_dynamic_qconfig` (int8 symmetric
+  weights per output channel) on the decoder layers' nn.Linear modules only, the tensors quantd
+  quantizes by default (embeddings and the lm_head stay float). This is quantd's
+  `activations: "torch", weights: "per_channel", head: "float"`.
 - `--mode per_token`: the same weights, fake-quantized (round(w / s) · s, s = absmax / 127 per
   output row), and activations fake-quantized per token (s = absmax / 127 per row of the
   input) in every decoder linear: the float computation quantd's `activations: "per_token"`
   kernel computes in integers.
 
-    python scripts/peers/int8_reference.py --model DIR --text corpus.txt --mode torch \
+    python scripts/peers/int8_reference.py --model DIR --text corpus.txt \
+        --mode torch|torch_per_channel|per_token \
         [--max-tokens 16384] [--out result.json]
 
 Prints one JSON object (and with --out writes it): ppl_base, ppl_quant, delta_ppl_pct,
@@ -44,11 +50,28 @@ def decoder_linears(model):
 
 
 def quantize_torch(model):
+    """The default recipe: every nn.Linear, default (per-tensor) qconfig."""
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.backends.quantized.engine = "fbgemm"
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def quantize_torch_per_channel(model):
+    """Per-channel weights on the decoder layers' linears only."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     torch.backends.quantized.engine = "fbgemm"
     spec = {name: per_channel_dynamic_qconfig for name in decoder_linears(model)}
     return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+
+
+RECIPES = {
+    "torch": (quantize_torch, "quantize_dynamic(model, {nn.Linear}, dtype=qint8): default "
+              "qconfig (per-tensor weights), every nn.Linear incl. lm_head"),
+    "torch_per_channel": (quantize_torch_per_channel, "quantize_dynamic with "
+                          "per_channel_dynamic_qconfig on the decoder layers' nn.Linear only"),
+}
 
 
 class PerTokenInt8(nn.Module):
@@ -81,7 +104,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="HF folder (f32)")
     ap.add_argument("--text", required=True)
-    ap.add_argument("--mode", choices=["torch", "per_token"], required=True)
+    ap.add_argument("--mode", choices=["torch", "torch_per_channel", "per_token"],
+                    required=True)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
@@ -96,12 +120,14 @@ def main():
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                 attn_implementation="eager").eval()
     quant = copy.deepcopy(base)
-    quant = (quantize_torch if args.mode == "torch" else quantize_per_token)(quant).eval()
+    quantize, recipe = RECIPES.get(args.mode, (quantize_per_token, "per-token fake int8 on "
+                                                "the decoder layers' nn.Linear"))
+    quant = quantize(quant).eval()
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     replaced = sum(isinstance(m, (DynamicLinear, PerTokenInt8)) for m in quant.modules())
     t = time.time()
-    out = {"model": args.model, "mode": args.mode, "text_tokens": len(tokens),
-           "quantized_linears": replaced}
+    out = {"model": args.model, "mode": args.mode, "recipe": recipe,
+           "text_tokens": len(tokens), "quantized_linears": replaced}
     out.update(evaluate({"base": base, "quant": quant}, tokens, args.ctx, args.max_tokens))
     out.update({
         "delta_ppl_pct": 100.0 * (out["ppl_quant"] / out["ppl_base"] - 1.0),

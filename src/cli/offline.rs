@@ -17,8 +17,8 @@ use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{
-    ActivationMode, AwqParams, Bnb4Params, CalibrationParams, GgufParams, GptqParams,
-    Int8DynamicParams, LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
+    AwqParams, Bnb4Params, CalibrationParams, GgufParams, GptqParams, Int8DynamicParams,
+    LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
 };
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
@@ -91,6 +91,15 @@ pub struct QuantizeArgs {
     /// asymmetric 7-bit scale per call, as PyTorch's `quantize_dynamic`).
     #[arg(long, default_value = "per_token")]
     activations: String,
+    /// int8-dynamic: `per_channel` (absmax/127 per output row) or `per_tensor` (PyTorch's
+    /// default observer; `torch` activations only). Default: per_tensor with
+    /// `--activations torch`, else per_channel.
+    #[arg(long)]
+    int8_weights: Option<String>,
+    /// int8-dynamic: `int8` quantizes the LM head too (PyTorch's default recipe, the default
+    /// with `--activations torch`), `float` keeps it.
+    #[arg(long)]
+    head: Option<String>,
     /// llm-int8: input columns with any |x| at or above this run in float.
     #[arg(long, default_value_t = 6.0)]
     threshold: f32,
@@ -337,12 +346,18 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             Ok(MethodSpec::Awq(p))
         }
         "int8-dynamic" => {
-            let activations = match args.activations.as_str() {
-                "per_token" => ActivationMode::PerToken,
-                "torch" => ActivationMode::Torch,
-                other => bail!("--activations {other}: expected per_token or torch"),
-            };
-            Ok(MethodSpec::Int8Dynamic(Int8DynamicParams { activations }))
+            // The same parameters the API takes, parsed and checked by the same code.
+            let mut params = serde_json::json!({"activations": args.activations});
+            if let Some(w) = &args.int8_weights {
+                params["weights"] = w.clone().into();
+            }
+            if let Some(h) = &args.head {
+                params["head"] = h.clone().into();
+            }
+            let p: Int8DynamicParams = serde_json::from_value(params)
+                .map_err(|e| anyhow::anyhow!("int8-dynamic parameters: {e}"))?;
+            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(MethodSpec::Int8Dynamic(p))
         }
         "llm-int8" => {
             let p = LlmInt8Params {

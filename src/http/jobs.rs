@@ -20,9 +20,11 @@ use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::jobs::spec::{
     AwqParams, Bnb4Params, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate,
-    GgufParams, GptqParams, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec, RtnParams,
+    GgufParams, GptqParams, HeadMode, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec,
+    RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
+use crate::quant::int8_rows::WeightScale;
 
 /// Methods DESIGN §4 names, and `eval` (score a model against a reference, DESIGN §5); only
 /// those listed in `AVAILABLE` run in this version.
@@ -188,7 +190,10 @@ impl JobRequest {
                 MethodSpec::Awq(p)
             }
             "int8-dynamic" => {
-                MethodSpec::Int8Dynamic(prefixed::<Int8DynamicParams>("params", params)?)
+                let p = prefixed::<Int8DynamicParams>("params", params)?;
+                p.validate()
+                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+                MethodSpec::Int8Dynamic(p)
             }
             "llm-int8" => {
                 let p = prefixed::<LlmInt8Params>("params", params)?;
@@ -261,6 +266,17 @@ impl JobRequest {
                         "output {name:?} holds bitsandbytes weights: methods nf4, fp4, llm-int8 \
                          and int8-dynamic make them"
                     ));
+                }
+                if let MethodSpec::Int8Dynamic(p) = &method {
+                    if p.weight_scale() != WeightScale::PerChannel
+                        || p.head_mode() != HeadMode::Float
+                    {
+                        return invalid(format!(
+                            "output {name:?} holds bitsandbytes' int8 rows, which have a scale per \
+                             row and a float lm_head: use params weights \"per_channel\" and head \
+                             \"float\""
+                        ));
+                    }
                 }
                 if !outputs.contains(&format) {
                     outputs.push(format);

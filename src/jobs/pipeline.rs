@@ -143,14 +143,16 @@ pub fn quantize_gguf(
             Some(done) => done,
             None => {
                 let src = ckpt
-                    .tensor(&t.name)
+                    .tensor(t.tied_to.unwrap_or(&t.name))
                     .expect("plan was made from this checkpoint");
                 let data = ckpt.read_f32(src).map_err(|source| PipelineError::Read {
                     name: t.name.clone(),
                     source,
                 })?;
                 match (t.own_form, t.groups) {
-                    (Some(OwnForm::Int8Rows), _) => quantize_int8_rows(&t.name, &data, t.shape[1])?,
+                    (Some(OwnForm::Int8Rows(scale)), _) => {
+                        quantize_int8_rows(&t.name, &data, t.shape[1], scale)?
+                    }
                     (Some(OwnForm::Bnb4(format)), _) => {
                         quantize_bnb4(&t.name, &data, t.shape[1], format)?
                     }
@@ -243,7 +245,7 @@ fn layout_part_decls(plan: &Plan) -> Vec<Option<Vec<(String, Vec<usize>, TensorT
                     .collect()
             };
             match t.own_form {
-                Some(OwnForm::Int8Rows) => {
+                Some(OwnForm::Int8Rows(_)) => {
                     return Some(declare(
                         &int8_rows::PARTS,
                         &Int8Rows::part_shapes(rows, cols),

@@ -6,10 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::gguf::Value;
 use crate::kernels::int8::Activations;
+use crate::quant::bnb4;
 use crate::quant::groups::GroupFormat;
+use crate::quant::int8_rows::{self, WeightScale};
 use crate::quant::mix::{parse_ggml_type, Override};
 use crate::quant::GgufType;
-use crate::quant::{bnb4, int8_rows};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSpec {
@@ -130,9 +131,7 @@ impl MethodSpec {
             Self::Rtn(p) => Some(format!("rtn-{}", p.variant())),
             Self::Gptq(p) => Some(format!("gptq-{}", p.variant())),
             Self::Awq(p) => Some(format!("awq-{}", group_variant(&p.format()))),
-            Self::Int8Dynamic(p) => {
-                Some(format!("int8-{}", p.activations.name().replace('_', "-")))
-            }
+            Self::Int8Dynamic(p) => Some(p.variant()),
             Self::LlmInt8(p) if p.threshold == LlmInt8Params::DEFAULT_THRESHOLD => {
                 Some("llm-int8".into())
             }
@@ -232,12 +231,95 @@ impl ActivationMode {
     }
 }
 
-/// DESIGN §4 `int8-dynamic`: int8 weights per output channel, activations quantized per call.
+/// Whether `int8-dynamic` quantizes the LM head too.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadMode {
+    /// The head stays as the checkpoint has it.
+    Float,
+    /// The head is int8 rows like the decoder's linears; a head tied to the embeddings gets its
+    /// own int8 copy (the embeddings stay float), as PyTorch quantizes the `lm_head` module.
+    Int8,
+}
+
+/// DESIGN §4 `int8-dynamic`: int8 weights, activations quantized on every call.
+///
+/// `activations: "torch"` alone is the course's recipe, PyTorch's default
+/// `quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`: per-tensor weights and every
+/// linear, the head included. `weights: "per_channel"` with `head: "float"` is the better
+/// variant (PyTorch's `per_channel_dynamic_qconfig` on the decoder layers), and the default
+/// with `activations: "per_token"`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Int8DynamicParams {
     #[serde(default)]
     pub activations: ActivationMode,
+    /// Default: `per_tensor` with `activations: "torch"`, else `per_channel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightScale>,
+    /// Default: `int8` with `activations: "torch"`, else `float`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadMode>,
+}
+
+impl Int8DynamicParams {
+    /// PyTorch's default recipe: what `activations: "torch"` means unless told otherwise.
+    fn course_recipe(&self) -> bool {
+        self.activations == ActivationMode::Torch
+    }
+
+    pub fn weight_scale(&self) -> WeightScale {
+        self.weights.unwrap_or(if self.course_recipe() {
+            WeightScale::PerTensor
+        } else {
+            WeightScale::PerChannel
+        })
+    }
+
+    pub fn head_mode(&self) -> HeadMode {
+        self.head.unwrap_or(if self.course_recipe() {
+            HeadMode::Int8
+        } else {
+            HeadMode::Float
+        })
+    }
+
+    /// Per-tensor weights take PyTorch's level −128, which only the 7-bit unsigned
+    /// activations of `torch` multiply exactly (the kernel's sign trick needs |w| ≤ 127).
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.weight_scale() == WeightScale::PerTensor && !self.course_recipe() {
+            return Err(param_error(
+                "weights",
+                "per_tensor weights are PyTorch's default recipe and run with activations \
+                 \"torch\" only; use per_channel"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The variant part of the default output id: `int8-torch` for the course's recipe,
+    /// `int8-per-token`, and a suffix for each choice that differs from its default.
+    fn variant(&self) -> String {
+        let mut v = format!("int8-{}", self.activations.name().replace('_', "-"));
+        let defaults = Self {
+            activations: self.activations,
+            ..Self::default()
+        };
+        if self.weight_scale() != defaults.weight_scale() {
+            v.push_str(match self.weight_scale() {
+                WeightScale::PerChannel => "-per-channel",
+                WeightScale::PerTensor => "-per-tensor",
+            });
+        }
+        if self.head_mode() != defaults.head_mode() {
+            v.push_str(match self.head_mode() {
+                HeadMode::Float => "-float-head",
+                HeadMode::Int8 => "-int8-head",
+            });
+        }
+        v
+    }
 }
 
 /// DESIGN §4 `llm-int8` (Dettmers et al. 2022), as bitsandbytes' `Linear8bitLt` runs it.
@@ -870,5 +952,36 @@ mod tests {
         assert!(!is_valid_model_id("../etc"));
         assert!(!is_valid_model_id(""));
         assert!(!is_valid_model_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn torch_activations_alone_mean_pytorchs_default_recipe() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<Int8DynamicParams>(v).unwrap();
+        let course = parse(serde_json::json!({"activations": "torch"}));
+        assert_eq!(course.weight_scale(), WeightScale::PerTensor);
+        assert_eq!(course.head_mode(), HeadMode::Int8);
+        assert_eq!(course.variant(), "int8-torch");
+        let per_channel = parse(
+            serde_json::json!({"activations": "torch", "weights": "per_channel", "head": "float"}),
+        );
+        assert_eq!(per_channel.variant(), "int8-torch-per-channel-float-head");
+        assert!(per_channel.validate().is_ok());
+        let per_token = parse(serde_json::json!({}));
+        assert_eq!(
+            (per_token.weight_scale(), per_token.head_mode()),
+            (WeightScale::PerChannel, HeadMode::Float)
+        );
+        assert_eq!(per_token.variant(), "int8-per-token");
+        let head = parse(serde_json::json!({"head": "int8"}));
+        assert_eq!(head.variant(), "int8-per-token-int8-head");
+        let e = parse(serde_json::json!({"weights": "per_tensor"}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.param, "params.weights");
+        // The stored spec keeps what was asked, so its hash is the request's.
+        assert_eq!(
+            serde_json::to_value(&course).unwrap(),
+            serde_json::json!({"activations": "torch"})
+        );
     }
 }

@@ -7,13 +7,14 @@ use sha2::Digest as _;
 
 use serde_json::json;
 
-use super::spec::{is_valid_model_id, ExportFormat, JobSpec, MethodSpec};
+use super::spec::{is_valid_model_id, ExportFormat, HeadMode, JobSpec, MethodSpec};
 use super::JobSystem;
 use crate::catalog::{self, CatalogError};
 use crate::db;
 use crate::db::jobs::{JobRow, NewJob};
 use crate::eval::EvalSpec;
 use crate::model::checkpoint::Checkpoint;
+use crate::quant::int8_rows::WeightScale;
 use crate::quant::plan::OwnForm;
 use crate::quant::Plan;
 
@@ -79,16 +80,25 @@ pub fn quantization_plan(
             p.format(),
             threads,
         )),
-        MethodSpec::Int8Dynamic(_) | MethodSpec::LlmInt8(_) => Ok(Plan::own_form(
+        MethodSpec::Int8Dynamic(p) => Ok(Plan::own_form(
             method.name(),
             &ckpt.tensor_shapes(),
-            OwnForm::Int8Rows,
+            OwnForm::Int8Rows(p.weight_scale()),
+            p.head_mode() == HeadMode::Int8,
+            threads,
+        )),
+        MethodSpec::LlmInt8(_) => Ok(Plan::own_form(
+            method.name(),
+            &ckpt.tensor_shapes(),
+            OwnForm::Int8Rows(WeightScale::PerChannel),
+            false,
             threads,
         )),
         MethodSpec::Nf4(p) | MethodSpec::Fp4(p) => Ok(Plan::own_form(
             method.name(),
             &ckpt.tensor_shapes(),
             OwnForm::Bnb4(p.format(method.bnb4_kind().expect("nf4 or fp4"))),
+            false,
             threads,
         )),
         MethodSpec::Eval(_) => Err(invalid(

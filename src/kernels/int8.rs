@@ -88,6 +88,19 @@ impl OutlierCounts {
     }
 }
 
+/// Whether this kernel multiplies `w` exactly with `activations`: the level −128 (PyTorch's
+/// per-tensor weights) overflows the AVX2 sign trick against signed activations, so it is
+/// refused for all but `torch`'s unsigned ones.
+pub fn check_levels(w: &Int8Rows, activations: Activations) -> std::result::Result<(), String> {
+    if activations != Activations::Torch && w.levels.contains(&i8::MIN) {
+        return Err(format!(
+            "int8_weight holds -128, which only activations \"torch\" run exactly (these are {:?})",
+            activations.name()
+        ));
+    }
+    Ok(())
+}
+
 pub struct Int8Matmul {
     rows: usize,
     cols: usize,
@@ -572,6 +585,45 @@ mod tests {
                 // The integer part is exact, so every ISA gives the same floats.
                 assert!(per_isa.windows(2).all(|p| p[0] == p[1]), "{act:?} n {n}");
             }
+        }
+    }
+
+    #[test]
+    fn per_tensor_weights_with_level_minus_128_run_exactly_against_torch_activations() {
+        // PyTorch's default observer: the most negative weight lands on −128.
+        let (rows, cols) = (37, 200);
+        let mut v = random_values(rows * cols, 9);
+        let absmax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        v[3] = -absmax;
+        let w = Int8Rows::quantize_per_tensor(&v, rows, cols);
+        assert!(w.levels.contains(&i8::MIN));
+        assert!(check_levels(&w, Activations::Torch).is_ok());
+        for act in [
+            Activations::PerToken,
+            Activations::Outliers { threshold: 6.0 },
+        ] {
+            let e = check_levels(&w, act).unwrap_err();
+            assert!(e.contains("-128"), "{e}");
+        }
+        for n in [1, 5, 64] {
+            let x = random_values(n * cols, 40 + n as u64);
+            let want = float_reference(&w, &x, n, Activations::Torch);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut per_isa = Vec::new();
+            for isa in Isa::available() {
+                let got = Int8Matmul::with_isa(&w, Activations::Torch, isa).matmul(&x, n);
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                println!(
+                    "per-tensor −128 weights, {} n {n}: max diff {diff}",
+                    isa.name()
+                );
+                assert!(diff <= 1e-5 * scale, "{} n {n}: {diff}", isa.name());
+                per_isa.push(got);
+            }
+            assert!(per_isa.windows(2).all(|p| p[0] == p[1]), "n {n}");
         }
     }
 

@@ -112,7 +112,8 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig, CheckpointError> {
             .unwrap_or(1e-6),
         rope_theta: meta_f64(f, &format!("{arch_name}.rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling,
-        tie_word_embeddings: !tensor_has("output.weight"),
+        // A head of its own may be stored in parts (`output.int8_weight`, ...), not whole.
+        tie_word_embeddings: !f.tensors.iter().any(|t| t.name.starts_with("output.")),
         attention_bias: tensor_has("blk.0.attn_q.bias"),
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),

@@ -16,7 +16,7 @@ use super::tokenizer_gguf;
 use crate::export::gguf::Value;
 use crate::kernels::bnb4::Bnb4Matmul;
 use crate::kernels::gptq::GptqMatmul;
-use crate::kernels::int8::{Activations, Int8Matmul};
+use crate::kernels::int8::{check_levels, Activations, Int8Matmul};
 use crate::nn::linear::QLinear;
 use crate::nn::llama::{Block, Embedding, Llama};
 use crate::nn::rope::{Rope, RopeLayout};
@@ -202,7 +202,10 @@ fn linear(ckpt: &Checkpoint, name: &str) -> Result<QLinear, LoadError> {
     }
     if let Some(rows) = ckpt.int8_rows(t) {
         let rows = rows.map_err(|e| LoadError::Candle(candle_core::Error::Msg(e.to_string())))?;
-        let kernel = Int8Matmul::new(&rows, int8_activations(ckpt)?);
+        let activations = int8_activations(ckpt)?;
+        check_levels(&rows, activations)
+            .map_err(|m| LoadError::Candle(candle_core::Error::Msg(format!("{name}: {m}"))))?;
+        let kernel = Int8Matmul::new(&rows, activations);
         return Ok(QLinear::custom(Arc::new(kernel), bias));
     }
     Ok(match read_blocks(ckpt, t)? {

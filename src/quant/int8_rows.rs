@@ -2,7 +2,10 @@
 //! a linear is quantized symmetrically to int8 with its own scale, absmax / 127, the recipe of
 //! PyTorch's per-channel `quantize_dynamic` weights and of bitsandbytes' `Linear8bitLt`
 //! (whose `SCB` is absmax, i.e. 127 × our scale). Levels stay in [−127, 127] so the AVX2
-//! kernel's sign trick cannot overflow.
+//! kernel's sign trick cannot overflow. [`WeightScale::PerTensor`] is PyTorch's default
+//! weight observer instead: one scale for the whole tensor, absmax / 127.5, levels in
+//! [−128, 127] (stored as the same scale on every row); the kernel runs −128 exactly only
+//! against unsigned activations (`torch`).
 //!
 //! In a GGUF a weight `blk.0.attn_q.weight` is two tensors: `blk.0.attn_q.int8_weight`
 //! `[rows, cols]` I8 and `blk.0.attn_q.int8_scale` `[rows]` F32. llama.cpp cannot run these
@@ -19,6 +22,17 @@ pub const PARTS: [(&str, PartType); 2] =
 pub const ACTIVATIONS_KEY: &str = "quantd.int8.activations";
 /// GGUF metadata: LLM.int8()'s outlier threshold (f32).
 pub const THRESHOLD_KEY: &str = "quantd.int8.threshold";
+
+/// How the weights' scales are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightScale {
+    /// absmax / 127 per output row (PyTorch's `per_channel_dynamic_qconfig`, bitsandbytes).
+    PerChannel,
+    /// One scale for the tensor, as PyTorch's default weight observer (`MinMaxObserver`, qint8,
+    /// `per_tensor_symmetric`): absmax / ((127 − (−128)) / 2), levels clamped to [−128, 127].
+    PerTensor,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Rows {
@@ -51,6 +65,39 @@ impl Int8Rows {
             cols,
             levels,
             scales,
+        }
+    }
+
+    /// Quantizes a row-major `[rows, cols]` weight by `scale`.
+    pub fn quantize_with(w: &[f32], rows: usize, cols: usize, scale: WeightScale) -> Self {
+        match scale {
+            WeightScale::PerChannel => Self::quantize(w, rows, cols),
+            WeightScale::PerTensor => Self::quantize_per_tensor(w, rows, cols),
+        }
+    }
+
+    /// PyTorch's `quantize_per_tensor` under its default observer: scale = absmax / 127.5
+    /// (float32, as the observer computes it), q = clamp(round(w / scale), −128, 127) with
+    /// round half to even (`nearbyint`). An all-zero tensor gets scale 0.
+    pub fn quantize_per_tensor(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols);
+        let absmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = absmax / 127.5;
+        let levels = w
+            .iter()
+            .map(|&v| {
+                if scale > 0.0 {
+                    (v / scale).round_ties_even().clamp(-128.0, 127.0) as i8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Self {
+            rows,
+            cols,
+            levels,
+            scales: vec![scale; rows],
         }
     }
 
@@ -105,12 +152,9 @@ impl Int8Rows {
                 rows * 4
             )));
         }
+        // −128 (per-tensor weights) is read; whether a kernel can run it depends on how it
+        // quantizes activations (`kernels::int8::check_levels`).
         let levels: Vec<i8> = q.iter().map(|&b| b as i8).collect();
-        if levels.contains(&i8::MIN) {
-            return Err(LayoutError(
-                "int8_weight holds -128; levels must lie in [-127, 127]".into(),
-            ));
-        }
         let scales: Vec<f32> = s
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
@@ -149,15 +193,29 @@ mod tests {
     }
 
     #[test]
+    fn per_tensor_rows_follow_pytorchs_default_observer() {
+        // absmax 127.5 → scale 1: −127.5 rounds to even −128; +127.5 rounds to 128, clamped
+        // to 127; 1.5 → 2 and 0.5 → 0 (half to even).
+        let w = [127.5, -127.5, 1.5, 0.5, -0.0, 50.0];
+        let q = Int8Rows::quantize_per_tensor(&w, 2, 3);
+        assert_eq!(q.scales, vec![1.0; 2]);
+        assert_eq!(q.levels, vec![127, -128, 2, 0, 0, 50]);
+        let bytes = q.to_bytes();
+        let (lv, sc) = bytes.split_at(6);
+        let read = Int8Rows::from_parts(2, 3, [(&[2, 3], lv), (&[2], sc)]).unwrap();
+        assert_eq!(read, q, "−128 survives its bytes");
+        assert_eq!(
+            Int8Rows::quantize_per_tensor(&[0.0; 4], 2, 2).scales,
+            [0.0; 2]
+        );
+    }
+
+    #[test]
     fn bad_parts_are_refused_with_the_part_named() {
         let q = Int8Rows::quantize(&[1.0; 8], 2, 4).to_bytes();
         let (lv, sc) = q.split_at(8);
         let e = Int8Rows::from_parts(2, 4, [(&[4, 2], lv), (&[2], sc)]).unwrap_err();
         assert!(e.0.contains("int8_weight"), "{}", e.0);
-        let mut bad = lv.to_vec();
-        bad[0] = 0x80;
-        let e = Int8Rows::from_parts(2, 4, [(&[2, 4], &bad), (&[2], sc)]).unwrap_err();
-        assert!(e.0.contains("-128"), "{}", e.0);
         let nan = f32::NAN.to_le_bytes().repeat(2);
         let e = Int8Rows::from_parts(2, 4, [(&[2, 4], lv), (&[2], &nan)]).unwrap_err();
         assert!(e.0.contains("int8_scale[0]"), "{}", e.0);

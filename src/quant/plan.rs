@@ -9,7 +9,7 @@ use super::bnb4;
 use super::gguf_types::GgufType;
 use super::gptq_layout::PackedLinear;
 use super::groups::GroupFormat;
-use super::int8_rows::Int8Rows;
+use super::int8_rows::{Int8Rows, WeightScale};
 use super::mix::{choose, is_quantizable, MixContext, Override};
 use crate::export::gguf::{ggml_type_name, tensor_bytes};
 use crate::model::config::ModelConfig;
@@ -36,13 +36,18 @@ pub struct PlannedTensor {
     /// One of quantd's own forms, stored as parts beside no GGML tensor.
     #[serde(skip)]
     pub own_form: Option<OwnForm>,
+    /// A quantized copy of another tensor, read from it (an LM head tied to the embeddings,
+    /// quantized on its own): its weights are not counted as parameters a second time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tied_to: Option<&'static str>,
 }
 
 /// Weight forms that only quantd's kernels run (besides the GPTQ layout, which `groups` says).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnForm {
-    /// `int8_rows`: int8 levels and one f32 scale per output row.
-    Int8Rows,
+    /// `int8_rows`: int8 levels and one f32 scale per output row (the same on every row for
+    /// per-tensor weights).
+    Int8Rows(WeightScale),
     /// `bnb4`: NF4/FP4 indices with a (double-quantized) absmax per block.
     Bnb4(bnb4::Format),
 }
@@ -51,7 +56,7 @@ impl OwnForm {
     /// The type name plans and reports give it.
     pub fn type_name(self) -> &'static str {
         match self {
-            Self::Int8Rows => INT8_TYPE_NAME,
+            Self::Int8Rows(_) => INT8_TYPE_NAME,
             Self::Bnb4(f) => match (f.kind, f.double_quant) {
                 (bnb4::Kind::Nf4, false) => "NF4",
                 (bnb4::Kind::Nf4, true) => "NF4_DQ",
@@ -64,14 +69,14 @@ impl OwnForm {
     /// Whether rows of `cols` weights fit the form.
     pub fn fits(self, cols: usize) -> bool {
         match self {
-            Self::Int8Rows => cols > 0,
+            Self::Int8Rows(_) => cols > 0,
             Self::Bnb4(f) => f.fits(cols),
         }
     }
 
     pub fn stored_bytes(self, rows: usize, cols: usize) -> usize {
         match self {
-            Self::Int8Rows => Int8Rows::stored_bytes(rows, cols),
+            Self::Int8Rows(_) => Int8Rows::stored_bytes(rows, cols),
             Self::Bnb4(f) => f.stored_bytes(rows, cols),
         }
     }
@@ -86,6 +91,10 @@ impl PlannedTensor {
 
 /// The type name plans and reports give an int8-rows tensor.
 pub const INT8_TYPE_NAME: &str = "INT8";
+
+/// GGUF names of the output layer and of the embeddings a tied one shares.
+pub const HEAD: &str = "output.weight";
+pub const EMBEDDINGS: &str = "token_embd.weight";
 
 /// The type name plans and reports give a GPTQ-layout tensor.
 pub fn layout_type_name(bits: u8) -> &'static str {
@@ -148,6 +157,7 @@ impl Plan {
                 fallback_from: c.fallback_from.map(ggml_type_name),
                 groups: None,
                 own_form: None,
+                tied_to: None,
             });
         }
         Self::summarize("gguf", gguf_type, planned, threads)
@@ -188,6 +198,7 @@ impl Plan {
                         fallback_from: None,
                         groups: Some(format),
                         own_form: None,
+                        tied_to: None,
                     },
                     None if format.fits_layout(rows, cols) => {
                         let groups = cols.div_ceil(format.group_len(cols));
@@ -202,6 +213,7 @@ impl Plan {
                             fallback_from: None,
                             groups: Some(format),
                             own_form: None,
+                            tied_to: None,
                         }
                     }
                     _ => float(Some(wanted)),
@@ -221,35 +233,49 @@ impl Plan {
     /// The plan of a method with one of quantd's own forms (`int8-dynamic`, `llm-int8`: int8
     /// rows; `nf4`, `fp4`: bitsandbytes blocks): every decoder linear in that form (what
     /// PyTorch's `quantize_dynamic` and bitsandbytes replace), unless its rows do not split
-    /// into the form's blocks (then F16, listed as a fallback); embeddings and the output
-    /// layer F16 (bitsandbytes skips `lm_head`), norms F32.
+    /// into the form's blocks (then F16, listed as a fallback); embeddings F16, norms F32. The
+    /// output layer is F16 (bitsandbytes skips `lm_head`) unless `head` asks for it in the form
+    /// too; a head tied to the embeddings then gets its own quantized copy, `tied_to` them.
     pub fn own_form(
         method: &'static str,
         tensors: &[(String, Vec<usize>)],
         form: OwnForm,
+        head: bool,
         threads: usize,
     ) -> Self {
         let type_name = form.type_name();
-        let planned = tensors
+        let in_form = |name: &str, shape: &[usize]| PlannedTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            type_name,
+            dtype: GgmlDType::F16,
+            bytes: form.stored_bytes(shape[0], shape[1]) as u64,
+            quantized: true,
+            fallback_from: None,
+            groups: None,
+            own_form: Some(form),
+            tied_to: None,
+        };
+        let mut planned: Vec<PlannedTensor> = tensors
             .iter()
             .map(|(name, shape)| {
-                let linear = name.starts_with("blk.") && is_quantizable(name, shape);
+                let linear = (name.starts_with("blk.") || (head && name == HEAD))
+                    && is_quantizable(name, shape);
                 if linear && form.fits(shape[1]) {
-                    return PlannedTensor {
-                        name: name.clone(),
-                        shape: shape.clone(),
-                        type_name,
-                        dtype: GgmlDType::F16,
-                        bytes: form.stored_bytes(shape[0], shape[1]) as u64,
-                        quantized: true,
-                        fallback_from: None,
-                        groups: None,
-                        own_form: Some(form),
-                    };
+                    return in_form(name, shape);
                 }
                 float_tensor(name, shape, linear.then_some(type_name))
             })
             .collect();
+        let tied = tensors.iter().all(|(name, _)| name != HEAD);
+        if let Some((_, shape)) = tensors.iter().find(|(n, _)| n == EMBEDDINGS) {
+            if head && tied && form.fits(shape[1]) {
+                planned.push(PlannedTensor {
+                    tied_to: Some(EMBEDDINGS),
+                    ..in_form(HEAD, shape)
+                });
+            }
+        }
         Self::summarize(method, GgufType::F16, planned, threads)
     }
 
@@ -261,6 +287,7 @@ impl Plan {
     ) -> Self {
         let parameters: u64 = planned
             .iter()
+            .filter(|t| t.tied_to.is_none())
             .map(|t| t.shape.iter().product::<usize>() as u64)
             .sum();
         let (q_bytes, q_params) = planned
@@ -309,6 +336,7 @@ fn float_tensor(name: &str, shape: &[usize], fallback_from: Option<&'static str>
         fallback_from,
         groups: None,
         own_form: None,
+        tied_to: None,
     }
 }
 
@@ -336,4 +364,50 @@ fn peak_memory(tensors: &[PlannedTensor], threads: usize) -> u64 {
             .unwrap_or(0)
         * 8;
     BASELINE_BYTES + largest + threads.max(1) as u64 * slice
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tied_model() -> Vec<(String, Vec<usize>)> {
+        vec![
+            (EMBEDDINGS.to_string(), vec![100, 64]),
+            ("blk.0.attn_q.weight".into(), vec![64, 64]),
+            ("blk.0.attn_norm.weight".into(), vec![64]),
+            ("output_norm.weight".into(), vec![64]),
+        ]
+    }
+
+    #[test]
+    fn a_quantized_head_of_tied_embeddings_is_a_copy_read_from_them() {
+        let form = OwnForm::Int8Rows(WeightScale::PerTensor);
+        let float_head = Plan::own_form("int8-dynamic", &tied_model(), form, false, 1);
+        let plan = Plan::own_form("int8-dynamic", &tied_model(), form, true, 1);
+        let head = plan.tensors.iter().find(|t| t.name == HEAD).unwrap();
+        assert_eq!(head.tied_to, Some(EMBEDDINGS));
+        assert_eq!(
+            (head.shape.as_slice(), head.quantized),
+            (&[100, 64][..], true)
+        );
+        let embd = plan.tensors.iter().find(|t| t.name == EMBEDDINGS).unwrap();
+        assert!(!embd.quantized, "the embeddings stay float");
+        assert_eq!(plan.parameters, float_head.parameters, "no parameter twice");
+        assert_eq!(
+            plan.tensor_bytes,
+            float_head.tensor_bytes + Int8Rows::stored_bytes(100, 64) as u64
+        );
+        assert!(float_head.tensors.iter().all(|t| t.name != HEAD));
+    }
+
+    #[test]
+    fn a_separate_head_is_quantized_in_place() {
+        let mut tensors = tied_model();
+        tensors.push((HEAD.to_string(), vec![100, 64]));
+        let form = OwnForm::Int8Rows(WeightScale::PerChannel);
+        let plan = Plan::own_form("int8-dynamic", &tensors, form, true, 1);
+        let heads: Vec<_> = plan.tensors.iter().filter(|t| t.name == HEAD).collect();
+        assert_eq!(heads.len(), 1);
+        assert!(heads[0].quantized && heads[0].tied_to.is_none());
+    }
 }

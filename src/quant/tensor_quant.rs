@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::bnb4::{self, Bnb4Weight};
 use super::groups::{GroupFormat, GroupParams};
-use super::int8_rows::Int8Rows;
+use super::int8_rows::{Int8Rows, WeightScale};
 use super::kquants::{self, QK_K};
 use super::weighted_blocks;
 
@@ -127,9 +127,10 @@ pub fn quantize_int8_rows(
     name: &str,
     data: &[f32],
     row_len: usize,
+    scale: WeightScale,
 ) -> Result<(Vec<u8>, TensorError), TensorQuantError> {
     check_finite(name, data)?;
-    let q = Int8Rows::quantize(data, data.len() / row_len, row_len);
+    let q = Int8Rows::quantize_with(data, data.len() / row_len, row_len, scale);
     let err = tensor_error(data, &q.dequantize());
     Ok((q.to_bytes(), err))
 }
