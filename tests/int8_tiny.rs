@@ -169,6 +169,28 @@ async fn an_int8_dynamic_job_stores_int8_rows_and_serves_them_with_per_token_act
         worst > 0.0 && worst <= 0.05 * scale,
         "max |Δlogit| {worst} of {scale}"
     );
+    // The head's one activation scale spans its call, so evaluation gives it the whole window
+    // (as transformers does): the scored half's logits are those of a full-window call, and
+    // not those of a call holding only that half.
+    assert!(served.output.scale_spans_call());
+    let window: Vec<u32> = (0..64).map(|i| (i * 53 % 250) as u32).collect();
+    let scored = quantd::eval::perplexity::half_window_logits(&served, &window).unwrap();
+    let full = logits(&served, &window, &mut KvCache::new(), true);
+    assert_eq!(scored, full[32..].to_vec());
+    let alone = served
+        .forward(
+            &mut [quantd::nn::SeqStep {
+                tokens: &window,
+                cache: &mut KvCache::new(),
+                logits: quantd::nn::Logits::From(32),
+            }],
+            None,
+        )
+        .unwrap()
+        .remove(0)
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_ne!(scored, alone, "half the rows give the head another scale");
 
     // The per-channel variant with a float head is asked for by name.
     let out = run_job(

@@ -13,6 +13,9 @@ Per variant: `quantd quantize MODEL ... --out V.gguf` (kept in --work and reused
 --text TEXT --max-tokens N --json` for Δppl / KLD / top-1, and `quantd bench V.gguf --json`
 for prompt (pp512) and decode (tg128) tokens/s, medians of --repeat runs. The f32 model itself
 is the reference and the first row. Calibrated methods calibrate on --calib, never on --text.
+
+With --only NAME (repeatable) only those rows (and the base) are measured; the other rows are
+kept from the JSON beside the doc, and the table says which rows come from which day.
 """
 
 import argparse
@@ -41,7 +44,10 @@ VARIANTS = [
     ("gptq 3-bit g128", ["--method", "gptq", "--bits", "3", "--group-size", "128", "--asym", "--calib", "{calib}"], True),
     ("awq 4-bit g128", ["--method", "awq", "--bits", "4", "--group-size", "128", "--calib", "{calib}"], True),
     ("int8-dynamic per_token", ["--method", "int8-dynamic", "--activations", "per_token"], False),
-    ("int8-dynamic torch", ["--method", "int8-dynamic", "--activations", "torch"], False),
+    # The course's recipe: PyTorch's default quantize_dynamic (per-tensor weights, lm_head too).
+    ("int8-dynamic torch (course: PyTorch default)", ["--method", "int8-dynamic", "--activations", "torch"], False),
+    ("int8-dynamic torch per-channel", ["--method", "int8-dynamic", "--activations", "torch",
+                                        "--int8-weights", "per_channel", "--head", "float"], False),
     ("llm-int8", ["--method", "llm-int8"], False),
     ("nf4", ["--method", "nf4"], False),
     ("nf4 double quant", ["--method", "nf4", "--double-quant"], False),
@@ -114,6 +120,26 @@ def table(rows):
     return "\n".join(lines)
 
 
+def merge_kept_rows(args, measured, when):
+    """The committed rows, with the base and the `--only` rows replaced by `measured` (in
+    VARIANTS order); kept rows are marked with a dagger and the day they were measured."""
+    with open(os.path.splitext(args.doc)[0] + "-table.json") as f:
+        old = json.load(f)
+    if old["max_tokens"] != args.max_tokens or os.path.basename(old["text"]) != os.path.basename(args.text):
+        sys.exit("--only needs the committed table's --text and --max-tokens")
+    by_name = {r["variant"]: r for r in measured}
+    kept_from = {r["variant"].rstrip(" †"): r for r in old["rows"]}
+    rows = [by_name["f32 (base)"]]
+    for name, _, _ in VARIANTS:
+        if name in by_name:
+            rows.append(dict(by_name[name], date=when))
+        elif name in kept_from:
+            r = kept_from[name]
+            rows.append(dict(r, variant=name + " †", date=r.get("date", old["date"])))
+    days = sorted({r["date"] for r in rows[1:] if r["variant"].endswith("†")})
+    return rows, f"; rows marked † are kept from {', '.join(days)} (same script)" if days else ""
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quantd", required=True)
@@ -168,9 +194,12 @@ def main():
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {bench['threads']} threads, int8 kernel {bench['simd']['int8_kernel']}"
     when = datetime.date.today().isoformat()
+    kept = ""
+    if args.only:
+        rows, kept = merge_kept_rows(args, rows, when)
     block = (
         f"{BEGIN}\n"
-        f"Measured by `scripts/guide/methods_table.py` on {when} ({machine}): "
+        f"Measured by `scripts/guide/methods_table.py` on {when} ({machine}){kept}: "
         f"{'/'.join(os.path.normpath(args.model).split(os.sep)[-2:])}, {ev['scored_tokens']} scored tokens of "
         f"`{os.path.basename(args.text)}` at ctx {ev['ctx']}, against the base model; speed is "
         f"`quantd bench` pp512 / tg128, medians of {args.repeat}. Bits per weight count the "

@@ -53,20 +53,30 @@ impl EvalSpec {
     }
 }
 
-/// The logits of one window's scored half: rows for positions ctx/2 … ctx−1.
-fn half_window_logits(model: &Llama, window: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+/// The logits of one window's scored half: rows for positions ctx/2 … ctx−1. Usually only
+/// those rows go through the output layer; an output layer whose activation scale spans the
+/// call (PyTorch's dynamic int8) gets the whole window, as transformers gives it, because its
+/// scale depends on every row in the call.
+pub fn half_window_logits(model: &Llama, window: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
     let mut cache = KvCache::new();
-    model
+    let half = window.len() / 2;
+    let from = if model.output.scale_spans_call() {
+        0
+    } else {
+        half
+    };
+    let mut rows = model
         .forward(
             &mut [SeqStep {
                 tokens: window,
                 cache: &mut cache,
-                logits: Logits::From(window.len() / 2),
+                logits: Logits::From(from),
             }],
             None,
         )?
         .remove(0)
-        .to_vec2::<f32>()
+        .to_vec2::<f32>()?;
+    Ok(rows.split_off(half - from))
 }
 
 /// Scores `tokens` with `model` (and `reference` beside it). After each window

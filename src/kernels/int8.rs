@@ -462,6 +462,10 @@ impl LinearKernel for Int8Matmul {
         format!("int8-{}", self.activations.name())
     }
 
+    fn scale_spans_call(&self) -> bool {
+        self.activations == Activations::Torch
+    }
+
     fn outliers(&self) -> Option<OutlierSnapshot> {
         matches!(self.activations, Activations::Outliers { .. }).then(|| self.outliers.snapshot())
     }

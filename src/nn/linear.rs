@@ -22,6 +22,11 @@ pub trait LinearKernel: Send + Sync {
     fn outliers(&self) -> Option<OutlierSnapshot> {
         None
     }
+    /// Whether one activation scale spans the whole call (PyTorch's fbgemm dynamic scheme), so
+    /// a row's output depends on which other rows share the call.
+    fn scale_spans_call(&self) -> bool {
+        false
+    }
 }
 
 /// Below this many input rows a GGML linear runs candle's block kernels (quantized activations,
@@ -137,6 +142,14 @@ impl QLinear {
         match &self.weight {
             Weight::Custom(k) => k.outliers(),
             _ => None,
+        }
+    }
+
+    /// See [`LinearKernel::scale_spans_call`]; false for every weight but such kernels.
+    pub fn scale_spans_call(&self) -> bool {
+        match &self.weight {
+            Weight::Custom(k) => k.scale_spans_call(),
+            _ => false,
         }
     }
 
