@@ -190,6 +190,8 @@ impl Registry {
     /// Takes `id` out of `loaded`, keeping track of its weights until they are dropped.
     fn take(&mut self, id: &str) -> Option<Arc<LoadedModel>> {
         let m = self.loaded.remove(id)?;
+        // Forget the ones already dropped, so the list stays as short as what is held.
+        self.unloading.retain(|(_, _, w)| w.strong_count() > 0);
         self.unloading
             .push((m.id.clone(), m.weight_bytes, Arc::downgrade(&m.servable)));
         Some(m)
