@@ -23,10 +23,7 @@ fn eval_block(dataset: &str) -> Value {
 }
 
 async fn run(app: &TestApp, body: Value) -> Value {
-    let (status, job) = app.post_json("/v1/jobs", &body).await;
-    assert_eq!(status, 202, "{body} → {job}");
-    app.wait_job(job["id"].as_str().unwrap(), Duration::from_secs(120))
-        .await
+    app.run_job(&body, Duration::from_secs(120)).await
 }
 
 fn f(v: &Value) -> f64 {

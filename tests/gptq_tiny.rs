@@ -146,10 +146,7 @@ fn text(chars: usize) -> String {
 }
 
 async fn run(app: &TestApp, body: Value) -> Value {
-    let (status, job) = app.post_json("/v1/jobs", &body).await;
-    assert_eq!(status, 202, "{body} → {job}");
-    app.wait_job(job["id"].as_str().unwrap(), Duration::from_secs(120))
-        .await
+    app.run_job(&body, Duration::from_secs(120)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

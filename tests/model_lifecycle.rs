@@ -67,13 +67,7 @@ async fn a_model_uploaded_again_under_a_deleted_id_is_served_from_the_new_upload
     let smol_bytes = smol_bytes.expect("m1 is loaded");
     assert!(smol_bytes > 200_000_000, "SmolLM2 f16: {smol_bytes}");
 
-    let r = app
-        .client
-        .delete(app.url("/v1/models/m1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(app.delete("/v1/models/m1").await, 200);
     wait_weights_released(&app, "m1").await;
     let (status, gone) = app.post_json("/v1/completions", &completion("m1")).await;
     assert_eq!((status, &gone["error"]["param"]), (404, &json!("model")));
@@ -152,13 +146,7 @@ async fn deleting_a_model_ends_its_stream_refuses_its_queue_and_frees_its_weight
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let r = app
-        .client
-        .delete(app.url("/v1/models/m1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(app.delete("/v1/models/m1").await, 200);
 
     // The stream ends with an error event naming the deleted model, not with [DONE].
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -199,11 +187,7 @@ async fn a_variant_deleted_while_loaded_is_no_longer_served_and_its_successor_is
         json!({"model": "tiny", "method": "gguf", "params": {"type": ty},
                                  "output_name": "tiny:v"})
     };
-    let (status, job) = app.post_json("/v1/jobs", &make("Q8_0")).await;
-    assert_eq!(status, 202, "{job}");
-    let job = app
-        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
-        .await;
+    let job = app.run_job(&make("Q8_0"), Duration::from_secs(60)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let (status, _) = app
         .post_json("/v1/completions", &completion("tiny:v"))
@@ -212,13 +196,7 @@ async fn a_variant_deleted_while_loaded_is_no_longer_served_and_its_successor_is
     let (q8_bytes, _) = engine_weights(&app, "tiny:v").await;
     let q8_bytes = q8_bytes.expect("the variant is loaded");
 
-    let r = app
-        .client
-        .delete(app.url("/v1/models/tiny:v"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(app.delete("/v1/models/tiny:v").await, 200);
     let (status, _) = app
         .post_json("/v1/completions", &completion("tiny:v"))
         .await;
@@ -226,11 +204,7 @@ async fn a_variant_deleted_while_loaded_is_no_longer_served_and_its_successor_is
     wait_weights_released(&app, "tiny:v").await;
 
     // Made again under the same name, smaller: the engine loads the new file.
-    let (status, job) = app.post_json("/v1/jobs", &make("Q4_0")).await;
-    assert_eq!(status, 202, "{job}");
-    let job = app
-        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(60))
-        .await;
+    let job = app.run_job(&make("Q4_0"), Duration::from_secs(60)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let (status, _) = app
         .post_json("/v1/completions", &completion("tiny:v"))
@@ -318,10 +292,7 @@ fn text() -> String {
 }
 
 async fn run(app: &TestApp, body: Value) -> Value {
-    let (status, job) = app.post_json("/v1/jobs", &body).await;
-    assert_eq!(status, 202, "{body} → {job}");
-    app.wait_job(job["id"].as_str().unwrap(), Duration::from_secs(120))
-        .await
+    app.run_job(&body, Duration::from_secs(120)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,13 +317,7 @@ async fn a_base_deleted_and_created_again_is_scored_anew_not_from_its_predecesso
         "the base's results are cached: {again}"
     );
 
-    let r = app
-        .client
-        .delete(app.url("/v1/models/base"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(app.delete("/v1/models/base").await, 200);
     tiny::upload_seeded(&app, "base", 1).await;
     let own = run(
         &app,
@@ -397,13 +362,7 @@ async fn a_job_planned_for_a_deleted_model_is_not_retried_on_its_successor() {
     let rerun = app.wait_job(id, Duration::from_secs(120)).await;
     assert_eq!(rerun["status"], "failed", "{rerun}");
 
-    let r = app
-        .client
-        .delete(app.url("/v1/models/m"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(app.delete("/v1/models/m").await, 200);
     tiny::upload_seeded(&app, "m", 1).await;
     let (status, body) = app.post_json(&retry, &json!({})).await;
     assert_eq!(status, 409, "{body}");

@@ -56,7 +56,6 @@ pub struct LoadTicket {
 
 /// A model with its engine thread.
 pub struct LoadedModel {
-    pub id: String,
     pub key: ModelKey,
     pub servable: Arc<Servable>,
     pub weight_bytes: usize,
@@ -111,12 +110,12 @@ impl LoadedModel {
                     TrySendError::Full(_) => {
                         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                         Err(EngineError::Overloaded {
-                            id: self.id.clone(),
+                            id: self.key.id.clone(),
                             capacity: self.capacity,
                         })
                     }
                     TrySendError::Disconnected(_) if self.retired.load(Ordering::SeqCst) => {
-                        Err(EngineError::NotFound(self.id.clone()))
+                        Err(EngineError::NotFound(self.key.id.clone()))
                     }
                     TrySendError::Disconnected(_) => Err(EngineError::Internal(
                         "the engine thread has stopped".into(),
@@ -140,7 +139,7 @@ impl LoadedModel {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let steps = get(&s.steps);
         ModelStats {
-            id: self.id.clone(),
+            id: self.key.id.clone(),
             weight_bytes: self.weight_bytes,
             max_positions: self.max_positions(),
             active: s.active.load(Ordering::Relaxed),
@@ -192,8 +191,11 @@ impl Registry {
         let m = self.loaded.remove(id)?;
         // Forget the ones already dropped, so the list stays as short as what is held.
         self.unloading.retain(|(_, _, w)| w.strong_count() > 0);
-        self.unloading
-            .push((m.id.clone(), m.weight_bytes, Arc::downgrade(&m.servable)));
+        self.unloading.push((
+            m.key.id.clone(),
+            m.weight_bytes,
+            Arc::downgrade(&m.servable),
+        ));
         Some(m)
     }
 
@@ -212,9 +214,9 @@ impl Registry {
             let victim = self
                 .loaded
                 .values()
-                .filter(|m| m.id != keep)
+                .filter(|m| m.key.id != keep)
                 .min_by_key(|m| m.last_used.load(Ordering::Relaxed))
-                .map(|m| m.id.clone());
+                .map(|m| m.key.id.clone());
             match victim {
                 Some(v) => {
                     self.take(&v);
@@ -316,7 +318,6 @@ impl Engine {
             .spawn(move || scheduler::run(thread_model, rx, thread_stats, cfg))
             .map_err(|e| EngineError::Internal(format!("spawning the engine thread: {e}")))?;
         let model = Arc::new(LoadedModel {
-            id: key.id.clone(),
             key: key.clone(),
             servable,
             weight_bytes,

@@ -149,6 +149,24 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Submits a job (which must be accepted, 202) and waits for its end (see `wait_job`).
+    pub async fn run_job(&self, body: &Value, timeout: Duration) -> Value {
+        let (status, job) = self.post_json("/v1/jobs", body).await;
+        assert_eq!(status, 202, "{body} → {job}");
+        self.wait_job(job["id"].as_str().unwrap(), timeout).await
+    }
+
+    /// DELETE a path; returns the status.
+    pub async fn delete(&self, path: &str) -> u16 {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
     /// Polls a job until it reaches a terminal status (or panics after `timeout`).
     pub async fn wait_job(&self, id: &str, timeout: Duration) -> Value {
         let start = Instant::now();

@@ -232,7 +232,7 @@ pub async fn chat_completions(
     )?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
-    let model_id = model.id.clone();
+    let model_id = model.key.id.clone();
 
     if req.stream {
         let include_usage = req

@@ -210,7 +210,7 @@ pub async fn completions(
         .collect();
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
-    let model_id = model.id.clone();
+    let model_id = model.key.id.clone();
 
     if req.stream {
         let include_usage = req

@@ -53,7 +53,7 @@ pub async fn load_model(
 ) -> Result<Json<Loaded>, InferenceError> {
     let m = model_for(&state, &id).await?;
     Ok(Json(Loaded {
-        id: m.id.clone(),
+        id: m.key.id.clone(),
         object: "model",
         loaded: true,
         weight_bytes: m.weight_bytes,

@@ -376,7 +376,7 @@ pub fn submit(
             })?;
             choices.push(Choice {
                 index: choices.len(),
-                events: observed(metrics.clone(), model.id.clone(), rx),
+                events: observed(metrics.clone(), model.key.id.clone(), rx),
             });
         }
     }
