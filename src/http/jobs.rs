@@ -639,11 +639,11 @@ pub async fn retry_job(
             ))
         }
     }
+    // The answer is the job as the retry left it, read before a worker is woken to claim it
+    // (as submit does), so it says `queued` and not whatever a fast worker made of it.
+    let queued = existing(&state, &id).await?;
     state.jobs.wake();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Job::from_row(&existing(&state, &id).await?)),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(Job::from_row(&queued))))
 }
 
 /// SSE: the stored history first (stages, logs, the outcome), then live events, ending after
