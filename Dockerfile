@@ -3,9 +3,12 @@
 # user, and keeps everything under the /data volume.
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# Everything the manifest names must be here: build.rs and the declared bench target too
+# (tests/docker_context.rs replays these COPY lines and runs cargo on the result).
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY .cargo .cargo
 COPY src src
+COPY benches benches
 COPY migrations migrations
 COPY config config
 RUN cargo build --release --locked && cp target/release/quantd /usr/local/bin/quantd
