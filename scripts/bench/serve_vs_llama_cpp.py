@@ -9,7 +9,7 @@ Measures what llama-bench measures: pp = one prompt of --prompt-tokens tokens fr
 cache; tg = --gen-tokens tokens decoded one at a time (greedy) at batch 1. quantd's numbers
 come from `quantd bench --json` (which also reports the aggregate rate of concurrent streams
 through its scheduler). Prints medians and quantd/llama.cpp ratios; --json writes them out.
-Needs llama-cpp-python (see ../shared/BASELINES.md for how it was built here).
+Needs llama-cpp-python (scripts/test.sh builds it with GGML_NATIVE=ON).
 """
 
 import argparse

@@ -6,7 +6,7 @@ scripts/interop/dashboard_browser.py. Rerun it to refresh the picture:
 
     python scripts/guide/dashboard_screenshot.py --quantd target/release/quantd \
         --model ~/.cache/quantd-fixtures/smollm2-135m/hf-f32 \
-        --text ../shared/corpus/eval-pride-and-prejudice.txt --out docs/dashboard.png
+        --text tests/corpus/eval-pride-and-prejudice.txt --out docs/dashboard.png
 
 Needs Python with Playwright (scripts/test.sh installs it in the fixture venv) and Debian's
 chromium.

@@ -5,8 +5,8 @@ numbers as JSON beside it. Rerun it to regenerate the table:
 
     python scripts/guide/methods_table.py --quantd target/release/quantd \
         --model ~/.cache/quantd-fixtures/smollm2-135m/hf-f32 \
-        --text ../shared/corpus/eval-pride-and-prejudice.txt \
-        --calib ../shared/corpus/calib-emma.txt --work /tmp/guide
+        --text tests/corpus/eval-pride-and-prejudice.txt \
+        --calib tests/corpus/calib-emma.txt --work /tmp/guide
 
 Per variant: `quantd quantize MODEL ... --out V.gguf` (kept in --work and reused on a rerun),
 `quantd quantize ... --dry-run` for bits per weight, `quantd eval V.gguf --reference MODEL

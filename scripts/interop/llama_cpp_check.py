@@ -3,7 +3,7 @@
 prompt greedily; exit 1 unless every file continues it with the expected text.
 
 Usage: llama_cpp_check.py FILE.gguf [FILE.gguf ...] [--prompt P] [--expect " Paris"]
-Install the peer as ../shared/BASELINES.md says (built from source with GGML_NATIVE=ON).
+Install the peer as scripts/test.sh does (llama-cpp-python built from source with GGML_NATIVE=ON).
 """
 import argparse
 import sys

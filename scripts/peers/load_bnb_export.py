@@ -15,7 +15,7 @@ Prints one JSON line; exits 1 if loading fails, no linear was quantized, or top-
 below `--min-top1`.
 
     ~/.cache/quantd-peers/gptq-venv/bin/python scripts/peers/load_bnb_export.py \\
-        /tmp/ex/nf4-bnb /tmp/ex/nf4-dense --text ../shared/corpus/eval-pride-and-prejudice.txt
+        /tmp/ex/nf4-bnb /tmp/ex/nf4-dense --text tests/corpus/eval-pride-and-prejudice.txt
 """
 
 import argparse

@@ -26,7 +26,7 @@ difference between the loader's dequantized weight and the dense folder's weight
 Prints one JSON line; exits 1 if the model failed to load or top-1 agreement < `--min-top1`.
 
     ~/.cache/quantd-peers/gptqmodel-venv/bin/python scripts/peers/load_grouped_export.py \\
-        /tmp/ex/b4-gptq /tmp/ex/b4-dense --text ../shared/corpus/eval-pride-and-prejudice.txt
+        /tmp/ex/b4-gptq /tmp/ex/b4-dense --text tests/corpus/eval-pride-and-prejudice.txt
 """
 
 import argparse
@@ -157,9 +157,8 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("export_dir", help="quantd GPTQ/AWQ export folder")
     ap.add_argument("dense_dir", help="the same weights dequantized to an f32 HF folder")
-    ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "..",
-                                                   "shared", "corpus",
-                                                   "eval-pride-and-prejudice.txt"))
+    ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "tests",
+                                                   "corpus", "eval-pride-and-prejudice.txt"))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--loader", choices=["gptqmodel", "transformers"], default="gptqmodel")
     ap.add_argument("--backend", default="torch",

@@ -17,7 +17,7 @@ use crate::model::servable;
 pub struct EvalArgs {
     /// The model to score: an HF folder or a .gguf file.
     pub model: PathBuf,
-    /// A UTF-8 text file (e.g. ../shared/corpus/eval-pride-and-prejudice.txt).
+    /// A UTF-8 text file (e.g. tests/corpus/eval-pride-and-prejudice.txt).
     #[arg(long)]
     pub text: PathBuf,
     /// A model with the same tokenizer to compare against (KL divergence, top-1, Δppl).

@@ -238,7 +238,7 @@ mod tests {
     }
 
     /// llama.cpp's own Q4_K_M file of SmolLM2-135M holds 166 Q5_0, 16 Q4_K, 14 Q6_K and 15
-    /// Q8_0 tensors (shared/BASELINES.md); the port must choose exactly the same.
+    /// Q8_0 tensors (scripts/peers/README.md); the port must choose exactly the same.
     #[test]
     fn q4_k_m_on_smollm2_matches_llama_cpp_tensor_counts() {
         let h = histogram(GgufType::Q4_K_M);

@@ -233,7 +233,7 @@ pub fn stored_files(data_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The SmolLM2 fixture laid out by ../shared/fixtures/fetch-smollm2.sh (scripts/test.sh runs
+/// The SmolLM2 fixture laid out by scripts/fixtures/fetch-smollm2.sh (scripts/test.sh runs
 /// it). Tests that need it fail loudly rather than pass without it.
 pub fn fixture() -> PathBuf {
     let root = std::env::var_os("QUANTD_FIXTURES")
@@ -244,7 +244,7 @@ pub fn fixture() -> PathBuf {
     let dir = root.join("smollm2-135m");
     assert!(
         dir.join(".complete").exists(),
-        "SmolLM2 fixture missing at {}: run `bash scripts/test.sh` (it fetches it) or ../shared/fixtures/fetch-smollm2.sh",
+        "SmolLM2 fixture missing at {}: run `bash scripts/test.sh` (it fetches it) or scripts/fixtures/fetch-smollm2.sh",
         dir.display()
     );
     dir
@@ -288,9 +288,9 @@ pub fn python() -> PathBuf {
     venv
 }
 
-/// The first `chars` characters of a text in ../shared/corpus (`usize::MAX`: all of it).
+/// The first `chars` characters of a text in tests/corpus (`usize::MAX`: all of it).
 pub fn corpus(file: &str, chars: usize) -> String {
-    let path = repo_root().join("../shared/corpus").join(file);
+    let path = repo_root().join("tests/corpus").join(file);
     std::fs::read_to_string(path)
         .unwrap()
         .chars()

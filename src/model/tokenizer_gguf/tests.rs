@@ -8,7 +8,7 @@ use super::pre_hash::{pre_tokenizer_hash, CHKTXT};
 use super::to_hf::value_int;
 use super::*;
 
-/// The SmolLM2-135M fixture laid out by shared/fixtures/fetch-smollm2.sh.
+/// The SmolLM2-135M fixture laid out by scripts/fixtures/fetch-smollm2.sh.
 fn fixture_dir() -> PathBuf {
     let root = std::env::var_os("QUANTD_FIXTURES")
         .map(PathBuf::from)
@@ -19,7 +19,7 @@ fn fixture_dir() -> PathBuf {
     let dir = root.join("smollm2-135m");
     assert!(
         dir.join("hf-f16/tokenizer.json").is_file(),
-        "SmolLM2 fixture missing at {}: run `bash scripts/test.sh` (it fetches it) or ../shared/fixtures/fetch-smollm2.sh",
+        "SmolLM2 fixture missing at {}: run `bash scripts/test.sh` (it fetches it) or scripts/fixtures/fetch-smollm2.sh",
         dir.display()
     );
     dir
