@@ -16,11 +16,22 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    pub log_format: LogFormat,
     pub server: ServerSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub jobs: JobSettings,
     pub engine: EngineSettings,
+}
+
+/// How `quantd serve` writes its log lines to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only when stdout is a terminal).
+    Text,
+    /// One JSON object a line, for log shippers; span fields (`request_id`, `job_id`) included.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +114,7 @@ impl Settings {
             .filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
                 key == "data_dir"
+                    || key == "log_format"
                     || ["server__", "auth__", "limits__", "jobs__", "engine__"]
                         .iter()
                         .any(|s| key.starts_with(s))

@@ -3,16 +3,34 @@
 //! the flags in `.cargo/config.toml` silently runs scalar code; saying so at start-up makes
 //! that mistake visible.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber (`RUST_LOG` wins over the default `info`).
-pub fn init() {
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber on stdout (`RUST_LOG` wins over the default `info`).
+/// Colour codes only go to a terminal (and not with `NO_COLOR`), so a log file stays plain text.
+pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => {
+            let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).try_init()
+        }
+        // Event fields at the top level; the fields of the spans the line was emitted in (the
+        // request's `request_id`, the job's `job_id`) under "spans", innermost last.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 /// What the compiled binary and the running CPU offer, in one line for the start-up log.

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Settings;
+use crate::config::{LogFormat, Settings};
 use crate::startup::{cancel_on_signals, Application};
 use crate::telemetry;
 
@@ -66,7 +66,10 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // `serve` installs its logger once its settings (log_format) are read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        telemetry::init(LogFormat::Text);
+    }
     let result = match cli.command {
         Command::Serve {
             config,
@@ -101,6 +104,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(config: Option<PathBuf>, allow_unauthenticated: bool) -> anyhow::Result<()> {
     let mut settings = Settings::load(config.as_deref())?;
     settings.server.allow_unauthenticated |= allow_unauthenticated;
+    telemetry::init(settings.log_format);
     telemetry::SimdReport::detect().log();
     runtime()?.block_on(async {
         let app = Application::build(settings).await?;

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::hooks::JobHooks;
 use super::pipeline::Hooks;
-use super::runner::RunError;
+use super::stage::RunError;
 use super::spec::{EvalParams, GateCheck, JobSpec};
 use super::JobSystem;
 use crate::catalog;
@@ -190,7 +190,7 @@ pub(super) async fn run(
     let hooks = JobHooks::new(js, job_id, cancel);
     let params_run = params.clone();
     let cached_speed = cached.as_ref().and_then(|b| b.speed.clone());
-    let scored = tokio::task::spawn_blocking(move || {
+    let scored = super::stage::spawn_blocking_in_span(move || {
         score(
             &reference_ckpt,
             target_ckpt.as_ref(),

@@ -51,7 +51,7 @@ impl Hooks for JobHooks {
             let (db, id) = (self.js.db().clone(), self.job_id.clone());
             self.runtime.spawn(async move {
                 if let Err(e) = db::jobs::set_progress(&db, &id, stage, done, total, unit).await {
-                    warn!(job = %id, error = %e, "could not record progress");
+                    warn!(job_id = %id, error = %e, "could not record progress");
                 }
             });
         }

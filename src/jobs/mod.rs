@@ -11,6 +11,7 @@ pub mod pipeline;
 mod publish;
 pub mod runner;
 pub mod spec;
+mod stage;
 pub mod submit;
 pub mod worker;
 

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::evaluation::EvalReport;
 use super::pipeline::GgufReport;
-use super::runner::RunError;
+use super::stage::RunError;
 use super::spec::JobSpec;
 use super::JobSystem;
 use crate::db;

@@ -20,8 +20,9 @@ use super::pipeline::{self, PipelineError};
 use super::spec::{JobSpec, MethodSpec};
 use super::submit::quantization_plan;
 use super::{calibrate, publish};
+use super::stage::{spawn_blocking_in_span, RunError};
 use super::{JobEvent, JobSystem};
-use crate::catalog::{self, CatalogError};
+use crate::catalog;
 use crate::db::metrics::MetricRow;
 use crate::db::{self, jobs::JobRow};
 use crate::export::gguf_meta;
@@ -29,41 +30,10 @@ use crate::model::checkpoint::is_weights_file;
 use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter, TempFile};
 
-#[derive(Debug, thiserror::Error)]
-pub(super) enum RunError {
-    #[error("cancelled")]
-    Cancelled,
-    #[error("{0}")]
-    Failed(String),
-    /// The accuracy gate was missed: the job fails, keeping what was measured.
-    #[error("{message}")]
-    GateMissed {
-        message: String,
-        report: serde_json::Value,
-    },
-}
-
-impl From<CatalogError> for RunError {
-    fn from(e: CatalogError) -> Self {
-        Self::Failed(e.to_string())
-    }
-}
-
-impl From<sqlx::Error> for RunError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Failed(format!("database: {e}"))
-    }
-}
-
-impl From<std::io::Error> for RunError {
-    fn from(e: std::io::Error) -> Self {
-        Self::Failed(format!("I/O: {e}"))
-    }
-}
-
 /// Runs `job` to its end state. Never panics on job errors; they become the job's `error`.
-#[tracing::instrument(skip_all, fields(job = %job.id, model = %job.model_id))]
+#[tracing::instrument(skip_all, fields(job_id = %job.id, model = %job.model_id, method = %job.method))]
 pub async fn run_job(js: &JobSystem, job: JobRow) {
+    info!(attempt = job.attempts, "job started");
     let cancel = js.cancel_flag(&job.id);
     let watcher = spawn_cancel_watcher(js.clone(), job.id.clone(), cancel.clone());
     let outcome = execute(js, &job, cancel).await;
@@ -267,7 +237,7 @@ async fn quantize_and_publish(
         spec.outputs.clone(),
     );
     let exported =
-        tokio::task::spawn_blocking(move || exports::write_exports(&store, &gguf, &stem, &outputs))
+        spawn_blocking_in_span(move || exports::write_exports(&store, &gguf, &stem, &outputs))
             .await
             .map_err(|e| RunError::Failed(format!("export thread panicked: {e}")))?
             .map_err(|e| RunError::Failed(e.to_string()))?;
@@ -363,7 +333,7 @@ async fn quantize(
     let params_for_meta = params_json.clone();
     let method_name = spec.method.name();
     let serving = spec.method.serving_metadata();
-    let metadata = tokio::task::spawn_blocking(move || {
+    let metadata = spawn_blocking_in_span(move || {
         let mut m = gguf_meta::model_metadata(&ckpt_meta, &name, ftype, quantized)?;
         m.extend(gguf_meta::provenance(
             method_name,
@@ -399,7 +369,7 @@ async fn quantize(
                 spec.method.clone(),
                 params.clone(),
             );
-            let (tensors, report) = tokio::task::spawn_blocking(move || {
+            let (tensors, report) = spawn_blocking_in_span(move || {
                 let text = text_path.map(std::fs::read_to_string).transpose()?;
                 let from = match (&text, &params.dataset) {
                     (Some(text), Some(name)) => CalibrationSource::Text { text, name },
@@ -444,7 +414,7 @@ async fn quantize(
     let pool = js.pool();
     let out_path = temp.path().to_path_buf();
     let (plan_for_run, ckpt_for_run) = (plan.clone(), ckpt.clone());
-    let (digest, size, mut report) = tokio::task::spawn_blocking(move || {
+    let (digest, size, mut report) = spawn_blocking_in_span(move || {
         pipeline::quantize_gguf(
             &ckpt_for_run,
             &plan_for_run,

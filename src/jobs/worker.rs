@@ -20,7 +20,7 @@ const POLL: Duration = Duration::from_secs(2);
 pub async fn recover(js: &JobSystem) -> Result<(), sqlx::Error> {
     let (requeued, failed) = db::jobs::recover_stale(js.db()).await?;
     for id in &requeued {
-        info!(job = %id, "re-queued a job left running by a previous process");
+        info!(job_id = %id, "re-queued a job left running by a previous process");
         db::jobs::add_event(
             js.db(),
             id,
@@ -30,7 +30,7 @@ pub async fn recover(js: &JobSystem) -> Result<(), sqlx::Error> {
         .await?;
     }
     for id in &failed {
-        warn!(job = %id, "failed a job that used up its attempts");
+        warn!(job_id = %id, "failed a job that used up its attempts");
         db::jobs::add_event(
             js.db(),
             id,
@@ -68,7 +68,7 @@ async fn run_isolated(js: &JobSystem, job: crate::db::jobs::JobRow) {
         async move { run_job(&js, job).await }
     });
     if let Err(e) = task.await {
-        warn!(job = %id, error = %e, "job task panicked");
+        warn!(job_id = %id, error = %e, "job task panicked");
         let data = serde_json::json!({"status": "failed", "error": "internal error (panic); see the server log"});
         if let Err(e) = db::jobs::finish_unsuccessfully(
             js.db(),
@@ -80,7 +80,7 @@ async fn run_isolated(js: &JobSystem, job: crate::db::jobs::JobRow) {
         )
         .await
         {
-            warn!(job = %id, error = %e, "could not record the panicked job");
+            warn!(job_id = %id, error = %e, "could not record the panicked job");
         }
         js.events().publish(super::JobEvent {
             job_id: id,
