@@ -9,6 +9,7 @@ pub mod db;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod formats;
 pub mod http;
 pub mod jobs;
 pub mod kernels;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::models::{dense_twin, logits, open_dir};
 use common::{tiny, TestApp};
-use quantd::export::gguf::{GgufFile, TensorType};
+use quantd::formats::gguf::{GgufFile, TensorType};
 use quantd::nn::{KvCache, Llama};
 use serde_json::json;
 

@@ -105,7 +105,7 @@ fn an_hf_folder_converts_to_a_gguf_that_opens_as_the_same_model() {
         .status()
         .unwrap();
     assert!(status.success());
-    let f = quantd::export::gguf::GgufFile::open(&out).unwrap();
+    let f = quantd::formats::gguf::GgufFile::open(&out).unwrap();
     assert_eq!(f.tensors.len(), 272);
     assert_eq!(
         f.tensors
@@ -159,7 +159,7 @@ fn llama3_rope_scaling_becomes_a_rope_freqs_tensor_like_llama_cpp_writes() {
         .status()
         .unwrap();
     assert!(status.success());
-    let f = quantd::export::gguf::GgufFile::open(&out).unwrap();
+    let f = quantd::formats::gguf::GgufFile::open(&out).unwrap();
     let rope = f
         .tensor("rope_freqs.weight")
         .expect("rope_freqs.weight is written");

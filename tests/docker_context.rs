@@ -61,10 +61,14 @@ fn replay(copies: &[CopyLine], dir: &Path, omit: &[&str]) {
     for copy in copies {
         for source in copy.sources.iter().filter(|s| !omit.contains(&s.as_str())) {
             let from = root.join(source);
-            assert!(from.exists(), "the Dockerfile copies {source}, which is not in the repository");
+            assert!(
+                from.exists(),
+                "the Dockerfile copies {source}, which is not in the repository"
+            );
             // `COPY a b ./` puts files under their own names; `COPY src src` names the target.
             let to = if copy.dest.ends_with('/') || copy.sources.len() > 1 {
-                dir.join(&copy.dest).join(Path::new(source).file_name().unwrap())
+                dir.join(&copy.dest)
+                    .join(Path::new(source).file_name().unwrap())
             } else {
                 dir.join(&copy.dest)
             };
@@ -106,7 +110,10 @@ fn fresh_context_dir(name: &str) -> PathBuf {
 fn dockerfile_copies() -> Vec<CopyLine> {
     let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     let copies = builder_copies(&text);
-    assert!(!copies.is_empty(), "no COPY lines found in the builder stage");
+    assert!(
+        !copies.is_empty(),
+        "no COPY lines found in the builder stage"
+    );
     copies
 }
 
@@ -118,7 +125,14 @@ fn the_builder_stage_context_checks_with_cargo() {
     let target = check_target_dir();
     let metadata = cargo(
         &dir,
-        &["metadata", "--format-version", "1", "--no-deps", "--offline", "--locked"],
+        &[
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+            "--locked",
+        ],
         &target,
     );
     assert!(
@@ -150,7 +164,10 @@ fn a_context_missing_what_the_crate_needs_is_caught() {
             &check_target_dir(),
         );
         let stderr = String::from_utf8_lossy(&check.stderr);
-        assert!(!check.status.success(), "cargo check passed without {omitted}");
+        assert!(
+            !check.status.success(),
+            "cargo check passed without {omitted}"
+        );
         assert!(stderr.contains(named), "without {omitted}: {stderr}");
     }
 }
@@ -207,7 +224,10 @@ fn environment_names_in_the_image_and_compose_file_are_settings() {
     let mut names = dockerfile_env_names(&dockerfile);
     names.extend(compose_env_names(&compose));
     let quantd: Vec<&String> = names.iter().filter(|n| n.starts_with("QUANTD_")).collect();
-    assert!(quantd.len() >= 5, "expected the image's settings, found {names:?}");
+    assert!(
+        quantd.len() >= 5,
+        "expected the image's settings, found {names:?}"
+    );
     for name in quantd {
         let path = setting_path(name).unwrap();
         assert!(

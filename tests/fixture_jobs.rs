@@ -44,7 +44,7 @@ fn curl_upload(app: &common::UrlOnly, name: &str) -> Value {
 /// SHA-256 of every tensor's bytes, tensors in name order (independent of metadata and layout).
 fn tensor_data_digest(path: &std::path::Path) -> String {
     use sha2::Digest;
-    let file = quantd::export::gguf::GgufFile::open(path).unwrap();
+    let file = quantd::formats::gguf::GgufFile::open(path).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let mut tensors: Vec<_> = file.tensors.iter().collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));

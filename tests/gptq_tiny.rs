@@ -12,14 +12,14 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use common::models::open_dir;
 use common::{tiny, TestApp};
+use quantd::formats::ggml_blocks::dequantize;
+use quantd::formats::groups::GroupFormat;
 use quantd::model::servable;
 use quantd::nn::{KvCache, Logits, SeqStep};
 use quantd::quant::data_free::generate_windows;
 use quantd::quant::gptq::GptqConfig;
 use quantd::quant::gptq_model::GptqModel;
-use quantd::quant::groups::GroupFormat;
 use quantd::quant::layerwise::{self, LayerwiseError, StageInputs, StageQuantizer};
-use quantd::quant::tensor_quant::dequantize;
 use serde_json::{json, Value};
 
 fn windows() -> Vec<Vec<u32>> {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::TestApp;
-use quantd::export::gguf::{GgufFile, Value as GgufValue};
+use quantd::formats::gguf::{GgufFile, Value as GgufValue};
 use serde_json::{json, Value};
 
 fn run(program: &Path, args: &[&str]) -> String {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::models::{dense_twin, logits, open_dir};
 use common::{tiny, TestApp};
-use quantd::export::gguf::{GgufFile, TensorType, Value};
+use quantd::formats::gguf::{GgufFile, TensorType, Value};
 use quantd::nn::{KvCache, Llama};
 use serde_json::json;
 

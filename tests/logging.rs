@@ -52,7 +52,10 @@ fn start_server(data_dir: &Path, log: &Path, format: &str) -> Server {
         .map(|r| r.status() != 200)
         .unwrap_or(true)
     {
-        assert!(began.elapsed() < Duration::from_secs(30), "server did not become ready");
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Server { child, base }
@@ -101,7 +104,10 @@ fn upload_and_quantize(server: &Server, work: &Path) -> String {
             !matches!(j["status"].as_str(), Some("failed" | "cancelled")),
             "{j}"
         );
-        assert!(began.elapsed() < Duration::from_secs(120), "job did not end: {j}");
+        assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "job did not end: {j}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -121,7 +127,10 @@ fn a_log_written_to_a_file_has_no_colour_codes() {
     let bytes = stop_and_read(server, &log);
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("job succeeded"), "{text}");
-    assert!(!bytes.contains(&0x1b), "ESC bytes in a log written to a file:\n{text}");
+    assert!(
+        !bytes.contains(&0x1b),
+        "ESC bytes in a log written to a file:\n{text}"
+    );
 }
 
 /// The value of `field` in the innermost span of a JSON log line that has it.
@@ -145,7 +154,9 @@ fn json_lines_carry_the_request_and_job_they_belong_to() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    assert!(lines.iter().all(|l| l["timestamp"].is_string() && l["level"].is_string()));
+    assert!(lines
+        .iter()
+        .all(|l| l["timestamp"].is_string() && l["level"].is_string()));
 
     // Every access line is inside a request span with an id (a UUID unless the client sent one).
     let requests: Vec<&Value> = lines

@@ -120,11 +120,11 @@ async fn a_3bit_job_is_stored_in_the_gptq_layout_and_served_with_the_dequantized
         .get_bytes("/v1/models/tiny:rtn-3bit-g32-asym/artifacts/tiny-rtn-3bit-g32-asym.gguf")
         .await;
     std::fs::write(out.path().join("model.gguf"), &bytes).unwrap();
-    let gguf = quantd::export::gguf::GgufFile::open(&out.path().join("model.gguf")).unwrap();
+    let gguf = quantd::formats::gguf::GgufFile::open(&out.path().join("model.gguf")).unwrap();
     let qweight = gguf
         .tensor("blk.0.attn_q.qweight")
         .expect("layout parts in the GGUF");
-    assert_eq!(qweight.dtype, quantd::export::gguf::TensorType::I32);
+    assert_eq!(qweight.dtype, quantd::formats::gguf::TensorType::I32);
     assert_eq!(qweight.shape, vec![64 * 3 / 32, 64]);
     assert!(gguf.tensor("blk.0.attn_q.weight").is_none());
 

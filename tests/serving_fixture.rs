@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::models::{logits, open_dir};
 use futures::StreamExt;
-use quantd::engine::sampling::log_softmax;
 use quantd::model::servable;
+use quantd::nn::sampling::log_softmax;
 use quantd::nn::KvCache;
 use serde_json::{json, Value};
 

@@ -156,7 +156,7 @@ fn default_id(ckpt: &Checkpoint, files: &[IncomingFile]) -> String {
         .iter()
         .find(|(k, _)| k == "general.name")
         .and_then(|(_, v)| match v {
-            crate::export::gguf::Value::String(s) => Some(s.clone()),
+            crate::formats::gguf::Value::String(s) => Some(s.clone()),
             _ => None,
         });
     if let Some(n) = from_gguf {

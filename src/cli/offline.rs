@@ -10,10 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{cpu_count, Settings};
 use crate::export::bnb::write_bnb_folder;
-use crate::export::gguf::Value;
 use crate::export::gguf_meta;
 use crate::export::gptq::{write_grouped_folder, Layout};
 use crate::export::hf::{write_hf_folder, HfDtype};
+use crate::formats::gguf::Value;
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
 use crate::jobs::spec::{

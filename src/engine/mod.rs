@@ -7,7 +7,6 @@
 
 pub mod chat_template;
 pub mod request;
-pub mod sampling;
 pub mod scheduler;
 pub mod text;
 
@@ -21,8 +20,8 @@ use serde::Serialize;
 
 use crate::config::EngineSettings;
 use crate::model::servable::Servable;
+pub use crate::nn::sampling::SamplingParams;
 pub use request::{FinishReason, GenerateRequest, SeqEvent, TokenLogprob, TopLogprob};
-pub use sampling::SamplingParams;
 use scheduler::{SchedulerConfig, Stats};
 
 #[derive(Debug, thiserror::Error)]

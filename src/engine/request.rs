@@ -2,7 +2,7 @@
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::sampling::SamplingParams;
+use crate::nn::sampling::SamplingParams;
 
 /// One sequence to generate. `n` choices of an HTTP request are `n` of these.
 pub struct GenerateRequest {

@@ -10,9 +10,9 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
 use super::request::{FinishReason, GenerateRequest, SeqEvent, TokenLogprob, TopLogprob};
-use super::sampling::{log_softmax, top_k, Sampler};
 use super::text::{IncrementalDecoder, StopCheck, StopMatcher};
 use crate::model::servable::Servable;
+use crate::nn::sampling::{log_softmax, top_k, Sampler};
 use crate::nn::{KvCache, Logits, SeqStep};
 
 /// Counters one model's engine keeps (read by `/v1/engine` and tests).

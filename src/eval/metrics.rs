@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::engine::sampling::argmax;
+use crate::nn::sampling::argmax;
 use crate::nn::softmax::{exp_shifted, weighted_difference};
 
 #[derive(Debug, Clone, Default)]

@@ -51,7 +51,7 @@ fn text_generation(llama: &Llama, n: usize) -> candle_core::Result<f64> {
             None,
         )?;
         let row = logits[0].squeeze(0)?.to_vec1::<f32>()?;
-        token = crate::engine::sampling::argmax(&row);
+        token = crate::nn::sampling::argmax(&row);
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }

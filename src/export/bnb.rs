@@ -25,10 +25,10 @@ use std::path::Path;
 use half::f16;
 
 use super::hf::{create_safetensors, write_side_files, HfExportError, StEntry};
+use crate::formats::bnb4::{self, Absmax, Bnb4Weight};
+use crate::formats::int8_rows::Int8Rows;
 use crate::model::checkpoint::{Checkpoint, SourceDtype, TensorRef};
 use crate::model::names;
-use crate::quant::bnb4::{self, Absmax, Bnb4Weight};
-use crate::quant::int8_rows::Int8Rows;
 use crate::store::sync_dir;
 
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +315,7 @@ pub fn write_bnb_folder(ckpt: &Checkpoint, dir: &Path) -> Result<BnbExportReport
 
 /// LLM.int8()'s threshold as the file records it; 0 (no outlier path) for `int8-dynamic`.
 fn int8_threshold(ckpt: &Checkpoint) -> f32 {
-    use crate::quant::int8_rows::THRESHOLD_KEY;
+    use crate::formats::int8_rows::THRESHOLD_KEY;
     ckpt.gguf_metadata
         .iter()
         .find(|(k, _)| k == THRESHOLD_KEY)

@@ -2,7 +2,7 @@
 //! llama.cpp's key names, the full tokenizer (`tokenizer.ggml.*`, chat template) and `quantize.*`
 //! provenance keys.
 
-use super::gguf::Value;
+use crate::formats::gguf::Value;
 use crate::model::checkpoint::{Checkpoint, CheckpointError, Format};
 use crate::model::tokenizer_gguf;
 
@@ -23,7 +23,7 @@ pub fn model_metadata(
         ("general.file_type".into(), Value::U32(file_type)),
         (
             "general.alignment".into(),
-            Value::U32(super::gguf::ALIGNMENT as u32),
+            Value::U32(crate::formats::gguf::ALIGNMENT as u32),
         ),
     ];
     if quantized {

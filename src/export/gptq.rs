@@ -31,10 +31,10 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::hf::{create_safetensors, write_side_files, HfExportError, StEntry};
+use crate::formats::gptq_layout::{pack_stream, PackedLinear};
+use crate::formats::groups::BLOCK;
 use crate::model::checkpoint::{Checkpoint, SourceDtype};
 use crate::model::names;
-use crate::quant::gptq_layout::{pack_stream, PackedLinear};
-use crate::quant::groups::BLOCK;
 use crate::store::sync_dir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,6 @@
 //! manifest that lists what a job produced.
 
 pub mod bnb;
-pub mod gguf;
 pub mod gguf_meta;
 pub mod gptq;
 pub mod hf;

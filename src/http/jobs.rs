@@ -18,13 +18,13 @@ use super::json::{prefixed, ValidJson};
 use super::openapi::ServerSentEvent;
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
+use crate::formats::int8_rows::WeightScale;
 use crate::jobs::spec::{
     AwqParams, Bnb4Params, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate,
     GgufParams, GptqParams, HeadMode, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec,
     RtnParams,
 };
 use crate::jobs::submit::{submit, Submitted};
-use crate::quant::int8_rows::WeightScale;
 
 /// Methods DESIGN §4 names, and `eval` (score a model against a reference, DESIGN §5); only
 /// those listed in `AVAILABLE` run in this version.

@@ -19,8 +19,8 @@ use tracing::{info, warn};
 
 use super::hooks::JobHooks;
 use super::pipeline::Hooks;
-use super::stage::RunError;
 use super::spec::{EvalParams, GateCheck, JobSpec};
+use super::stage::RunError;
 use super::JobSystem;
 use crate::catalog;
 use crate::db::evals::BaselineKey;

@@ -9,13 +9,13 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::calibrate::{Calibrated, CalibrationReport};
-use crate::export::gguf::TensorType;
-use crate::export::gguf::{GgufWriter, TensorDecl, Value};
+use crate::formats::bnb4;
+use crate::formats::gguf::TensorType;
+use crate::formats::gguf::{GgufWriter, TensorDecl, Value};
+use crate::formats::gptq_layout::{PackedLinear, PartType, PARTS};
+use crate::formats::int8_rows::{self, Int8Rows};
 use crate::model::checkpoint::Checkpoint;
-use crate::quant::bnb4;
-use crate::quant::gptq_layout::{PackedLinear, PartType, PARTS};
 use crate::quant::imatrix::ImatrixError;
-use crate::quant::int8_rows::{self, Int8Rows};
 use crate::quant::plan::OwnForm;
 use crate::quant::tensor_quant::{
     quantize_bnb4, quantize_grouped, quantize_int8_rows, quantize_tensor, TensorQuantError,

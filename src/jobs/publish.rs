@@ -7,8 +7,8 @@ use serde_json::json;
 
 use super::evaluation::EvalReport;
 use super::pipeline::GgufReport;
-use super::stage::RunError;
 use super::spec::JobSpec;
+use super::stage::RunError;
 use super::JobSystem;
 use crate::db;
 use crate::db::metrics::MetricRow;

@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::export::gguf::Value;
+use crate::formats::bnb4;
+use crate::formats::gguf::Value;
+use crate::formats::groups::GroupFormat;
+use crate::formats::int8_rows::{self, WeightScale};
 use crate::kernels::int8::Activations;
-use crate::quant::bnb4;
-use crate::quant::groups::GroupFormat;
-use crate::quant::int8_rows::{self, WeightScale};
 use crate::quant::mix::{parse_ggml_type, Override};
 use crate::quant::GgufType;
 

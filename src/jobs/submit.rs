@@ -13,8 +13,8 @@ use crate::catalog::{self, CatalogError};
 use crate::db;
 use crate::db::jobs::{JobRow, NewJob};
 use crate::eval::EvalSpec;
+use crate::formats::int8_rows::WeightScale;
 use crate::model::checkpoint::Checkpoint;
-use crate::quant::int8_rows::WeightScale;
 use crate::quant::plan::OwnForm;
 use crate::quant::Plan;
 

@@ -18,9 +18,9 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 
 use super::by_output_row;
 use super::q8_activations::{quantize_row, ActBlock, QK};
-use crate::nn::linear::GEMM_MIN_ROWS;
-use crate::nn::LinearKernel;
-use crate::quant::bnb4::{Absmax, Bnb4Weight, NESTED_BLOCK};
+use crate::formats::bnb4::{Absmax, Bnb4Weight, NESTED_BLOCK};
+use crate::kernels::LinearKernel;
+use crate::kernels::GEMM_MIN_ROWS;
 
 pub struct Bnb4Matmul {
     weight: Bnb4Weight,
@@ -260,8 +260,8 @@ impl LinearKernel for Bnb4Matmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{random, random_values};
-    use crate::quant::bnb4::{Format, Kind};
+    use crate::formats::bnb4::{Format, Kind};
+    use crate::kernels::test_support::{random, random_values};
 
     /// Per output, the most the 8-bit path may differ from the exact product with the
     /// dequantized weights: each table value is off by at most half a level (½·ts per unit

@@ -14,8 +14,8 @@ use candle_core::{Device, Result, Tensor};
 use half::f16;
 
 use super::by_output_row;
-use crate::nn::linear::GEMM_MIN_ROWS;
-use crate::nn::LinearKernel;
+use crate::kernels::LinearKernel;
+use crate::kernels::GEMM_MIN_ROWS;
 
 pub struct F16Matmul {
     weight: Arc<QTensor>,
@@ -132,7 +132,7 @@ impl LinearKernel for F16Matmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{max_abs_diff, random};
+    use crate::kernels::test_support::{max_abs_diff, random};
 
     #[test]
     fn equals_the_widened_f32_weights_for_every_batch_and_odd_widths() {

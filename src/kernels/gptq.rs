@@ -11,9 +11,9 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::nn::linear::GEMM_MIN_ROWS;
-use crate::nn::LinearKernel;
-use crate::quant::gptq_layout::{PackedLinear, PACK};
+use crate::formats::gptq_layout::{PackedLinear, PACK};
+use crate::kernels::LinearKernel;
+use crate::kernels::GEMM_MIN_ROWS;
 
 pub struct GptqMatmul {
     bits: u8,
@@ -136,8 +136,8 @@ impl LinearKernel for GptqMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{max_abs_diff, random, random_values};
-    use crate::quant::groups::GroupFormat;
+    use crate::formats::groups::GroupFormat;
+    use crate::kernels::test_support::{max_abs_diff, random, random_values};
 
     fn packed(format: GroupFormat, rows: usize, cols: usize) -> PackedLinear {
         let w = random_values(rows * cols, 11);

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::int8_gemm::{gemm, padded_len, Isa};
-use crate::nn::LinearKernel;
-use crate::quant::int8_rows::Int8Rows;
+use crate::formats::int8_rows::Int8Rows;
+use crate::kernels::LinearKernel;
 
 /// Input rows per thread below which a call is not split (one activation panel of the GEMM).
 const PARALLEL_ROWS: usize = 32;
@@ -474,7 +474,7 @@ impl LinearKernel for Int8Matmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::random_values;
+    use crate::kernels::test_support::random_values;
 
     /// PyTorch's scheme on a whole input at once.
     fn per_tensor_u7(x: &[f32], n: usize, cols: usize, kp: usize) -> QuantizedRows {

@@ -16,7 +16,7 @@ use half::f16;
 
 use super::by_output_row;
 use super::q8_activations::{quantize_row, ActBlock, QK};
-use crate::nn::LinearKernel;
+use crate::kernels::LinearKernel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -248,7 +248,7 @@ impl LinearKernel for LegacyBlockMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{max_abs_diff as diff, random};
+    use crate::kernels::test_support::{max_abs_diff as diff, random};
 
     #[test]
     fn kernels_match_the_dequantized_weights_for_every_type() {

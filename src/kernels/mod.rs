@@ -10,13 +10,14 @@ pub mod gptq;
 pub mod int8;
 pub mod int8_gemm;
 pub mod legacy_blocks;
+mod linear_kernel;
 pub mod q8_activations;
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 
-use crate::nn::LinearKernel;
+pub use linear_kernel::{LinearKernel, GEMM_MIN_ROWS};
 
 /// `out[i·outputs + r]` for `inputs` activation rows and `outputs` weight rows, the weight rows
 /// split over candle's thread pool (decode: few inputs, so each worker streams its own share
@@ -48,4 +49,41 @@ pub(crate) fn by_output_row<S>(
 pub fn for_ggml(weight: &Arc<QTensor>) -> Option<Arc<dyn LinearKernel>> {
     legacy_blocks::LegacyBlockMatmul::new(weight.clone())
         .map(|k| Arc::new(k) as Arc<dyn LinearKernel>)
+}
+
+/// Deterministic random matrices and a difference measure for kernel tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{Device, Tensor};
+
+    /// `n` values in [-0.5, 0.5) from a fixed linear congruential sequence.
+    pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// A `rows × cols` matrix of [`random_values`].
+    pub fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(random_values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 }

@@ -14,10 +14,10 @@ use super::config::{ConfigError, ModelConfig};
 use super::names;
 use super::safetensors::{self as st, StDtype};
 use super::sniff::{sniff_file, FileKind};
-use crate::export::gguf::{GgufFile, GgufTensorInfo, TensorType, Value};
-use crate::quant::bnb4::{self, Bnb4Weight};
-use crate::quant::gptq_layout::{self, LayoutError, PackedLinear};
-use crate::quant::int8_rows::{self, Int8Rows};
+use crate::formats::bnb4::{self, Bnb4Weight};
+use crate::formats::gguf::{GgufFile, GgufTensorInfo, TensorType, Value};
+use crate::formats::gptq_layout::{self, LayoutError, PackedLinear};
+use crate::formats::int8_rows::{self, Int8Rows};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Format {

@@ -3,7 +3,7 @@
 
 use super::checkpoint::CheckpointError;
 use super::config::ModelConfig;
-use crate::export::gguf::{GgufFile, Value};
+use crate::formats::gguf::{GgufFile, Value};
 
 fn invalid(file: &str, message: impl Into<String>) -> CheckpointError {
     CheckpointError::Invalid {

@@ -13,14 +13,14 @@ use tokenizers::Tokenizer;
 
 use super::checkpoint::{Checkpoint, SourceDtype, TensorRef};
 use super::tokenizer_gguf;
-use crate::export::gguf::Value;
+use crate::formats::gguf::Value;
+use crate::formats::int8_rows;
 use crate::kernels::bnb4::Bnb4Matmul;
 use crate::kernels::gptq::GptqMatmul;
 use crate::kernels::int8::{check_levels, Activations, Int8Matmul};
 use crate::nn::linear::QLinear;
 use crate::nn::llama::{Block, Embedding, Llama};
 use crate::nn::rope::{Rope, RopeLayout};
-use crate::quant::int8_rows;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -138,7 +138,7 @@ fn lane_max(v: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{max_abs_diff, random};
+    use crate::kernels::test_support::{max_abs_diff, random};
     use candle_core::Device;
 
     /// The textbook form: a −∞ mask added to the scores, then candle's softmax.

@@ -1,6 +1,6 @@
 //! `QLinear`: the one linear-layer type every projection of the decoder goes through, whatever
 //! holds its weights: a dense f32/f16/bf16 matrix, GGML blocks run by candle's quantized
-//! matmul, or one of quantd's own kernels behind [`LinearKernel`].
+//! matmul, or one of quantd's own kernels behind `kernels::LinearKernel`.
 
 use std::sync::Arc;
 
@@ -8,32 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::kernels::int8::OutlierSnapshot;
-
-/// quantd's own kernels (INT8, NF4, ...) plug in here. Input `[rows, in]` f32, output
-/// `[rows, out]` f32.
-pub trait LinearKernel: Send + Sync {
-    fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    fn out_features(&self) -> usize;
-    /// Bytes the weights occupy in memory.
-    fn storage_bytes(&self) -> usize;
-    /// A short name for logs and reports ("int8-per-channel").
-    fn kind(&self) -> String;
-    /// LLM.int8()'s outlier columns seen so far, for kernels that split them off.
-    fn outliers(&self) -> Option<OutlierSnapshot> {
-        None
-    }
-    /// Whether one activation scale spans the whole call (PyTorch's fbgemm dynamic scheme), so
-    /// a row's output depends on which other rows share the call.
-    fn scale_spans_call(&self) -> bool {
-        false
-    }
-}
-
-/// Below this many input rows a GGML linear runs candle's block kernels (quantized activations,
-/// integer dot products); at or above it, the weight is dequantized to f32 one call at a time
-/// and multiplied with gemm, which is several times faster for prompt processing because
-/// gemm's tiling reuses each weight value across many rows.
-pub const GEMM_MIN_ROWS: usize = 32;
+use crate::kernels::{LinearKernel, GEMM_MIN_ROWS};
 
 enum Weight {
     /// `[out, in]` in f32, f16 or bf16.
@@ -166,7 +141,7 @@ impl QLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::{max_abs_diff, random};
+    use crate::kernels::test_support::{max_abs_diff, random};
     use candle_core::Device;
 
     #[test]

@@ -12,11 +12,11 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Result, Tensor};
 
 use super::attention::causal_attention;
+use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::rope::Rope;
 use crate::kernels::int8::OutlierSnapshot;
-use crate::model::config::ModelConfig;
 
 /// Receives each linear layer's input rows, before the layer runs: `(name, [rows, in])`, the
 /// name being the GGUF tensor name without `.weight` (`blk.3.attn_q`, `output`).

@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::model::config::ModelConfig;
+use super::config::ModelConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeLayout {

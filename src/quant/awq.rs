@@ -38,9 +38,9 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use super::gptq_model::QuantizedTensors;
-use super::groups::GroupFormat;
 use super::layerwise::{embed, run_layer, stage_offset, LayerWeights, LayerwiseError, Stage};
 use super::tensor_quant::{tensor_error, TensorError};
+use crate::formats::groups::GroupFormat;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::servable;

@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Result;
 
-use crate::engine::sampling::{Sampler, SamplingParams};
+use crate::nn::sampling::{Sampler, SamplingParams};
 use crate::nn::{KvCache, Llama, Logits, SeqStep};
 
 /// Windows generated side by side (each with its own KV cache): enough rows per step for the

@@ -18,7 +18,7 @@
 //! - With `act_order`, groups must be static (parameters from the original weights, groups in
 //!   natural column order) so the result packs into contiguous GGML blocks.
 
-use super::groups::{GroupFormat, GroupParams};
+use crate::formats::groups::{GroupFormat, GroupParams};
 
 /// Columns per lazy-update block (the paper's B).
 pub const BLOCK_SIZE: usize = 128;
@@ -341,7 +341,7 @@ pub fn quantize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_support::random_values as noise;
+    use crate::kernels::test_support::random_values as noise;
 
     /// Inputs with strongly correlated columns: a few shared factors plus a little noise.
     fn correlated_inputs(tokens: usize, cols: usize) -> Vec<f32> {

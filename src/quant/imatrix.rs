@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 
-use crate::export::gguf::{GgufError, GgufFile, GgufWriter, TensorDecl, Value, GGUF_MAGIC};
+use crate::formats::gguf::{GgufError, GgufFile, GgufWriter, TensorDecl, Value, GGUF_MAGIC};
 use crate::nn::{KvCache, Llama, Logits, SeqStep};
 
 const KV_DATASETS: &str = "imatrix.datasets";

@@ -10,14 +10,11 @@
 
 use half::f16;
 
-/// Values per super-block.
-pub const QK_K: usize = 256;
+pub use crate::formats::ggml_blocks::QK_K;
+use crate::formats::ggml_blocks::{pack_q4k_levels, pack_q5k_levels, Q6K_BYTES};
+
 /// ggml's threshold for an all-zero group.
 pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
-
-pub const Q4K_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
-pub const Q5K_BYTES: usize = 2 + 2 + 12 + QK_K / 8 + QK_K / 2;
-pub const Q6K_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 
 /// ggml's `nearest_int`: round half to even through the float mantissa.
 pub(super) fn nearest_int(v: f32) -> i32 {
@@ -255,11 +252,7 @@ pub fn quantize_q4k(x: &[f32], out: &mut Vec<u8>) {
         out.extend_from_slice(&d.to_le_bytes());
         out.extend_from_slice(&dmin.to_le_bytes());
         out.extend_from_slice(&scales);
-        for j in (0..QK_K).step_by(64) {
-            for i in 0..32 {
-                out.push(l[j + i] | (l[j + i + 32] << 4));
-            }
-        }
+        pack_q4k_levels(&l, out);
     }
 }
 
@@ -270,27 +263,7 @@ pub fn quantize_q5k(x: &[f32], out: &mut Vec<u8>) {
         out.extend_from_slice(&d.to_le_bytes());
         out.extend_from_slice(&dmin.to_le_bytes());
         out.extend_from_slice(&scales);
-        let mut qh = [0u8; QK_K / 8];
-        let mut ql = [0u8; QK_K / 2];
-        let (mut m1, mut m2) = (1u8, 2u8);
-        for (chunk, n) in (0..QK_K).step_by(64).enumerate() {
-            for j in 0..32 {
-                let (mut l1, mut l2) = (l[n + j], l[n + j + 32]);
-                if l1 > 15 {
-                    l1 -= 16;
-                    qh[j] |= m1;
-                }
-                if l2 > 15 {
-                    l2 -= 16;
-                    qh[j] |= m2;
-                }
-                ql[chunk * 32 + j] = l1 | (l2 << 4);
-            }
-            m1 <<= 2;
-            m2 <<= 2;
-        }
-        out.extend_from_slice(&qh);
-        out.extend_from_slice(&ql);
+        pack_q5k_levels(&l, out);
     }
 }
 
@@ -369,7 +342,7 @@ pub(super) fn encode_q6k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tensor_quant::dequantize;
+    use crate::formats::ggml_blocks::dequantize;
     use candle_core::quantized::GgmlDType;
 
     type Encoder = fn(&[f32], &mut Vec<u8>);
@@ -397,13 +370,6 @@ mod tests {
             [0.5, 1.5, 2.5, -0.5, -1.5, 2.4, 2.6].map(nearest_int),
             [0, 2, 2, 0, -2, 2, 3]
         );
-    }
-
-    #[test]
-    fn block_sizes_match_ggml() {
-        assert_eq!(Q4K_BYTES, GgmlDType::Q4K.type_size());
-        assert_eq!(Q5K_BYTES, GgmlDType::Q5K.type_size());
-        assert_eq!(Q6K_BYTES, GgmlDType::Q6K.type_size());
     }
 
     /// The blocks decode, through candle's independent dequantizer, close to the input, and at

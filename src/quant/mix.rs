@@ -61,7 +61,7 @@ pub fn parse_ggml_type(s: &str) -> Option<GgmlDType> {
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
     ]
     .into_iter()
-    .find(|t| crate::export::gguf::ggml_type_name(*t).eq_ignore_ascii_case(s))
+    .find(|t| crate::formats::gguf::ggml_type_name(*t).eq_ignore_ascii_case(s))
 }
 
 /// llama.cpp quantizes 2-D weights other than norms; everything else stays F32.
@@ -230,7 +230,7 @@ mod tests {
             let shape = expected_shape(&cfg, &name).unwrap();
             let c = choose(&ctx, ftype, &name, &shape, &[]);
             if c.quantized {
-                *h.entry(crate::export::gguf::ggml_type_name(c.dtype))
+                *h.entry(crate::formats::gguf::ggml_type_name(c.dtype))
                     .or_default() += 1;
             }
         }

@@ -8,16 +8,12 @@
 //! `nf4` and `fp4` bitsandbytes' 4-bit blocks (`bnb4`).
 
 pub mod awq;
-pub mod bnb4;
 pub mod calibration;
 pub mod data_free;
 pub mod gguf_types;
 pub mod gptq;
-pub mod gptq_layout;
 pub mod gptq_model;
-pub mod groups;
 pub mod imatrix;
-pub mod int8_rows;
 pub mod kquants;
 pub mod layerwise;
 pub mod mix;

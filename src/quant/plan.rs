@@ -5,13 +5,13 @@
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
-use super::bnb4;
 use super::gguf_types::GgufType;
-use super::gptq_layout::PackedLinear;
-use super::groups::GroupFormat;
-use super::int8_rows::{Int8Rows, WeightScale};
 use super::mix::{choose, is_quantizable, MixContext, Override};
-use crate::export::gguf::{ggml_type_name, tensor_bytes};
+use crate::formats::bnb4;
+use crate::formats::gguf::{ggml_type_name, tensor_bytes};
+use crate::formats::gptq_layout::PackedLinear;
+use crate::formats::groups::GroupFormat;
+use crate::formats::int8_rows::{Int8Rows, WeightScale};
 use crate::model::config::ModelConfig;
 
 #[derive(Debug, Clone, Serialize)]

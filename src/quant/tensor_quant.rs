@@ -3,17 +3,16 @@
 //! slices quantized in parallel: the bytes are identical to quantizing it whole, every thread
 //! is busy even on the one large embedding, and memory holds one tensor at a time.
 
-use std::borrow::Cow;
-
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::bnb4::{self, Bnb4Weight};
-use super::groups::{GroupFormat, GroupParams};
-use super::int8_rows::{Int8Rows, WeightScale};
 use super::kquants::{self, QK_K};
 use super::weighted_blocks;
+use crate::formats::bnb4::{self, Bnb4Weight};
+use crate::formats::ggml_blocks::dequantize;
+use crate::formats::groups::{GroupFormat, GroupParams};
+use crate::formats::int8_rows::{Int8Rows, WeightScale};
 
 /// Error of a quantized tensor against its f32 source.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -227,20 +226,6 @@ fn quantize_slice(
         }
     };
     Ok((bytes, acc))
-}
-
-/// Dequantizes `rows` rows of GGML blocks.
-pub fn dequantize(
-    bytes: &[u8],
-    rows: usize,
-    row_len: usize,
-    dtype: GgmlDType,
-) -> candle_core::Result<Vec<f32>> {
-    let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype)?;
-    QTensor::new(storage, (rows, row_len))?
-        .dequantize(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()
 }
 
 /// Sums of squares of the signal and of the error, mergeable across slices.

@@ -13,6 +13,8 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use crate::formats::ggml_blocks::{pack_q4k_levels, pack_q5k_levels};
+
 // ggml's `make_qkx3_quants` with weights and squared error (how every `_impl` calls it) is
 // the same computation as its `make_qkx2_quants`, which `kquants` already ports.
 use super::kquants::{
@@ -281,33 +283,9 @@ fn asym_k_row(x: &[f32], qw_row: &[f32], nmax: i32, out: &mut Vec<u8>) {
         out.extend_from_slice(&dmin.to_le_bytes());
         out.extend_from_slice(&packed);
         if nmax == 15 {
-            for j in (0..QK_K).step_by(64) {
-                for i in 0..32 {
-                    out.push(l[j + i] | (l[j + i + 32] << 4));
-                }
-            }
+            pack_q4k_levels(&l, out);
         } else {
-            let mut qh = [0u8; QK_K / 8];
-            let mut ql = [0u8; QK_K / 2];
-            let (mut m1, mut m2) = (1u8, 2u8);
-            for (chunk, n) in (0..QK_K).step_by(64).enumerate() {
-                for j in 0..32 {
-                    let (mut l1, mut l2) = (l[n + j], l[n + j + 32]);
-                    if l1 > 15 {
-                        l1 -= 16;
-                        qh[j] |= m1;
-                    }
-                    if l2 > 15 {
-                        l2 -= 16;
-                        qh[j] |= m2;
-                    }
-                    ql[chunk * 32 + j] = l1 | (l2 << 4);
-                }
-                m1 <<= 2;
-                m2 <<= 2;
-            }
-            out.extend_from_slice(&qh);
-            out.extend_from_slice(&ql);
+            pack_q5k_levels(&l, out);
         }
     }
 }
@@ -414,10 +392,10 @@ fn q3k_row(x: &[f32], qw_row: &[f32], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tensor_quant::dequantize;
+    use crate::formats::ggml_blocks::dequantize;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        crate::nn::test_support::random_values(n, seed)
+        crate::kernels::test_support::random_values(n, seed)
     }
 
     /// Importance that grows along the row, so some columns matter far more than others.

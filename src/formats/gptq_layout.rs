@@ -49,8 +49,8 @@ impl PartType {
     }
 
     /// The GGUF tensor type a part is stored as.
-    pub fn tensor_type(self) -> crate::export::gguf::TensorType {
-        use crate::export::gguf::TensorType;
+    pub fn tensor_type(self) -> crate::formats::gguf::TensorType {
+        use crate::formats::gguf::TensorType;
         use candle_core::quantized::GgmlDType;
         match self {
             Self::I8 => TensorType::I8,

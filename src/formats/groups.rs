@@ -226,7 +226,7 @@ impl GroupFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tensor_quant::dequantize;
+    use crate::formats::ggml_blocks::dequantize;
 
     fn row(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

@@ -159,7 +159,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// log-softmax of one row (log Z in f64).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let log_z = crate::nn::softmax::log_sum_exp(logits);
+    let log_z = super::softmax::log_sum_exp(logits);
     logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
 }
 
