@@ -10,9 +10,18 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::db::models::{Deletion, ModelFileRow, ModelRow};
 use crate::db::{self, Db};
-use crate::jobs::spec::is_valid_model_id;
 use crate::model::checkpoint::{is_weights_file, CheckLimits, Checkpoint, CheckpointError};
 use crate::store::{BlobStore, Digest, TempFile};
+
+/// Model ids: `[a-z0-9][a-z0-9._:-]{0,127}` (DESIGN §2). Ids are never used as paths.
+pub fn is_valid_model_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._:-".contains(c))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -278,5 +287,19 @@ pub async fn delete_model(db: &Db, store: &BlobStore, id: &str) -> Result<(), Ca
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_follow_the_design_pattern() {
+        assert!(is_valid_model_id("smollm2-135m:q4_k_m"));
+        assert!(!is_valid_model_id("Smol"));
+        assert!(!is_valid_model_id("../etc"));
+        assert!(!is_valid_model_id(""));
+        assert!(!is_valid_model_id(&"a".repeat(129)));
     }
 }

@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::openapi::{list_type, Deleted};
+use super::wire::{list_type, Deleted};
 use super::AppState;
 use crate::db::{self, datasets::DatasetRow};
 use crate::store::Digest;

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::json::{prefixed, ValidJson};
-use super::openapi::ServerSentEvent;
+use super::wire::ServerSentEvent;
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::formats::int8_rows::WeightScale;

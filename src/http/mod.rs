@@ -14,6 +14,7 @@ pub mod json;
 mod metrics;
 mod models;
 pub mod openapi;
+mod wire;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::inference::engine_key;
 use super::json::parse;
-use super::openapi::{list_type, Deleted};
+use super::wire::{list_type, Deleted};
 use super::AppState;
 use crate::catalog::{self, IncomingFile};
 use crate::db::{self, models::ModelRow};

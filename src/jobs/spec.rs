@@ -889,16 +889,6 @@ impl GgufParams {
     }
 }
 
-/// Model ids: `[a-z0-9][a-z0-9._:-]{0,127}` (DESIGN §2). Ids are never used as paths.
-pub fn is_valid_model_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._:-".contains(c))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,15 +933,6 @@ mod tests {
         }
         .validate()
         .is_err());
-    }
-
-    #[test]
-    fn model_ids_follow_the_design_pattern() {
-        assert!(is_valid_model_id("smollm2-135m:q4_k_m"));
-        assert!(!is_valid_model_id("Smol"));
-        assert!(!is_valid_model_id("../etc"));
-        assert!(!is_valid_model_id(""));
-        assert!(!is_valid_model_id(&"a".repeat(129)));
     }
 
     #[test]

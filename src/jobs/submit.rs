@@ -7,8 +7,9 @@ use sha2::Digest as _;
 
 use serde_json::json;
 
-use super::spec::{is_valid_model_id, ExportFormat, HeadMode, JobSpec, MethodSpec};
+use super::spec::{ExportFormat, HeadMode, JobSpec, MethodSpec};
 use super::JobSystem;
+use crate::catalog::is_valid_model_id;
 use crate::catalog::{self, CatalogError};
 use crate::db;
 use crate::db::jobs::{JobRow, NewJob};

@@ -5,6 +5,7 @@
 //! table-lookup kernel, and an f16 matmul for the float tensors those methods keep.
 
 pub mod bnb4;
+pub mod dot;
 pub mod f16;
 pub mod gptq;
 pub mod int8;

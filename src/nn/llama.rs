@@ -16,6 +16,7 @@ use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::rope::Rope;
+use crate::kernels::dot::dot;
 use crate::kernels::int8::OutlierSnapshot;
 
 /// Receives each linear layer's input rows, before the layer runs: `(name, [rows, in])`, the
@@ -388,22 +389,4 @@ impl Llama {
             }
         }
     }
-}
-
-/// Dot product with eight independent sums, which the compiler turns into SIMD lanes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -41,6 +41,7 @@ use super::gptq_model::QuantizedTensors;
 use super::layerwise::{embed, run_layer, stage_offset, LayerWeights, LayerwiseError, Stage};
 use super::tensor_quant::{tensor_error, TensorError};
 use crate::formats::groups::GroupFormat;
+use crate::kernels::dot::dot;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::servable;
@@ -520,24 +521,6 @@ fn round_and_pack(
         format.pack_row(&levels, &params, &mut bytes);
     }
     (bytes, tensor_error(before, &values))
-}
-
-/// f32 dot product in eight independent sums (SIMD lanes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

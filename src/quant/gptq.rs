@@ -19,6 +19,7 @@
 //!   natural column order) so the result packs into contiguous GGML blocks.
 
 use crate::formats::groups::{GroupFormat, GroupParams};
+use crate::kernels::dot::dot;
 
 /// Columns per lazy-update block (the paper's B).
 pub const BLOCK_SIZE: usize = 128;
@@ -89,24 +90,6 @@ pub struct Prepared {
     dead: Vec<bool>,
     /// Upper Cholesky factor of H⁻¹ in `perm` order, row-major n×n.
     u: Vec<f64>,
-}
-
-/// Dot product of f64 slices in eight independent sums (SIMD lanes).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 /// y += a·x.

@@ -18,7 +18,7 @@ use super::{
 use crate::engine::chat_template::{self, ChatMessage};
 use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::openapi::ServerSentEvent;
+use crate::http::wire::ServerSentEvent;
 use crate::http::AppState;
 
 const MAX_MESSAGES: usize = 1024;

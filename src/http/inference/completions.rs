@@ -17,7 +17,7 @@ use super::{
 };
 use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::openapi::ServerSentEvent;
+use crate::http::wire::ServerSentEvent;
 use crate::http::AppState;
 
 /// OpenAI's default for this endpoint.
