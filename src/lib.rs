@@ -12,6 +12,7 @@ pub mod export;
 pub mod formats;
 pub mod http;
 pub mod jobs;
+pub mod json_errors;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 
 use crate::config::{cpu_count, Settings};
 use crate::export::bnb::write_bnb_folder;
@@ -16,10 +17,7 @@ use crate::export::hf::{write_hf_folder, HfDtype};
 use crate::formats::gguf::Value;
 use crate::jobs::calibrate::{calibrate, calibration_windows, Calibrated, CalibrationSource};
 use crate::jobs::pipeline::{quantize_gguf, Hooks};
-use crate::jobs::spec::{
-    AwqParams, Bnb4Params, CalibrationParams, GgufParams, GptqParams, Int8DynamicParams,
-    LlmInt8Params, MethodSpec, OverrideSpec, RtnParams,
-};
+use crate::jobs::spec::{CalibrationParams, MethodSpec};
 use crate::jobs::submit::quantization_plan;
 use crate::model::checkpoint::Checkpoint;
 use crate::quant::imatrix::ImportanceMatrix;
@@ -280,16 +278,15 @@ fn write_gguf(
     Ok(())
 }
 
-/// The job method the arguments describe, validated as the API validates it.
+/// The job method the arguments describe: the flags become the same `params` the API takes,
+/// and `MethodSpec::parse` reads and checks them as it does for `POST /v1/jobs`.
 fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
-    match args.method.as_str() {
+    let params = match args.method.as_str() {
         "gguf" => {
             let type_name = args
                 .gguf_type
                 .as_deref()
                 .context("--type is required for --method gguf")?;
-            let gguf_type = GgufType::parse(type_name)
-                .with_context(|| format!("--type {type_name}: unknown GGUF type"))?;
             let overrides = args
                 .overrides
                 .iter()
@@ -297,91 +294,77 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
                     let (pattern, type_name) = o
                         .rsplit_once('=')
                         .with_context(|| format!("--override {o}: expected REGEX=TYPE"))?;
-                    Ok(OverrideSpec {
-                        pattern: pattern.to_string(),
-                        type_name: type_name.to_string(),
-                    })
+                    Ok(json!({"pattern": pattern, "type": type_name}))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let p = GgufParams {
-                gguf_type,
-                overrides,
-                imatrix: args.calib.is_some() || args.imatrix.is_some(),
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::Gguf(p))
+            // The API's names are llama-quantize's spelling; the CLI, like it, takes any case.
+            let gguf_type = GgufType::parse(type_name)
+                .map_or_else(|| type_name.to_string(), |t| t.name().to_string());
+            json!({
+                "type": gguf_type,
+                "overrides": overrides,
+                "imatrix": args.calib.is_some() || args.imatrix.is_some(),
+            })
         }
-        "rtn" => {
-            let p = RtnParams {
-                bits: args.bits,
-                group_size: args.group_size,
-                sym: !args.asym,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::Rtn(p))
-        }
-        "gptq" => {
-            let p = GptqParams {
-                bits: args.bits,
-                group_size: args.group_size,
-                sym: !args.asym,
-                act_order: !args.no_act_order,
-                static_groups: None,
-                damp_percent: args.damp_percent,
-                true_sequential: true,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::Gptq(p))
-        }
-        "awq" => {
-            let p = AwqParams {
-                bits: args.bits,
-                group_size: args.group_size,
-                zero_point: args.asym,
-                grid: 20,
-                duo_scaling: args.duo_scaling,
-                clip: !args.no_clip,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::Awq(p))
-        }
+        "rtn" => json!({"bits": args.bits, "group_size": args.group_size, "sym": !args.asym}),
+        "gptq" => json!({
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "sym": !args.asym,
+            "act_order": !args.no_act_order,
+            "damp_percent": args.damp_percent,
+        }),
+        "awq" => json!({
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "zero_point": args.asym,
+            "duo_scaling": args.duo_scaling,
+            "clip": !args.no_clip,
+        }),
         "int8-dynamic" => {
-            // The same parameters the API takes, parsed and checked by the same code.
-            let mut params = serde_json::json!({"activations": args.activations});
+            let mut params = json!({"activations": args.activations});
             if let Some(w) = &args.int8_weights {
                 params["weights"] = w.clone().into();
             }
             if let Some(h) = &args.head {
                 params["head"] = h.clone().into();
             }
-            let p: Int8DynamicParams = serde_json::from_value(params)
-                .map_err(|e| anyhow::anyhow!("int8-dynamic parameters: {e}"))?;
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::Int8Dynamic(p))
+            params
         }
-        "llm-int8" => {
-            let p = LlmInt8Params {
-                threshold: args.threshold,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(MethodSpec::LlmInt8(p))
+        "llm-int8" => json!({"threshold": args.threshold}),
+        "nf4" | "fp4" => json!({"block_size": args.block_size, "double_quant": args.double_quant}),
+        // `eval` and unknown names: the parser's own answer names the known methods.
+        _ => json!({}),
+    };
+    let method = MethodSpec::parse(&args.method, params).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}",
+            flag_of(&e.param),
+            e.message.trim_start_matches(&format!("{}: ", e.param))
+        )
+    })?;
+    if !method.makes_model() {
+        bail!("--method eval: use `quantd eval` to score a model");
+    }
+    Ok(method)
+}
+
+/// The command-line flag that sets a parameter the parser named (`params.group_size` →
+/// `--group-size`).
+fn flag_of(param: &str) -> String {
+    match param.strip_prefix("params.") {
+        None => format!("--{param}"),
+        Some("weights") => "--int8-weights".into(),
+        Some("sym") | Some("zero_point") => "--asym".into(),
+        Some("act_order") => "--no-act-order".into(),
+        Some("clip") => "--no-clip".into(),
+        Some(field) => {
+            let field = field.split(['.', '[']).next().unwrap_or(field);
+            format!(
+                "--{}",
+                field.replace('_', "-").replace("overrides", "override")
+            )
         }
-        "nf4" | "fp4" => {
-            let p = Bnb4Params {
-                block_size: args.block_size,
-                double_quant: args.double_quant,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(if args.method == "nf4" {
-                MethodSpec::Nf4(p)
-            } else {
-                MethodSpec::Fp4(p)
-            })
-        }
-        other => bail!(
-            "--method {other}: available methods are gguf, rtn, gptq, awq, int8-dynamic, \
-             llm-int8, nf4 and fp4"
-        ),
     }
 }
 

@@ -14,69 +14,51 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::json::{prefixed, ValidJson};
+use super::json::ValidJson;
 use super::wire::ServerSentEvent;
 use super::AppState;
 use crate::db::{self, jobs::JobRow};
 use crate::formats::int8_rows::WeightScale;
 use crate::jobs::spec::{
-    AwqParams, Bnb4Params, CalibrationParams, EvalMethodParams, EvalParams, ExportFormat, Gate,
-    GgufParams, GptqParams, HeadMode, Int8DynamicParams, JobSpec, LlmInt8Params, MethodSpec,
-    RtnParams,
+    CalibrationParams, EvalParams, ExportFormat, Gate, HeadMode, JobSpec, MethodSpec,
 };
 use crate::jobs::submit::{submit, Submitted};
-
-/// Methods DESIGN §4 names, and `eval` (score a model against a reference, DESIGN §5); only
-/// those listed in `AVAILABLE` run in this version.
-const KNOWN_METHODS: &[&str] = &[
-    "gguf",
-    "eval",
-    "rtn",
-    "gptq",
-    "awq",
-    "int8-dynamic",
-    "llm-int8",
-    "nf4",
-    "fp4",
-];
-const AVAILABLE: &[&str] = &[
-    "gguf",
-    "rtn",
-    "gptq",
-    "awq",
-    "int8-dynamic",
-    "llm-int8",
-    "nf4",
-    "fp4",
-    "eval",
-];
 
 /// A job to submit (DESIGN §4). Each method's `params`, and the `calibration`, `eval` and
 /// `gate` blocks, are checked field by field; an error names the field (`params.bits`).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(
+    json!({"model": "smollm2", "method": "gguf", "params": {"type": "Q8_0"}}),
+    json!({"model": "smollm2", "method": "rtn", "params": {"bits": 8, "group_size": 64}}),
+    json!({"model": "smollm2", "method": "gptq", "params": {"bits": 4, "group_size": 32},
+           "calibration": {"samples": 2, "seq_len": 32}}),
+    json!({"model": "smollm2", "method": "awq", "params": {"group_size": 32},
+           "calibration": {"samples": 2, "seq_len": 32}}),
+    json!({"model": "smollm2", "method": "int8-dynamic", "params": {"activations": "torch"}}),
+    json!({"model": "smollm2", "method": "llm-int8", "params": {"threshold": 6.0}}),
+    json!({"model": "smollm2", "method": "nf4", "params": {"block_size": 32}}),
+    json!({"model": "smollm2", "method": "fp4", "params": {}, "dry_run": true}),
+))]
 pub struct JobRequest {
     /// The model to quantize or evaluate.
     #[schema(example = "smollm2")]
     model: String,
     /// gguf, rtn, gptq, awq, int8-dynamic, llm-int8, nf4, fp4 or eval.
-    #[schema(example = "rtn")]
+    #[schema(schema_with = crate::jobs::spec::schema::method_name)]
     method: String,
     /// The new variant's id; by default `MODEL:VARIANT`.
     output_name: Option<String>,
     /// The method's parameters (`{"type": "Q4_K_M"}`, `{"bits": 4, "group_size": 128}`, ...).
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(schema_with = crate::jobs::spec::schema::method_params)]
     params: Value,
     /// `{"dataset": "ds_..."}`, or `{}` to calibrate on text the model generates.
-    #[schema(value_type = Option<Object>)]
-    calibration: Option<Value>,
+    calibration: Option<CalibrationParams>,
     /// Evaluate the result: `{"dataset": "ds_...", "max_tokens": 4096, ...}`.
-    #[schema(value_type = Option<Object>)]
-    eval: Option<Value>,
+    eval: Option<EvalParams>,
     /// Fail the job when the evaluation misses these budgets.
-    #[schema(value_type = Option<Object>)]
-    gate: Option<Value>,
+    gate: Option<Gate>,
     /// Extra exports: gptq-safetensors, awq-safetensors, bnb-safetensors.
     outputs: Option<Vec<String>>,
     /// The same key returns the existing job instead of a second one.
@@ -89,43 +71,17 @@ pub struct JobRequest {
 impl JobRequest {
     /// Parse, don't validate: the wire request becomes a typed spec or a 4xx naming the field.
     fn into_spec(self) -> Result<(JobSpec, Option<String>, bool), ApiError> {
-        if !KNOWN_METHODS.contains(&self.method.as_str()) {
-            return Err(ApiError::invalid(
-                "method",
-                format!(
-                    "unknown method {:?} (known: {})",
-                    self.method,
-                    KNOWN_METHODS.join(", ")
-                ),
-            ));
-        }
-        if !AVAILABLE.contains(&self.method.as_str()) {
-            return Err(ApiError::invalid(
-                "method",
-                format!(
-                    "method {:?} is not available in this version (available: {})",
-                    self.method,
-                    AVAILABLE.join(", ")
-                ),
-            ));
-        }
-        let calibration = self
-            .calibration
-            .map(|v| prefixed::<CalibrationParams>("calibration", v))
-            .transpose()?;
+        let method = MethodSpec::parse(&self.method, self.params)
+            .map_err(|e| ApiError::invalid(e.param, e.message))?;
+        let (calibration, eval, gate) = (self.calibration, self.eval, self.gate);
         if let Some(c) = &calibration {
             c.validate()
                 .map_err(|e| ApiError::invalid(&e.param, e.message))?;
         }
-        let eval = self
-            .eval
-            .map(|v| prefixed::<EvalParams>("eval", v))
-            .transpose()?;
         if let Some(e) = &eval {
             e.validate()
                 .map_err(|e| ApiError::invalid(&e.param, e.message))?;
         }
-        let gate = self.gate.map(|v| prefixed::<Gate>("gate", v)).transpose()?;
         if let Some(g) = &gate {
             g.validate()
                 .map_err(|e| ApiError::invalid(&e.param, e.message))?;
@@ -136,8 +92,7 @@ impl JobRequest {
                 ));
             }
         }
-        let evaluating = self.method == "eval";
-        if evaluating {
+        if !method.makes_model() {
             if eval.is_none() {
                 return Err(ApiError::invalid(
                     "eval",
@@ -164,60 +119,6 @@ impl JobRequest {
                 ));
             }
         }
-        let params = if self.params.is_null() {
-            json!({})
-        } else {
-            self.params
-        };
-        let method = match self.method.as_str() {
-            "eval" => MethodSpec::Eval(prefixed::<EvalMethodParams>("params", params)?),
-            "rtn" => {
-                let p = prefixed::<RtnParams>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::Rtn(p)
-            }
-            "gptq" => {
-                let p = prefixed::<GptqParams>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::Gptq(p)
-            }
-            "awq" => {
-                let p = prefixed::<AwqParams>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::Awq(p)
-            }
-            "int8-dynamic" => {
-                let p = prefixed::<Int8DynamicParams>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::Int8Dynamic(p)
-            }
-            "llm-int8" => {
-                let p = prefixed::<LlmInt8Params>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::LlmInt8(p)
-            }
-            "nf4" | "fp4" => {
-                let p = prefixed::<Bnb4Params>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                if self.method == "nf4" {
-                    MethodSpec::Nf4(p)
-                } else {
-                    MethodSpec::Fp4(p)
-                }
-            }
-            _ => {
-                let p = prefixed::<GgufParams>("params", params)?;
-                p.validate()
-                    .map_err(|e| ApiError::invalid(&e.param, e.message))?;
-                MethodSpec::Gguf(p)
-            }
-        };
         let gguf = matches!(method, MethodSpec::Gguf(_));
         match (method.calibrates(), calibration.is_some()) {
             (false, true) => {

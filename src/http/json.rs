@@ -38,57 +38,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ValidJson<T> {
 /// Deserializes with the failing field's path in the error.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+    crate::json_errors::deserialize(de).map_err(|(param, e)| {
         let inner = e.into_inner();
-        let message = inner.to_string();
-        let param = field_in_message(&message)
-            .map(|f| match path.as_str() {
-                "." => f.to_string(),
-                p if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
-                p => format!("{p}.{f}"),
-            })
-            .unwrap_or(path);
         let status = if inner.is_syntax() || inner.is_eof() {
             StatusCode::BAD_REQUEST
         } else {
             StatusCode::UNPROCESSABLE_ENTITY
         };
-        ApiError::new(
-            status,
-            "invalid_request_error",
-            format!("{param}: {message}"),
-        )
-        .with_param(param)
-    })
-}
-
-/// serde names unknown and missing fields only in its message: "unknown field `x`".
-fn field_in_message(message: &str) -> Option<&str> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("missing field `"))?;
-    rest.split('`').next()
-}
-
-pub fn prefixed<T: DeserializeOwned>(
-    prefix: &str,
-    value: serde_json::Value,
-) -> Result<T, ApiError> {
-    parse::<T>(value.to_string().as_bytes()).map_err(|mut e| {
-        let p = e
-            .param
-            .take()
-            .filter(|p| p != ".")
-            .map_or(prefix.to_string(), |p| format!("{prefix}.{p}"));
-        e.message = format!(
-            "{p}: {}",
-            e.message
-                .split_once(": ")
-                .map_or(e.message.as_str(), |(_, m)| m)
-        );
-        e.param = Some(p);
-        e
+        ApiError::new(status, "invalid_request_error", format!("{param}: {inner}"))
+            .with_param(param)
     })
 }
 

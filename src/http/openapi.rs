@@ -10,6 +10,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{blobs, datasets, health, inference, jobs, metrics, models};
+use crate::jobs::spec;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -50,6 +51,17 @@ use super::{blobs, datasets, health, inference, jobs, metrics, models};
         inference::manage::unload_model,
         inference::manage::engine_stats,
     ),
+    // The per-method parameter schemas `JobRequest.params` refers to (by `method`).
+    components(schemas(
+        spec::GgufParams,
+        spec::RtnParams,
+        spec::GptqParams,
+        spec::AwqParams,
+        spec::Int8DynamicParams,
+        spec::LlmInt8Params,
+        spec::Bnb4Params,
+        spec::EvalMethodParams,
+    )),
     modifiers(&BearerKeys, &Links),
     security(("bearer" = [])),
     tags(
