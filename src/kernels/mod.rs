@@ -9,6 +9,7 @@ pub mod dot;
 pub mod f16;
 pub mod gptq;
 pub mod int8;
+mod int8_activations;
 pub mod int8_gemm;
 pub mod legacy_blocks;
 mod linear_kernel;
