@@ -13,7 +13,7 @@ FIXTURES=${QUANTD_FIXTURES:-$HOME/.cache/quantd-fixtures}
 MODEL_DIR=$(bash scripts/fixtures/fetch-smollm2.sh "$FIXTURES/smollm2-135m")/hf-f16
 [[ -d $MODEL_DIR ]] || MODEL_DIR=$FIXTURES/smollm2-135m/hf-f16
 
-./target/release/quantd serve "$@" &
+"${CARGO_TARGET_DIR:-target}/release/quantd" serve "$@" &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER' INT TERM
 Q=http://127.0.0.1:${QUANTD_SERVER__PORT:-8080}

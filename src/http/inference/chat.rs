@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 
 use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
-    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, InferenceError,
-    SamplingFields, StreamOptions, Usage, MAX_LOGPROBS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, request_body, submit,
+    InferenceError, StreamOptions, Usage, MAX_LOGPROBS,
 };
 use crate::engine::chat_template::{self, ChatMessage};
 use crate::engine::{FinishReason, TokenLogprob};
@@ -46,7 +46,8 @@ pub struct Message {
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+request_body! {
+/// `POST /v1/chat/completions`'s body: OpenAI's fields and the sampling fields.
 pub struct ChatRequest {
     #[schema(example = "smollm2")]
     model: String,
@@ -62,15 +63,6 @@ pub struct ChatRequest {
     #[allow(dead_code)]
     user: Option<String>,
 }
-
-/// `POST /v1/chat/completions`'s body: the request and the sampling fields, side by side.
-#[derive(Deserialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ChatBody {
-    #[serde(flatten)]
-    request: ChatRequest,
-    #[serde(flatten)]
-    sampling: SamplingFields,
 }
 
 /// A chat completion, as OpenAI's `chat.completion`.
@@ -165,7 +157,7 @@ fn logprob_entry(e: &TokenLogprob) -> Value {
     })
 }
 
-#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body = ChatBody,
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body = ChatRequest,
     responses((status = 200, description = "the answer; with `stream: true`, server-sent \
         `chat.completion.chunk` deltas ending in `data: [DONE]`",
             content((ChatCompletion = "application/json"), (ServerSentEvent = "text/event-stream"))),
@@ -175,9 +167,8 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, InferenceError> {
-    let req: ChatRequest = parse_request(&body)?;
-    let fields: SamplingFields = parse_request(&body)?;
-    let v = fields.validate()?;
+    let mut req: ChatRequest = parse_request(&body)?;
+    let v = req.take_sampling().validate()?;
     let msgs = messages(&req.messages)?;
     let top = req.top_logprobs.unwrap_or(0);
     if top > MAX_LOGPROBS {

@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 
 use super::stream::{sse, ChunkShape, StreamMeta};
 use super::{
-    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, submit, InferenceError,
-    SamplingFields, StreamOptions, Usage, MAX_LOGPROBS, MAX_PROMPTS,
+    check_lengths, check_vocab, gather, model_for, now_secs, parse_request, request_body, submit,
+    InferenceError, StreamOptions, Usage, MAX_LOGPROBS, MAX_PROMPTS,
 };
 use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::error::{ApiError, ErrorBody};
@@ -33,7 +33,8 @@ pub enum PromptField {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+request_body! {
+/// `POST /v1/completions`'s body: OpenAI's fields and the sampling fields.
 pub struct CompletionRequest {
     #[schema(example = "smollm2")]
     model: String,
@@ -50,15 +51,6 @@ pub struct CompletionRequest {
     #[allow(dead_code)]
     user: Option<String>,
 }
-
-/// `POST /v1/completions`'s body: the request and the sampling fields, side by side.
-#[derive(Deserialize, ToSchema)]
-#[allow(dead_code)]
-pub struct CompletionBody {
-    #[serde(flatten)]
-    request: CompletionRequest,
-    #[serde(flatten)]
-    sampling: SamplingFields,
 }
 
 /// A completion, as OpenAI's `text_completion`.
@@ -144,7 +136,7 @@ fn logprobs_json(entries: &[TokenLogprob], offset: &mut usize) -> Value {
     })
 }
 
-#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body = CompletionBody,
+#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body = CompletionRequest,
     responses((status = 200, description = "the completion; with `stream: true`, server-sent \
         `text_completion` chunks ending in `data: [DONE]`",
             content((Completion = "application/json"), (ServerSentEvent = "text/event-stream"))),
@@ -154,9 +146,8 @@ pub async fn completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, InferenceError> {
-    let req: CompletionRequest = parse_request(&body)?;
-    let fields: SamplingFields = parse_request(&body)?;
-    let v = fields.validate()?;
+    let mut req: CompletionRequest = parse_request(&body)?;
+    let v = req.take_sampling().validate()?;
     if req.best_of.is_some_and(|b| b > 1) {
         return Err(ApiError::bad_request("best_of", "best_of > 1 is not supported").into());
     }

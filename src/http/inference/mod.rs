@@ -149,8 +149,8 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// The sampling fields both endpoints share.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+/// The sampling fields both endpoints share, as their request bodies carry them.
+#[derive(Debug, Default)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -162,10 +162,67 @@ pub struct SamplingFields {
     pub seed: Option<i64>,
     pub n: Option<u64>,
     pub stop: Option<StopField>,
-    /// vLLM's extension: generate through end-of-sequence tokens.
-    #[serde(default)]
     pub ignore_eos: bool,
 }
+
+/// Declares an endpoint's request body: its own fields, then the sampling fields both endpoints
+/// share, in one struct that serves parsing and the OpenAPI document alike. (A `flatten`ed
+/// `SamplingFields` would make serde lose the failing field's name in errors.) `sampling()`
+/// hands the shared fields to [`SamplingFields::validate`].
+macro_rules! request_body {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $($(#[$fmeta:meta])* $field:ident: $ty:ty,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+        pub struct $name {
+            $($(#[$fmeta])* $field: $ty,)*
+            /// 0..=2, default 1; 0 is greedy.
+            temperature: Option<f32>,
+            /// (0, 1], default 1.
+            top_p: Option<f32>,
+            /// -1 or 0: off.
+            top_k: Option<i64>,
+            /// 0..=1, default 0.
+            min_p: Option<f32>,
+            /// -2..=2, default 0.
+            presence_penalty: Option<f32>,
+            /// -2..=2, default 0.
+            frequency_penalty: Option<f32>,
+            /// (0, 10], default 1 (off).
+            repetition_penalty: Option<f32>,
+            /// Makes sampling repeatable.
+            seed: Option<i64>,
+            /// Choices to generate, 1..=4.
+            n: Option<u64>,
+            /// Up to 4 strings that end the generation (not part of the text).
+            stop: Option<$crate::http::inference::StopField>,
+            /// vLLM's extension: generate through end-of-sequence tokens.
+            #[serde(default)]
+            ignore_eos: bool,
+        }
+
+        impl $name {
+            /// The sampling fields, taken out of the body for validation.
+            fn take_sampling(&mut self) -> $crate::http::inference::SamplingFields {
+                $crate::http::inference::SamplingFields {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    repetition_penalty: self.repetition_penalty,
+                    seed: self.seed,
+                    n: self.n,
+                    stop: self.stop.take(),
+                    ignore_eos: self.ignore_eos,
+                }
+            }
+        }
+    };
+}
+pub(crate) use request_body;
 
 fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
     match v {
