@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Installs the global tracing subscriber on stdout (`RUST_LOG` wins over the default `info`).
-/// Colour codes only go to a terminal (and not with `NO_COLOR`), so a log file stays plain text.
+/// Colour codes only go to a terminal (and not with a non-empty `NO_COLOR`), so a log file stays plain text.
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
@@ -19,7 +19,8 @@ pub fn init(format: LogFormat) {
         .with_target(false);
     let _ = match format {
         LogFormat::Text => {
-            let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            let ansi = std::io::stdout().is_terminal() && !no_color;
             builder.with_ansi(ansi).try_init()
         }
         // Event fields at the top level; the fields of the spans the line was emitted in (the

@@ -4,49 +4,16 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::process::{self, free_port, ServerProcess as Server};
 use common::{fixture, stored_files};
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_server(data_dir: &std::path::Path, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_quantd"))
-        .arg("serve")
-        .env("QUANTD_DATA_DIR", data_dir)
-        .env("QUANTD_SERVER__PORT", port.to_string())
-        .env("QUANTD_JOBS__THREADS", "1")
-        .env("QUANTD_JOBS__PROGRESS_INTERVAL_MS", "50")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("quantd starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let began = Instant::now();
-    while reqwest::blocking::get(format!("{base}/ready"))
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            began.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { child, base }
+    let env = [("QUANTD_JOBS__PROGRESS_INTERVAL_MS", "50")];
+    process::start(data_dir, port, &env, Stdio::null(), Stdio::null())
 }
 
 fn get(s: &Server, path: &str) -> Value {

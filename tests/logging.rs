@@ -5,60 +5,34 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::process::{self, free_port, ServerProcess};
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-}
+/// Stops the child when a test ends, passing or not.
+struct Server(ServerProcess);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `quantd serve` with stdout and stderr sent to `log`, so stdout is not a terminal.
 fn start_server(data_dir: &Path, log: &Path, format: &str) -> Server {
-    let port = free_port();
     let out = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_quantd"))
-        .arg("serve")
-        .env("QUANTD_DATA_DIR", data_dir)
-        .env("QUANTD_SERVER__PORT", port.to_string())
-        .env("QUANTD_LOG_FORMAT", format)
-        .env("QUANTD_JOBS__THREADS", "1")
-        .env_remove("NO_COLOR")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("quantd starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let began = Instant::now();
-    while reqwest::blocking::get(format!("{base}/ready"))
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            began.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { child, base }
+    let env = [("QUANTD_LOG_FORMAT", format)];
+    let stdout = Stdio::from(out.try_clone().unwrap());
+    Server(process::start(
+        data_dir,
+        free_port(),
+        &env,
+        stdout,
+        Stdio::from(out),
+    ))
 }
 
 /// Uploads a tiny random model and runs a Q8_0 job on it to the end; returns the job id.
@@ -76,13 +50,13 @@ fn upload_and_quantize(server: &Server, work: &Path) -> String {
         form = form.file(name, &path).unwrap();
     }
     let r = client
-        .post(format!("{}/v1/models", server.base))
+        .post(format!("{}/v1/models", server.0.base))
         .multipart(form)
         .send()
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     let job: Value = client
-        .post(format!("{}/v1/jobs", server.base))
+        .post(format!("{}/v1/jobs", server.0.base))
         .json(&json!({"model": "tiny", "method": "gguf", "params": {"type": "Q8_0"}}))
         .send()
         .unwrap()
@@ -92,7 +66,7 @@ fn upload_and_quantize(server: &Server, work: &Path) -> String {
     let began = Instant::now();
     loop {
         let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", server.base))
+            .get(format!("{}/v1/jobs/{id}", server.0.base))
             .send()
             .unwrap()
             .json()

@@ -134,7 +134,6 @@ pub struct Checkpoint {
 }
 
 /// Names an HF upload may contain besides weights.
-
 pub const HF_SIDE_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
