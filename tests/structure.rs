@@ -81,7 +81,7 @@ fn nn_uses_only_kernels_and_formats() {
 
 #[test]
 fn eval_uses_only_nn() {
-    check_layer("eval", &["nn", "kernels", "formats"]);
+    check_layer("eval", &["nn"]);
 }
 
 #[test]

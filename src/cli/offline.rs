@@ -297,9 +297,10 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
                     Ok(json!({"pattern": pattern, "type": type_name}))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            // The API's names are llama-quantize's spelling; the CLI, like it, takes any case.
+            // The API takes llama-quantize's spelling; the CLI, like llama-quantize, any case.
             let gguf_type = GgufType::parse(type_name)
-                .map_or_else(|| type_name.to_string(), |t| t.name().to_string());
+                .with_context(|| format!("--type {type_name}: unknown GGUF type"))?
+                .name();
             json!({
                 "type": gguf_type,
                 "overrides": overrides,
@@ -312,7 +313,7 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             "group_size": args.group_size,
             "sym": !args.asym,
             "act_order": !args.no_act_order,
-            "damp_percent": args.damp_percent,
+            "damp_percent": finite("--damp-percent", args.damp_percent)?,
         }),
         "awq" => json!({
             "bits": args.bits,
@@ -331,22 +332,25 @@ fn method_of(args: &QuantizeArgs) -> anyhow::Result<MethodSpec> {
             }
             params
         }
-        "llm-int8" => json!({"threshold": args.threshold}),
+        "llm-int8" => json!({"threshold": finite("--threshold", args.threshold as f64)?}),
         "nf4" | "fp4" => json!({"block_size": args.block_size, "double_quant": args.double_quant}),
-        // `eval` and unknown names: the parser's own answer names the known methods.
-        _ => json!({}),
+        other => bail!(
+            "--method {other}: available methods are gguf, rtn, gptq, awq, int8-dynamic, \
+             llm-int8, nf4 and fp4"
+        ),
     };
-    let method = MethodSpec::parse(&args.method, params).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {}",
-            flag_of(&e.param),
-            e.message.trim_start_matches(&format!("{}: ", e.param))
-        )
-    })?;
-    if !method.makes_model() {
-        bail!("--method eval: use `quantd eval` to score a model");
+    MethodSpec::parse(&args.method, params).map_err(|e| {
+        let message = e.message.trim_start_matches(&format!("{}: ", e.param));
+        anyhow::anyhow!("{}: {message}", flag_of(&e.param))
+    })
+}
+
+/// JSON has no NaN or infinity (serde_json would write null): such a flag is refused here.
+fn finite(flag: &str, v: f64) -> anyhow::Result<f64> {
+    if !v.is_finite() {
+        bail!("{flag} {v}: must be a finite number");
     }
-    Ok(method)
+    Ok(v)
 }
 
 /// The command-line flag that sets a parameter the parser named (`params.group_size` →
@@ -355,6 +359,7 @@ fn flag_of(param: &str) -> String {
     match param.strip_prefix("params.") {
         None => format!("--{param}"),
         Some("weights") => "--int8-weights".into(),
+        Some("imatrix") => "--calib/--imatrix".into(),
         Some("sym") | Some("zero_point") => "--asym".into(),
         Some("act_order") => "--no-act-order".into(),
         Some("clip") => "--no-clip".into(),

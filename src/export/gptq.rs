@@ -7,7 +7,7 @@
 //!   [groups, out·bits/32] the same way along outputs, `scales` f16 [groups, out], `g_idx`
 //!   int32 [in] = column / group size; w = scales[g_idx[i], j] · (q[i, j] − zero[g_idx[i], j]).
 //!   3- and 2-bit (and asymmetric 8-bit) variants are stored in this layout already
-//!   (`quant::gptq_layout`) and export exactly. Symmetric variants use
+//!   (`formats::gptq_layout`) and export exactly. Symmetric variants use
 //!   `checkpoint_format: "gptq"` (v1, what every loader reads), whose `qzeros` hold zero − 1.
 //!   Asymmetric ones use `"gptq_v2"`, whose `qzeros` hold the zero itself: v1 cannot store a
 //!   zero of 0 (loaders add 1 to every nibble of the word, so 0 − 1 = 0xF carries into its

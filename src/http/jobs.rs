@@ -71,8 +71,9 @@ pub struct JobRequest {
 impl JobRequest {
     /// Parse, don't validate: the wire request becomes a typed spec or a 4xx naming the field.
     fn into_spec(self) -> Result<(JobSpec, Option<String>, bool), ApiError> {
-        let method = MethodSpec::parse(&self.method, self.params)
-            .map_err(|e| ApiError::invalid(e.param, e.message))?;
+        // The order of the checks decides which error a request with several gets: the method's
+        // name, the blocks, the eval method's rules, the idempotency key, then the params.
+        MethodSpec::check_name(&self.method).map_err(|e| ApiError::invalid(e.param, e.message))?;
         let (calibration, eval, gate) = (self.calibration, self.eval, self.gate);
         if let Some(c) = &calibration {
             c.validate()
@@ -92,7 +93,7 @@ impl JobRequest {
                 ));
             }
         }
-        if !method.makes_model() {
+        if self.method == "eval" {
             if eval.is_none() {
                 return Err(ApiError::invalid(
                     "eval",
@@ -119,6 +120,8 @@ impl JobRequest {
                 ));
             }
         }
+        let method = MethodSpec::parse(&self.method, self.params)
+            .map_err(|e| ApiError::invalid(e.param, e.message))?;
         let gguf = matches!(method, MethodSpec::Gguf(_));
         match (method.calibrates(), calibration.is_some()) {
             (false, true) => {

@@ -1,4 +1,4 @@
-//! Matrix × activations for bitsandbytes' 4-bit weights (`quant::bnb4`, NF4 and FP4).
+//! Matrix × activations for bitsandbytes' 4-bit weights (`formats::bnb4`, NF4 and FP4).
 //!
 //! Below [`GEMM_MIN_ROWS`] input rows (decode, short prompts) the kernel works as llama.cpp's
 //! IQ4_NL does for its own 16-value table: activations are quantized to 8 bits in blocks of 32

@@ -1,4 +1,4 @@
-//! Matrix × activations for weights in the GPTQ layout (`quant::gptq_layout`): 2-, 3-, 4- and
+//! Matrix × activations for weights in the GPTQ layout (`formats::gptq_layout`): 2-, 3-, 4- and
 //! 8-bit integer groups with a scale and an integer zero point each, which no GGML block holds.
 //!
 //! Activations stay in f32 (unlike the GGML kernels, nothing is rounded to 8 bits), so results

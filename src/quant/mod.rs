@@ -4,8 +4,9 @@
 //! on calibration inputs, layer by layer (`layerwise`); `awq`: activation-aware scales folded
 //! into the previous op, clipping, then the same groups. An importance matrix (`imatrix`)
 //! weights `gguf`'s block encoders (`weighted_blocks`) as llama-quantize's `--imatrix` does.
-//! `int8-dynamic` and `llm-int8` store int8 rows (`int8_rows`) for quantd's int8 kernel;
-//! `nf4` and `fp4` bitsandbytes' 4-bit blocks (`bnb4`).
+//! `int8-dynamic` and `llm-int8` store int8 rows (`formats::int8_rows`) for quantd's int8
+//! kernel; `nf4` and `fp4` bitsandbytes' 4-bit blocks (`formats::bnb4`). The layouts live in
+//! `formats`; this module decides what goes into them.
 
 pub mod awq;
 pub mod calibration;

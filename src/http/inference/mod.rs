@@ -167,7 +167,7 @@ pub struct SamplingFields {
 
 /// Declares an endpoint's request body: its own fields, then the sampling fields both endpoints
 /// share, in one struct that serves parsing and the OpenAPI document alike. (A `flatten`ed
-/// `SamplingFields` would make serde lose the failing field's name in errors.) `sampling()`
+/// `SamplingFields` would make serde lose the failing field's name in errors.) `take_sampling()`
 /// hands the shared fields to [`SamplingFields::validate`].
 macro_rules! request_body {
     ($(#[$meta:meta])* pub struct $name:ident {

@@ -108,6 +108,7 @@ pub enum MethodSpec {
 /// Every method a job may name, as the API documents them.
 pub const METHOD_NAMES: [&str; 9] = [
     "gguf",
+    "eval",
     "rtn",
     "gptq",
     "awq",
@@ -115,7 +116,6 @@ pub const METHOD_NAMES: [&str; 9] = [
     "llm-int8",
     "nf4",
     "fp4",
-    "eval",
 ];
 
 impl MethodSpec {
@@ -138,18 +138,30 @@ impl MethodSpec {
             "nf4" => Self::Nf4(params_of(params)?),
             "fp4" => Self::Fp4(params_of(params)?),
             "eval" => Self::Eval(params_of(params)?),
-            other => {
-                return Err(ParamError {
-                    param: "method".into(),
-                    message: format!(
-                        "unknown method {other:?} (known: {})",
-                        METHOD_NAMES.join(", ")
-                    ),
-                })
-            }
+            other => return Err(Self::unknown(other)),
         };
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// Whether `method` names a method, before its parameters are read (so an unknown method is
+    /// the error a request gets first).
+    pub fn check_name(method: &str) -> Result<(), ParamError> {
+        if METHOD_NAMES.contains(&method) {
+            Ok(())
+        } else {
+            Err(Self::unknown(method))
+        }
+    }
+
+    fn unknown(method: &str) -> ParamError {
+        ParamError {
+            param: "method".into(),
+            message: format!(
+                "unknown method {method:?} (known: {})",
+                METHOD_NAMES.join(", ")
+            ),
+        }
     }
 
     /// The checks of each method's parameters that serde cannot express.
@@ -341,7 +353,9 @@ mod tests {
     fn an_unknown_method_or_a_bad_parameter_is_named() {
         let e = MethodSpec::parse("gptq2", serde_json::json!({})).unwrap_err();
         assert_eq!(e.param, "method");
-        assert!(e.message.contains("gguf, rtn, gptq"), "{}", e.message);
+        assert!(e.message.contains("gguf, eval, rtn, gptq"), "{}", e.message);
+        assert_eq!(MethodSpec::check_name("gptq2").unwrap_err().param, "method");
+        assert!(MethodSpec::check_name("nf4").is_ok());
         let e = MethodSpec::parse("rtn", serde_json::json!({"bits": 5})).unwrap_err();
         assert_eq!(e.param, "params.bits");
         let e = MethodSpec::parse("rtn", serde_json::json!({"bits": 4, "grup": 1})).unwrap_err();

@@ -25,6 +25,7 @@ pub fn method_name() -> ObjectBuilder {
 /// Each method and the component that describes its `params`.
 pub const PARAMS_BY_METHOD: [(&str, &str); 9] = [
     ("gguf", "GgufParams"),
+    ("eval", "EvalMethodParams"),
     ("rtn", "RtnParams"),
     ("gptq", "GptqParams"),
     ("awq", "AwqParams"),
@@ -32,7 +33,6 @@ pub const PARAMS_BY_METHOD: [(&str, &str); 9] = [
     ("llm-int8", "LlmInt8Params"),
     ("nf4", "Bnb4Params"),
     ("fp4", "Bnb4Params"),
-    ("eval", "EvalMethodParams"),
 ];
 
 /// `params`: the schema of the named method's parameters. OpenAPI's discriminator cannot name

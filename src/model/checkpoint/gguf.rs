@@ -164,7 +164,7 @@ impl Checkpoint {
                 return Err(invalid(
                     name,
                     format!(
-                        "tensor {} has type {}, which only GPTQ-layout and int8 parts may have",
+                        "tensor {} has type {}, which only GPTQ-layout, int8 and bnb4 parts may have",
                         t.name,
                         t.dtype.name()
                     ),
