@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::catalog::CatalogError;
+use crate::jobs::spec::ParamError;
 use crate::jobs::submit::SubmitError;
 use crate::model::checkpoint::CheckpointError;
 use crate::model::config::ConfigError;
@@ -108,6 +109,13 @@ impl IntoResponse for ApiError {
             },
         };
         (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// A job field that fails its check: 422 naming it.
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        Self::invalid(e.param, e.message)
     }
 }
 

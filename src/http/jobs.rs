@@ -73,19 +73,16 @@ impl JobRequest {
     fn into_spec(self) -> Result<(JobSpec, Option<String>, bool), ApiError> {
         // The order of the checks decides which error a request with several gets: the method's
         // name, the blocks, the eval method's rules, the idempotency key, then the params.
-        MethodSpec::check_name(&self.method).map_err(|e| ApiError::invalid(e.param, e.message))?;
+        MethodSpec::check_name(&self.method)?;
         let (calibration, eval, gate) = (self.calibration, self.eval, self.gate);
         if let Some(c) = &calibration {
-            c.validate()
-                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            c.validate()?;
         }
         if let Some(e) = &eval {
-            e.validate()
-                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            e.validate()?;
         }
         if let Some(g) = &gate {
-            g.validate()
-                .map_err(|e| ApiError::invalid(&e.param, e.message))?;
+            g.validate()?;
             if eval.is_none() {
                 return Err(ApiError::invalid(
                     "gate",
@@ -120,8 +117,7 @@ impl JobRequest {
                 ));
             }
         }
-        let method = MethodSpec::parse(&self.method, self.params)
-            .map_err(|e| ApiError::invalid(e.param, e.message))?;
+        let method = MethodSpec::parse(&self.method, self.params)?;
         let gguf = matches!(method, MethodSpec::Gguf(_));
         match (method.calibrates(), calibration.is_some()) {
             (false, true) => {
