@@ -11,6 +11,8 @@ command -v unzip >/dev/null || need_apt+=(unzip)
 command -v curl >/dev/null || need_apt+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v g++ >/dev/null || need_apt+=(g++)
+# Debian's PostgreSQL: tests/replicas.rs and the PostgreSQL pass below run on a throwaway cluster.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
 # Debian's Chromium: tests/dashboard.rs drives the dashboard in it, headless.
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
@@ -54,4 +56,16 @@ fi
 "$QUANTD_PEER_PYTHON" -c 'import gguf' 2>/dev/null ||
   "$QUANTD_PEER_PYTHON" -m pip install -q --disable-pip-version-check 'gguf==0.19.0'
 
+# One throwaway PostgreSQL for the whole run (tests create a database each), gone on exit.
+PG_DIR=$(mktemp -d)/pg
+trap 'bash scripts/postgres/throwaway.sh stop "$PG_DIR"' EXIT
+QUANTD_TEST_PG_URL=$(bash scripts/postgres/throwaway.sh start "$PG_DIR")
+export QUANTD_TEST_PG_URL
+
 cargo test --locked --all-targets "$@"
+
+# The database and job tests once more, their servers on PostgreSQL instead of SQLite.
+if (($# == 0)); then
+  QUANTD_TEST_BACKEND=postgres cargo test --locked --test jobs_tiny --test model_lifecycle \
+    --test datasets --test bad_input --test eval_jobs --test auth
+fi

@@ -16,12 +16,38 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    /// Empty: SQLite in `data_dir` (one process). `postgres://...`: PostgreSQL, shared by any
+    /// number of replicas.
+    pub database_url: String,
+    pub role: Role,
     pub log_format: LogFormat,
     pub server: ServerSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub jobs: JobSettings,
     pub engine: EngineSettings,
+}
+
+/// What one `quantd serve` process does (several replicas on one PostgreSQL split the work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The API, inference and job workers: the single-node service.
+    All,
+    /// The API and inference; jobs are queued for worker replicas.
+    Api,
+    /// Job workers; HTTP answers only /health, /ready and /metrics.
+    Worker,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        self != Role::Worker
+    }
+
+    pub fn runs_jobs(self) -> bool {
+        self != Role::Api
+    }
 }
 
 /// How `quantd serve` writes its log lines to stdout.
@@ -69,6 +95,8 @@ pub struct JobSettings {
     pub threads: usize,
     pub max_attempts: u32,
     pub progress_interval_ms: u64,
+    /// How long a running job stays its worker's without a renewal (seconds).
+    pub lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +142,8 @@ impl Settings {
             .filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
                 key == "data_dir"
+                    || key == "database_url"
+                    || key == "role"
                     || key == "log_format"
                     || ["server__", "auth__", "limits__", "jobs__", "engine__"]
                         .iter()
@@ -138,6 +168,18 @@ impl Settings {
         };
         if self.jobs.max_attempts == 0 {
             return invalid("jobs.max_attempts", "must be at least 1");
+        }
+        if !(1..=3600).contains(&self.jobs.lease_secs) {
+            return invalid("jobs.lease_secs", "must be within 1..=3600");
+        }
+        if !self.database_url.is_empty()
+            && !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
+            return invalid(
+                "database_url",
+                "must be empty (SQLite in data_dir) or a postgres:// URL",
+            );
         }
         if self.jobs.workers > 64 {
             return invalid("jobs.workers", "must be at most 64");
@@ -186,6 +228,11 @@ impl Settings {
             0 => 2,
             n => n,
         }
+    }
+
+    /// The job lease in milliseconds.
+    pub fn lease_ms(&self) -> i64 {
+        self.jobs.lease_secs as i64 * 1000
     }
 
     pub fn job_threads(&self) -> usize {

@@ -1,6 +1,7 @@
-//! Building and running the server: data directory, database, blob store, start-up recovery,
-//! the auth rule for non-loopback binds, the worker pool, and graceful shutdown driven by one
-//! cancellation token. Tests build an `Application` on port 0.
+//! Building and running the server: data directory (and its lock, on SQLite), database, blob
+//! store, start-up recovery, the auth rule for non-loopback binds, the worker pool and lease
+//! reaper as the role asks, and graceful shutdown driven by one cancellation token. Tests build
+//! an `Application` on port 0.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use crate::jobs::{worker, JobSystem};
 use crate::store::BlobStore;
 
 pub struct Application {
+    /// Held for the process's life on SQLite: one process per data directory.
+    _data_dir_lock: Option<DataDirLock>,
     listener: TcpListener,
     state: AppState,
     workers: JoinSet<()>,
@@ -39,14 +42,27 @@ impl Application {
         }
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        let data_dir_lock = if settings.database_url.is_empty() {
+            Some(DataDirLock::acquire(&settings.data_dir)?)
+        } else {
+            None
+        };
         let store = BlobStore::open(&settings.data_dir).context("opening the blob store")?;
-        let db = crate::db::connect(&settings.data_dir)
+        let db = crate::db::connect(&settings.database_url, &settings.data_dir)
             .await
             .context("opening the database")?;
         let shutdown = CancellationToken::new();
         let jobs = JobSystem::new(db, store, settings.clone(), shutdown.clone());
         worker::recover(&jobs).await.context("recovering jobs")?;
-        let workers = worker::spawn_workers(&jobs, settings.worker_count());
+        worker::spawn_lease_reaper(&jobs);
+        let worker_count = if settings.role.runs_jobs() {
+            settings.worker_count()
+        } else {
+            0
+        };
+        let workers = worker::spawn_workers(&jobs, worker_count);
+        info!(role = ?settings.role, replica = %jobs.replica_id(), workers = worker_count,
+              database = ?jobs.db().backend(), "replica started");
         let keys = Arc::new(Keys::new(
             &settings.auth.admin_keys,
             &settings.auth.infer_keys,
@@ -62,6 +78,7 @@ impl Application {
             .with_context(|| format!("binding {addr}"))?;
         state.ready.store(true, Ordering::SeqCst);
         Ok(Self {
+            _data_dir_lock: data_dir_lock,
             listener,
             state,
             workers,
@@ -131,4 +148,46 @@ pub fn cancel_on_signals(token: CancellationToken) {
         info!("shutdown signal received");
         token.cancel();
     });
+}
+
+/// An exclusive lock on `data_dir/quantd.lock`, released when the process exits (however it
+/// exits: the kernel drops the lock with the file descriptor). SQLite and the local blob store
+/// serve one process: a second one would re-queue the first one's running jobs at start-up and
+/// sweep its files.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = data_dir.join("quantd.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if let Err(e) = file.try_lock() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            anyhow::bail!(
+                "data directory {} is in use by another quantd process{holder}: {} is locked ({e}). \
+                 One SQLite data directory serves one process; stop the other one, choose another \
+                 data_dir, or set database_url to a PostgreSQL database to run several replicas",
+                data_dir.display(),
+                path.display()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(Self { _file: file })
+    }
 }

@@ -132,7 +132,7 @@ pub async fn create_base_model(
     let result = async {
         let mut tx = db.begin().await?;
         for f in &file_rows {
-            db::blobs::insert(&mut *tx, &f.digest, f.size as u64).await?;
+            db::blobs::insert_in(&mut tx, &f.digest, f.size as u64).await?;
         }
         db::models::insert(&mut tx, &row, &file_rows).await?;
         tx.commit().await

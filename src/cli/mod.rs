@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, Role, Settings};
 use crate::startup::{cancel_on_signals, Application};
 use crate::telemetry;
 
@@ -38,6 +38,9 @@ enum Command {
         /// Allow binding a non-loopback address with no API keys.
         #[arg(long)]
         allow_unauthenticated: bool,
+        /// What this replica does (overrides `role` in the configuration): all, api or worker.
+        #[arg(long, value_enum)]
+        role: Option<Role>,
     },
     /// Quantize a checkpoint (HF folder or .gguf) to a GGUF file, offline.
     Quantize(Box<offline::QuantizeArgs>),
@@ -74,7 +77,8 @@ pub fn main() -> ExitCode {
         Command::Serve {
             config,
             allow_unauthenticated,
-        } => serve(config, allow_unauthenticated),
+            role,
+        } => serve(config, allow_unauthenticated, role),
         Command::Quantize(args) => offline::quantize(*args),
         Command::Convert(args) => offline::convert(args),
         Command::Export(args) => offline::export(args),
@@ -101,9 +105,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn serve(config: Option<PathBuf>, allow_unauthenticated: bool) -> anyhow::Result<()> {
+fn serve(
+    config: Option<PathBuf>,
+    allow_unauthenticated: bool,
+    role: Option<Role>,
+) -> anyhow::Result<()> {
     let mut settings = Settings::load(config.as_deref())?;
     settings.server.allow_unauthenticated |= allow_unauthenticated;
+    if let Some(role) = role {
+        settings.role = role;
+    }
     telemetry::init(settings.log_format);
     telemetry::SimdReport::detect().log();
     runtime()?.block_on(async {
@@ -117,11 +128,15 @@ fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = Settings::load(config.as_deref())?;
     runtime()?.block_on(async {
         std::fs::create_dir_all(&settings.data_dir)?;
-        crate::db::connect(&settings.data_dir).await?;
-        println!(
-            "database at {} is up to date",
-            settings.data_dir.join("quantd.db").display()
-        );
+        crate::db::connect(&settings.database_url, &settings.data_dir).await?;
+        if settings.database_url.is_empty() {
+            println!(
+                "database at {} is up to date",
+                settings.data_dir.join("quantd.db").display()
+            );
+        } else {
+            println!("the PostgreSQL database is up to date");
+        }
         Ok(())
     })
 }

@@ -23,11 +23,11 @@ pub async fn insert(
     bytes: u64,
     documents: u64,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
-    super::blobs::insert(&mut *tx, digest, bytes).await?;
+    let mut tx = db.begin_write().await?;
+    super::blobs::insert_in(&mut tx, digest, bytes).await?;
     let inserted = sqlx::query(
-        "INSERT OR IGNORE INTO datasets (id, digest, format, bytes, documents, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO datasets (id, digest, format, bytes, documents, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
     .bind(digest)
@@ -43,38 +43,38 @@ pub async fn insert(
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<DatasetRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM datasets WHERE id = ?")
+    sqlx::query_as("SELECT * FROM datasets WHERE id = $1")
         .bind(id)
-        .fetch_optional(db)
+        .fetch_optional(db.pool())
         .await
 }
 
 pub async fn list(db: &Db) -> Result<Vec<DatasetRow>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM datasets ORDER BY created_at DESC, id")
-        .fetch_all(db)
+        .fetch_all(db.pool())
         .await
 }
 
 /// Deletes a dataset; returns its digest when nothing refers to the blob any more (the blob
 /// row is deleted too, so the caller removes the file). `None` when there was no dataset.
 pub async fn delete(db: &Db, id: &str) -> Result<Option<Option<String>>, sqlx::Error> {
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     let Some(digest): Option<String> =
-        sqlx::query_scalar("SELECT digest FROM datasets WHERE id = ?")
+        sqlx::query_scalar(&format!("SELECT digest FROM datasets WHERE id = $1{}", db.for_update()))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
     else {
         return Ok(None);
     };
-    sqlx::query("DELETE FROM datasets WHERE id = ?")
+    sqlx::query("DELETE FROM datasets WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
     let orphan = if super::blobs::referenced(&mut tx, &digest).await? {
         None
     } else {
-        sqlx::query("DELETE FROM blobs WHERE digest = ?")
+        sqlx::query("DELETE FROM blobs WHERE digest = $1")
             .bind(&digest)
             .execute(&mut *tx)
             .await?;
@@ -86,14 +86,14 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<Option<String>>, sqlx::E
 
 /// Whether a queued or running job evaluates or calibrates on the dataset.
 pub async fn in_use_by_job(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
+    let n: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
-         AND (json_extract(spec, '$.eval.dataset') = ? \
-              OR json_extract(spec, '$.calibration.dataset') = ?)",
-    )
+         AND ({} = $1 OR {} = $1)",
+        db.json_text("spec", &["eval", "dataset"]),
+        db.json_text("spec", &["calibration", "dataset"]),
+    ))
     .bind(id)
-    .bind(id)
-    .fetch_one(db)
+    .fetch_one(db.pool())
     .await?;
     Ok(n > 0)
 }

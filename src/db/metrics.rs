@@ -1,9 +1,7 @@
 //! Queries on `metrics`: numbers a job measured, per tensor or per model.
 
 use serde::Serialize;
-use sqlx::{Sqlite, Transaction};
-
-use super::Db;
+use super::{Db, Tx};
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
 pub struct MetricRow {
@@ -14,7 +12,7 @@ pub struct MetricRow {
 }
 
 pub async fn insert_all(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     job_id: &str,
     model_id: Option<&str>,
     rows: &[MetricRow],
@@ -22,7 +20,7 @@ pub async fn insert_all(
     for r in rows {
         sqlx::query(
             "INSERT INTO metrics (job_id, model_id, subject, name, value, label) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(job_id)
         .bind(model_id)
@@ -37,18 +35,18 @@ pub async fn insert_all(
 }
 
 pub async fn for_job(db: &Db, job_id: &str) -> Result<Vec<MetricRow>, sqlx::Error> {
-    sqlx::query_as("SELECT subject, name, value, label FROM metrics WHERE job_id = ? ORDER BY id")
+    sqlx::query_as("SELECT subject, name, value, label FROM metrics WHERE job_id = $1 ORDER BY id")
         .bind(job_id)
-        .fetch_all(db)
+        .fetch_all(db.pool())
         .await
 }
 
 pub async fn for_model(db: &Db, model_id: &str) -> Result<Vec<MetricRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT subject, name, value, label FROM metrics WHERE model_id = ? AND subject = 'model' \
+        "SELECT subject, name, value, label FROM metrics WHERE model_id = $1 AND subject = 'model' \
          ORDER BY id",
     )
     .bind(model_id)
-    .fetch_all(db)
+    .fetch_all(db.pool())
     .await
 }

@@ -1,5 +1,8 @@
-//! SQLite access: the connection pool (WAL, busy timeout, foreign keys), migrations, and one
-//! file of queries per table. Nothing above this module writes SQL.
+//! Database access, on SQLite (the embedded default: `quantd.db` under `data_dir`) or
+//! PostgreSQL (`database_url = "postgres://..."`, for several replicas): the pool, the
+//! migrations of each backend, the few places where their SQL differs, and one file of queries
+//! per table. Every query is written once, with `$N` placeholders both backends accept, and runs
+//! through sqlx's `Any` driver. Nothing above this module writes SQL.
 
 pub mod blobs;
 pub mod datasets;
@@ -9,31 +12,130 @@ pub mod metrics;
 pub mod models;
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, AnyPool, Executor};
 
-pub type Db = SqlitePool;
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The database engine behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One process on one data directory (its lock file sees to that).
+    Sqlite,
+    /// Any number of replicas.
+    Postgres,
+}
 
-/// Opens (creating if needed) `quantd.db` under `data_dir` and applies migrations.
-pub async fn connect(data_dir: &Path) -> Result<Db, sqlx::Error> {
-    let path = data_dir.join("quantd.db");
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(true);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
-        .await?;
-    MIGRATOR.run(&pool).await?;
-    Ok(pool)
+/// A transaction on either backend.
+pub type Tx = sqlx::Transaction<'static, Any>;
+
+/// The connection pool and which engine it talks to; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Connects to `database_url` when it is set, else to `quantd.db` under `data_dir` (created if
+/// needed), and applies the backend's migrations.
+pub async fn connect(database_url: &str, data_dir: &Path) -> Result<Db, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    let db = if database_url.is_empty() {
+        let path = data_dir.join("quantd.db");
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers work beside the writer; the busy timeout makes a writer
+                    // wait for the lock instead of failing.
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await?;
+        Db {
+            pool,
+            backend: Backend::Sqlite,
+        }
+    } else {
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(database_url)
+            .await?;
+        Db {
+            pool,
+            backend: Backend::Postgres,
+        }
+    };
+    let migrator = match db.backend {
+        Backend::Sqlite => &SQLITE_MIGRATOR,
+        Backend::Postgres => &POSTGRES_MIGRATOR,
+    };
+    migrator.run(&db.pool).await?;
+    Ok(db)
+}
+
+impl Db {
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for queries in this module.
+    fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A transaction for reads only, or writes that need no lock held from the start.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// A transaction that reads and then writes on what it read. SQLite takes the write lock
+    /// at once (`BEGIN IMMEDIATE`), so two such transactions never interleave; PostgreSQL's
+    /// queries lock the rows they read with [`Db::for_update`].
+    pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    /// The locking clause a `SELECT` inside [`Db::begin_write`] ends with (none on SQLite,
+    /// whose transaction holds the whole database already).
+    fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// An SQL expression for the text at `path` inside the JSON text column `column` (NULL
+    /// when absent or JSON null).
+    fn json_text(&self, column: &str, path: &[&str]) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("json_extract({column}, '$.{}')", path.join(".")),
+            Backend::Postgres => format!("({column}::jsonb #>> '{{{}}}')", path.join(",")),
+        }
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> bool {
+        self.pool.execute("SELECT 1").await.is_ok()
+    }
+
+    /// Closes the pool (tests and tools that drop databases afterwards).
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
 }
 
 /// Unix seconds now.
@@ -41,4 +143,11 @@ pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Unix milliseconds now (leases).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -1,9 +1,7 @@
 //! Queries on `models` and `model_files`.
 
 use serde::Serialize;
-use sqlx::{Sqlite, Transaction};
-
-use super::Db;
+use super::{Db, Tx};
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct ModelRow {
@@ -30,35 +28,35 @@ pub struct ModelFileRow {
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<ModelRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM models WHERE id = ?")
+    sqlx::query_as("SELECT * FROM models WHERE id = $1")
         .bind(id)
-        .fetch_optional(db)
+        .fetch_optional(db.pool())
         .await
 }
 
 pub async fn list(db: &Db) -> Result<Vec<ModelRow>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM models ORDER BY created_at, id")
-        .fetch_all(db)
+        .fetch_all(db.pool())
         .await
 }
 
 pub async fn files(db: &Db, id: &str) -> Result<Vec<ModelFileRow>, sqlx::Error> {
-    sqlx::query_as("SELECT name, digest, size FROM model_files WHERE model_id = ? ORDER BY name")
+    sqlx::query_as("SELECT name, digest, size FROM model_files WHERE model_id = $1 ORDER BY name")
         .bind(id)
-        .fetch_all(db)
+        .fetch_all(db.pool())
         .await
 }
 
 /// Inserts a model and its file rows inside the caller's transaction (blobs must exist).
 pub async fn insert(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     row: &ModelRow,
     files: &[ModelFileRow],
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO models (id, kind, format, architecture, parameters, size_bytes, \
          bits_per_weight, base_model, job_id, summary, created_at, revision) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&row.id)
     .bind(&row.kind)
@@ -75,7 +73,7 @@ pub async fn insert(
     .execute(&mut **tx)
     .await?;
     for f in files {
-        sqlx::query("INSERT INTO model_files (model_id, name, digest, size) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO model_files (model_id, name, digest, size) VALUES ($1, $2, $3, $4)")
             .bind(&row.id)
             .bind(&f.name)
             .bind(&f.digest)
@@ -107,16 +105,22 @@ pub enum Deletion {
 /// Deletes a model unless a queued or running job needs it. The check and the delete share one
 /// write transaction, so a job submitted meanwhile either is seen here or sees no model.
 pub async fn delete(db: &Db, id: &str) -> Result<Deletion, sqlx::Error> {
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
-    if in_use_by_job(&mut *tx, id).await? {
+    let mut tx = db.begin_write().await?;
+    // PostgreSQL: hold the model row, so a job inserted meanwhile (its insert reads the row)
+    // either committed before this check or waits and then finds no model.
+    sqlx::query(&format!("SELECT id FROM models WHERE id = $1{}", db.for_update()))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if in_use_by_job(db, &mut *tx, id).await? {
         return Ok(Deletion::InUse);
     }
     let digests: Vec<String> =
-        sqlx::query_scalar("SELECT digest FROM model_files WHERE model_id = ?")
+        sqlx::query_scalar("SELECT digest FROM model_files WHERE model_id = $1")
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-    let deleted = sqlx::query("DELETE FROM models WHERE id = ?")
+    let deleted = sqlx::query("DELETE FROM models WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?
@@ -126,14 +130,14 @@ pub async fn delete(db: &Db, id: &str) -> Result<Deletion, sqlx::Error> {
     }
     // Its measurements go with it, so a later model of the same id starts clean (its cached
     // eval baselines and dataset token counts go by foreign key).
-    sqlx::query("DELETE FROM metrics WHERE model_id = ?")
+    sqlx::query("DELETE FROM metrics WHERE model_id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
     let mut orphans = Vec::new();
     for digest in digests {
         if !super::blobs::referenced(&mut tx, &digest).await? {
-            sqlx::query("DELETE FROM blobs WHERE digest = ?")
+            sqlx::query("DELETE FROM blobs WHERE digest = $1")
                 .bind(&digest)
                 .execute(&mut *tx)
                 .await?;
@@ -146,25 +150,25 @@ pub async fn delete(db: &Db, id: &str) -> Result<Deletion, sqlx::Error> {
 
 /// True while a queued or running job reads this model or will write it.
 pub async fn in_use_by_job<'e>(
-    db: impl sqlx::SqliteExecutor<'e>,
+    db: &Db,
+    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
     id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM jobs WHERE (model_id = ? OR output_name = ? \
-         OR json_extract(spec, '$.params.reference') = ?) AND status IN ('queued', 'running')",
-    )
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM jobs WHERE (model_id = $1 OR output_name = $1 OR {} = $1) \
+         AND status IN ('queued', 'running')",
+        db.json_text("spec", &["params", "reference"])
+    ))
     .bind(id)
-    .bind(id)
-    .bind(id)
-    .fetch_one(db)
+    .fetch_one(exec)
     .await?;
     Ok(n > 0)
 }
 
 /// Variants made from a base model.
 pub async fn variants(db: &Db, base: &str) -> Result<Vec<ModelRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM models WHERE base_model = ? ORDER BY size_bytes")
+    sqlx::query_as("SELECT * FROM models WHERE base_model = $1 ORDER BY size_bytes")
         .bind(base)
-        .fetch_all(db)
+        .fetch_all(db.pool())
         .await
 }

@@ -21,8 +21,16 @@ pub struct Health {
 pub struct Ready {
     /// Always `ready`.
     pub status: &'static str,
+    /// `ok`.
     pub database: &'static str,
+    /// Which engine: `sqlite` or `postgres`.
+    pub database_backend: &'static str,
+    /// `running`, or `none` on an `api` replica.
     pub workers: &'static str,
+    /// What this replica does: `all`, `api` or `worker`.
+    pub role: &'static str,
+    /// This replica's name, as job owners show it.
+    pub replica: String,
 }
 
 /// Liveness: the process answers.
@@ -36,16 +44,24 @@ pub async fn health() -> Json<Health> {
 #[utoipa::path(get, path = "/ready", tag = "service", security(()),
     responses((status = 200, body = Ready), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
-    let db_ok = sqlx::query("SELECT 1")
-        .execute(state.jobs.db())
-        .await
-        .is_ok();
+    let db_ok = state.jobs.db().ping().await;
     let workers = state.ready.load(Ordering::SeqCst);
+    let role = state.settings().role;
     if db_ok && workers {
         Ok(Json(Ready {
             status: "ready",
             database: "ok",
-            workers: "running",
+            database_backend: match state.jobs.db().backend() {
+                crate::db::Backend::Sqlite => "sqlite",
+                crate::db::Backend::Postgres => "postgres",
+            },
+            workers: if role.runs_jobs() { "running" } else { "none" },
+            role: match role {
+                crate::config::Role::All => "all",
+                crate::config::Role::Api => "api",
+                crate::config::Role::Worker => "worker",
+            },
+            replica: state.jobs.replica_id().to_string(),
         }))
     } else {
         Err(ApiError::new(

@@ -244,6 +244,9 @@ pub struct Job {
     pub finished_at: Option<i64>,
     pub attempts: i64,
     pub max_attempts: i64,
+    /// The replica whose worker runs the job, or ran it last (`host-pid-random`); null while
+    /// queued.
+    pub worker: Option<String>,
     pub error: Option<String>,
     pub idempotency_key: Option<String>,
     /// What the job will make and how: tensors, types, sizes.
@@ -300,6 +303,7 @@ impl Job {
             started_at: row.started_at,
             finished_at: row.finished_at,
             attempts: row.attempts,
+            worker: row.owner.clone(),
             max_attempts: row.max_attempts,
             error: row.error.clone(),
             idempotency_key: row.idempotency_key.clone(),
@@ -546,8 +550,15 @@ pub async fn retry_job(
     Ok((StatusCode::ACCEPTED, Json(Job::from_row(&queued))))
 }
 
+/// How often an SSE follower reads the job's new events from the database. Events of a job
+/// this replica runs wake it at once; a job on another replica's worker is seen this late.
+const EVENTS_TAIL_POLL: Duration = Duration::from_millis(500);
+
 /// SSE: the stored history first (stages, logs, the outcome), then live events, ending after
-/// `done`, `failed` or `cancelled`.
+/// `done`, `failed` or `cancelled`. Durable events come from the `job_events` table, followed
+/// with a cursor, so a subscriber on any replica sees every event of a job whichever worker
+/// runs it; progress comes from this replica's workers at once, and from the job row (written
+/// every `progress_interval_ms`) for jobs elsewhere.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, description = "Server-sent events: progress, stage, log, metric, \
         then done, failed or cancelled; each data line is JSON", content_type = "text/event-stream", body = ServerSentEvent),
@@ -559,46 +570,76 @@ pub async fn job_events(
     let mut live = state.jobs.events().subscribe();
     let job = existing(&state, &id).await?;
     let history = db::jobs::events(state.jobs.db(), &id).await?;
-    let finished = matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled");
-    let snapshot = json!({"stage": job.stage, "done": job.progress_done, "total": job.progress_total, "unit": job.progress_unit});
+    let snapshot = |job: &JobRow| json!({"stage": job.stage, "done": job.progress_done, "total": job.progress_total, "unit": job.progress_unit});
     let stream = async_stream::stream! {
-        yield Ok(Event::default().event("progress").data(snapshot.to_string()));
-        // The job row, read after subscribing, decides whether more can come: history may
-        // hold the final event of an earlier run that was retried since.
+        let mut progress = snapshot(&job);
+        yield Ok(Event::default().event("progress").data(progress.to_string()));
+        // Whether the current run's final event was sent (a retry starts a new run).
+        let mut final_sent = false;
+        let mut cursor = 0;
         for e in history {
+            final_sent = is_final_kind(&e.kind) || (final_sent && e.kind != "retried");
+            cursor = e.id;
             yield Ok(Event::default().event(e.kind).id(e.id.to_string()).data(e.data));
         }
-        if finished {
-            return;
-        }
+        let db = state.jobs.db();
         let shutdown = state.jobs.shutdown_token().clone();
+        let mut job = job;
         loop {
-            let received = tokio::select! {
-                r = live.recv() => r,
+            if is_terminal(&job.status) {
+                if !final_sent {
+                    // Ended without a final event in the table (the lease reaper writes the
+                    // status first): say how from the row.
+                    let kind = if job.status == "succeeded" { "done".to_string() } else { job.status.clone() };
+                    let data = json!({"status": job.status, "error": job.error, "output_model": job.output_model});
+                    yield Ok(Event::default().event(kind).data(data.to_string()));
+                }
+                break;
+            }
+            let woken = tokio::select! {
+                r = live.recv() => Some(r),
+                _ = tokio::time::sleep(EVENTS_TAIL_POLL) => None,
                 _ = shutdown.cancelled() => break,
             };
-            match received {
-                Ok(ev) if ev.job_id == id => {
-                    let last = ev.is_final();
-                    yield Ok(Event::default().event(ev.kind).data(ev.data.to_string()));
-                    if last { break; }
+            match woken {
+                Some(Ok(ev)) if ev.job_id != id => continue,
+                Some(Ok(ev)) if ev.kind == "progress" => {
+                    yield Ok(Event::default().event("progress").data(ev.data.to_string()));
+                    continue;
                 }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Events were dropped for this slow subscriber; the final one may be among
-                    // them, so ask the database.
-                    if let Ok(Some(job)) = db::jobs::get(state.jobs.db(), &id).await {
-                        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
-                            let kind = if job.status == "succeeded" { "done".to_string() } else { job.status.clone() };
-                            let data = json!({"status": job.status, "error": job.error, "output_model": job.output_model});
-                            yield Ok(Event::default().event(kind).data(data.to_string()));
-                            break;
-                        }
-                    }
+                Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+                // A durable event of this job, dropped events (lagged), or the poll: read the
+                // table. The row first: an outcome it shows is already among the events.
+                _ => {}
+            }
+            let (Ok(Some(row)), Ok(events)) = (
+                db::jobs::get(db, &id).await,
+                async { db::jobs::events_after(db, &id, cursor).await }.await,
+            ) else {
+                continue;
+            };
+            job = row;
+            for e in events {
+                final_sent = is_final_kind(&e.kind) || (final_sent && e.kind != "retried");
+                cursor = e.id;
+                yield Ok(Event::default().event(e.kind).id(e.id.to_string()).data(e.data));
+            }
+            if woken.is_none() && job.status == "running" {
+                let now = snapshot(&job);
+                if now != progress {
+                    progress = now;
+                    yield Ok(Event::default().event("progress").data(progress.to_string()));
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn is_terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}
+
+fn is_final_kind(kind: &str) -> bool {
+    matches!(kind, "done" | "failed" | "cancelled")
 }

@@ -123,13 +123,20 @@ pub fn router(state: AppState) -> Router {
             auth::require_key,
         ));
 
-    Router::new()
+    let service = Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
-        .route("/metrics", get(metrics::metrics))
-        .route("/openapi.json", get(openapi::serve_openapi))
-        .merge(dashboard::router())
-        .merge(protected)
+        .route("/metrics", get(metrics::metrics));
+    // A worker replica answers only what its orchestrator probes.
+    let routes = if settings.role.serves_api() {
+        service
+            .route("/openapi.json", get(openapi::serve_openapi))
+            .merge(dashboard::router())
+            .merge(protected)
+    } else {
+        service
+    };
+    routes
         .fallback(health::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -139,13 +139,14 @@ fn failed(context: &str) -> impl Fn(String) -> RunError + '_ {
 /// Runs the eval stage of `spec` on `target`.
 pub(super) async fn run(
     js: &JobSystem,
-    job_id: &str,
+    lease: &db::jobs::Lease,
     spec: &JobSpec,
     params: &EvalParams,
     target: Target,
     cancel: Arc<AtomicBool>,
 ) -> Result<EvalReport, RunError> {
     let db = js.db();
+    let job_id = lease.job_id.as_str();
     let reference_id = spec.reference().to_string();
     let dataset = db::datasets::get(db, &params.dataset)
         .await?
@@ -187,7 +188,7 @@ pub(super) async fn run(
         .await?
         .and_then(|r| serde_json::from_str(&r).ok());
 
-    let hooks = JobHooks::new(js, job_id, cancel);
+    let hooks = JobHooks::new(js, lease, cancel);
     let params_run = params.clone();
     let cached_speed = cached.as_ref().and_then(|b| b.speed.clone());
     let scored = super::stage::spawn_blocking_in_span(move || {

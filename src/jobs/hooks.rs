@@ -16,7 +16,7 @@ use crate::db;
 /// and to the database at most every `interval`.
 pub(super) struct JobHooks {
     js: JobSystem,
-    job_id: String,
+    lease: db::jobs::Lease,
     cancel: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
     last_write: Mutex<Option<Instant>>,
@@ -24,11 +24,11 @@ pub(super) struct JobHooks {
 }
 
 impl JobHooks {
-    /// Hooks for `job_id`; call from within the runtime.
-    pub(super) fn new(js: &JobSystem, job_id: &str, cancel: Arc<AtomicBool>) -> Self {
+    /// Hooks for the job `lease` runs; call from within the runtime.
+    pub(super) fn new(js: &JobSystem, lease: &db::jobs::Lease, cancel: Arc<AtomicBool>) -> Self {
         Self {
             js: js.clone(),
-            job_id: job_id.to_string(),
+            lease: lease.clone(),
             cancel,
             runtime: tokio::runtime::Handle::current(),
             last_write: Mutex::new(None),
@@ -40,7 +40,7 @@ impl JobHooks {
 impl Hooks for JobHooks {
     fn progress(&self, stage: &'static str, done: u64, total: u64, unit: &'static str) {
         self.js.events().publish(JobEvent {
-            job_id: self.job_id.clone(),
+            job_id: self.lease.job_id.clone(),
             kind: "progress",
             data: json!({"stage": stage, "done": done, "total": total, "unit": unit}),
         });
@@ -48,10 +48,11 @@ impl Hooks for JobHooks {
         let due = last.is_none_or(|t| t.elapsed() >= self.interval) || done == total;
         if due {
             *last = Some(Instant::now());
-            let (db, id) = (self.js.db().clone(), self.job_id.clone());
+            let (db, lease) = (self.js.db().clone(), self.lease.clone());
             self.runtime.spawn(async move {
-                if let Err(e) = db::jobs::set_progress(&db, &id, stage, done, total, unit).await {
-                    warn!(job_id = %id, error = %e, "could not record progress");
+                if let Err(e) = db::jobs::set_progress(&db, &lease, stage, done, total, unit).await
+                {
+                    warn!(job_id = %lease.job_id, error = %e, "could not record progress");
                 }
             });
         }

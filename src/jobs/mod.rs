@@ -1,5 +1,5 @@
-//! Durable jobs: submission (validation and plan), the worker pool that claims jobs from the
-//! SQLite queue, the runner that executes one job stage by stage, live events for SSE, and
+//! Durable jobs: submission (validation and plan), the worker pool that claims and leases jobs
+//! from the database queue, the runner that executes one job stage by stage, live events for SSE, and
 //! cancellation. The queue's truth is the `jobs` table; in-memory state only speeds things up.
 
 pub mod calibrate;
@@ -36,6 +36,7 @@ pub struct JobSystem {
 
 struct Inner {
     db: Db,
+    replica_id: String,
     store: BlobStore,
     settings: Settings,
     events: EventBus,
@@ -56,6 +57,7 @@ impl JobSystem {
         Self {
             inner: Arc::new(Inner {
                 db,
+                replica_id: new_replica_id(),
                 store,
                 settings,
                 events: EventBus::new(),
@@ -70,6 +72,11 @@ impl JobSystem {
 
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// This process's name as a job owner (in leases and logs).
+    pub fn replica_id(&self) -> &str {
+        &self.inner.replica_id
     }
 
     /// The process's Prometheus metrics (jobs record stages here; HTTP and inference too).
@@ -132,4 +139,17 @@ impl JobSystem {
             flag.store(true, Ordering::SeqCst);
         }
     }
+}
+
+/// `host-pid-random`: tells replicas apart in leases and logs, and never repeats, so a restarted
+/// process cannot mistake a lease of its predecessor for its own.
+fn new_replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "quantd".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..8])
 }

@@ -35,6 +35,7 @@ pub(super) struct ExtraFile {
 pub(super) struct Output<'a> {
     pub spec: &'a JobSpec,
     pub job_id: &'a str,
+    pub lease: &'a db::jobs::Lease,
     pub temp: TempFile,
     pub digest: Digest,
     pub size: u64,
@@ -77,7 +78,7 @@ fn write_manifest(
                         "file_bytes": o.size, "type_counts": o.plan.type_counts, "quantize_seconds": o.report.wall_seconds,
                         "eval": o.eval}),
     };
-    let temp = js.store().temp_file("manifest")?;
+    let temp = js.store().for_job(o.job_id)?.temp_file("manifest")?;
     let mut w = HashingWriter::create(temp.path())?;
     std::io::Write::write_all(&mut w, &manifest.to_bytes())?;
     let (digest, size) = w.finish()?;
@@ -145,16 +146,17 @@ pub(super) async fn publish(
     let committed = async {
         let mut tx = js.db().begin().await?;
         for f in &files {
-            db::blobs::insert(&mut *tx, &f.digest, f.size as u64).await?;
+            db::blobs::insert_in(&mut tx, &f.digest, f.size as u64).await?;
         }
         db::models::insert(&mut tx, &row, &files).await?;
         db::metrics::insert_all(&mut tx, o.job_id, Some(&row.id), &o.metrics).await?;
-        if !db::jobs::complete(&mut tx, o.job_id, Some(&row.id), &report).await? {
-            // Cancelled while the files were being written: the transaction rolls back.
+        if !db::jobs::complete(&mut tx, o.lease, Some(&row.id), &report).await? {
+            // Cancelled while the files were being written, or the lease was lost (another
+            // worker runs the job now): the transaction rolls back.
             return Ok(None);
         }
         let done = json!({"status": "succeeded", "output_model": row.id, "file_bytes": o.size});
-        db::jobs::add_event(&mut *tx, o.job_id, "done", &done).await?;
+        db::jobs::add_event_in(&mut tx, o.job_id, "done", &done).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(Some(done))
     }

@@ -31,17 +31,29 @@ use crate::quant::Plan;
 use crate::store::{Digest, HashingWriter, TempFile};
 
 /// Runs `job` to its end state. Never panics on job errors; they become the job's `error`.
+/// A job whose lease was lost (another worker took it) ends here without a trace: everything
+/// it would write is fenced off anyway, and the job is the new worker's.
 #[tracing::instrument(skip_all, fields(job_id = %job.id, model = %job.model_id, method = %job.method))]
 pub async fn run_job(js: &JobSystem, job: JobRow) {
-    info!(attempt = job.attempts, "job started");
+    info!(attempt = job.attempts, epoch = job.lease_epoch, "job started");
     let cancel = js.cancel_flag(&job.id);
-    let watcher = spawn_cancel_watcher(js.clone(), job.id.clone(), cancel.clone());
+    let lease_lost = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_lease_keeper(js.clone(), job.lease(), cancel.clone(), lease_lost.clone());
     let outcome = execute(js, &job, cancel).await;
     watcher.abort();
     js.forget_cancel_flag(&job.id);
     let db = js.db();
+    let lease = job.lease();
+    let lost = lease_lost.load(Ordering::SeqCst);
+    // The job's temp directory is empty by now; after a lost lease it is the new owner's.
+    if !lost {
+        if let Err(e) = js.store().clear_job_temps(&job.id) {
+            warn!(error = %e, "could not remove the job's temp directory");
+        }
+    }
     let ended = match &outcome {
         Ok(_) => "succeeded",
+        Err(_) if lost => "lease_lost",
         Err(RunError::Cancelled) if js.shutdown_token().is_cancelled() => "requeued",
         Err(RunError::Cancelled) => "cancelled",
         Err(RunError::Failed(_) | RunError::GateMissed { .. }) => "failed",
@@ -51,21 +63,25 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
             info!(output = %output, "job succeeded");
             Ok(())
         }
+        Err(e) if lost => {
+            warn!(error = %e, "job stopped: its lease expired and another worker may run it now; nothing published");
+            Ok(())
+        }
         Err(RunError::Cancelled) if js.shutdown_token().is_cancelled() => {
             info!("job interrupted by shutdown; back in the queue");
-            db::jobs::requeue_interrupted(db, &job.id).await
+            db::jobs::requeue_interrupted(db, &lease).await
         }
         Err(RunError::Cancelled) => {
             info!("job cancelled");
-            finish(js, &job.id, "cancelled", None, None).await
+            finish(js, &lease, "cancelled", None, None).await
         }
         Err(RunError::Failed(message)) => {
             warn!(error = %message, "job failed");
-            finish(js, &job.id, "failed", Some(&message), None).await
+            finish(js, &lease, "failed", Some(&message), None).await
         }
         Err(RunError::GateMissed { message, report }) => {
             warn!(error = %message, "job failed its gate");
-            finish(js, &job.id, "failed", Some(&message), Some(&report)).await
+            finish(js, &lease, "failed", Some(&message), Some(&report)).await
         }
     };
     if let Err(e) = result {
@@ -74,42 +90,73 @@ pub async fn run_job(js: &JobSystem, job: JobRow) {
     js.metrics().job_ended(&job.id, &job.method, ended);
 }
 
+/// Records a terminal state and tells local subscribers, unless the lease is gone.
 async fn finish(
     js: &JobSystem,
-    id: &str,
+    lease: &db::jobs::Lease,
     status: &'static str,
     error: Option<&str>,
     report: Option<&serde_json::Value>,
 ) -> Result<(), sqlx::Error> {
     let data = json!({"status": status, "error": error});
-    db::jobs::finish_unsuccessfully(js.db(), id, status, error, report, &data).await?;
+    if !db::jobs::finish_unsuccessfully(js.db(), lease, status, error, report, &data).await? {
+        warn!(status, "not recorded: this worker no longer holds the job's lease");
+        return Ok(());
+    }
     js.events().publish(JobEvent {
-        job_id: id.to_string(),
+        job_id: lease.job_id.clone(),
         kind: status,
         data,
     });
     Ok(())
 }
 
-/// Sets the flag when a cancel is recorded in the database (by this or another process) or
-/// the server shuts down.
-fn spawn_cancel_watcher(
+/// Keeps the job's lease until the job ends (the caller aborts this): renews the lease every
+/// third of its length, and sets the cancel flag when a cancel is recorded in the database (by
+/// this or another replica), when the server shuts down, or when the lease is lost (then
+/// `lost` too). A lease
+/// counts as lost when the database refuses the renewal, and also when no renewal succeeded
+/// for a whole lease (the database unreachable): by then another worker may have the job.
+fn spawn_lease_keeper(
     js: JobSystem,
-    id: String,
+    lease: db::jobs::Lease,
     flag: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
+    let lease_ms = js.settings().lease_ms();
+    let renew_every = Duration::from_millis((lease_ms / 3).max(100) as u64);
     tokio::spawn(async move {
+        let mut renewed_at = tokio::time::Instant::now();
         loop {
+            let stopping = flag.load(Ordering::SeqCst);
             tokio::select! {
-                _ = js.shutdown_token().cancelled() => { flag.store(true, Ordering::SeqCst); return; }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = js.shutdown_token().cancelled(), if !stopping => flag.store(true, Ordering::SeqCst),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
-            if db::jobs::cancel_requested(js.db(), &id)
-                .await
-                .unwrap_or(false)
+            if renewed_at.elapsed() >= renew_every {
+                match db::jobs::renew(js.db(), &lease, lease_ms).await {
+                    Ok(true) => renewed_at = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        warn!(job_id = %lease.job_id, "lease lost: the job was re-queued or taken by another worker");
+                        lost.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => warn!(job_id = %lease.job_id, error = %e, "could not renew the lease"),
+                }
+                if renewed_at.elapsed() >= Duration::from_millis(lease_ms as u64) {
+                    lost.store(true, Ordering::SeqCst);
+                }
+                if lost.load(Ordering::SeqCst) {
+                    flag.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            // A stopping job keeps its lease until it has recorded how it ended.
+            if !flag.load(Ordering::SeqCst)
+                && db::jobs::cancel_requested(js.db(), &lease.job_id)
+                    .await
+                    .unwrap_or(false)
             {
                 flag.store(true, Ordering::SeqCst);
-                return;
             }
         }
     })
@@ -118,9 +165,10 @@ fn spawn_cancel_watcher(
 async fn stage(js: &JobSystem, job: &JobRow, stage: &'static str) -> Result<(), sqlx::Error> {
     let id = job.id.as_str();
     js.metrics().job_stage(id, &job.method, stage);
-    db::jobs::set_progress(js.db(), id, stage, 0, 0, "").await?;
+    let lease = job.lease();
+    db::jobs::set_progress(js.db(), &lease, stage, 0, 0, "").await?;
     let data = json!({"stage": stage});
-    db::jobs::add_event(js.db(), id, "stage", &data).await?;
+    db::jobs::add_worker_event(js.db(), &lease, "stage", &data).await?;
     js.events().publish(JobEvent {
         job_id: id.to_string(),
         kind: "stage",
@@ -139,6 +187,9 @@ async fn execute(
     if db::jobs::cancel_requested(js.db(), &job.id).await? {
         return Err(RunError::Cancelled);
     }
+    // What an earlier attempt left (it was killed, or froze and lost its lease: either way it
+    // can no longer publish) is garbage now.
+    js.store().clear_job_temps(&job.id)?;
     check_model_revision(js, job).await?;
     stage(js, job, "loading").await?;
     let done = match &spec.method {
@@ -186,12 +237,12 @@ async fn evaluate_and_gate(
         return Ok(None);
     };
     stage(js, job, "evaluating").await?;
-    let report = evaluation::run(js, &job.id, spec, params, target, cancel.clone()).await?;
+    let report = evaluation::run(js, &job.lease(), spec, params, target, cancel.clone()).await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
     let data = json!({"eval": report});
-    db::jobs::add_event(js.db(), &job.id, "metric", &data).await?;
+    db::jobs::add_worker_event(js.db(), &job.lease(), "metric", &data).await?;
     js.events().publish(JobEvent {
         job_id: job.id.clone(),
         kind: "metric",
@@ -231,7 +282,7 @@ async fn quantize_and_publish(
     let eval = evaluate_and_gate(js, job, spec, target, cancel.clone(), quant_report).await?;
     stage(js, job, "writing").await?;
     let (store, gguf, stem, outputs) = (
-        js.store().clone(),
+        js.store().for_job(&job.id)?,
         quantized.temp.path().to_path_buf(),
         publish::file_stem(&spec.output_name),
         spec.outputs.clone(),
@@ -251,6 +302,7 @@ async fn quantize_and_publish(
     let output = publish::Output {
         spec,
         job_id: &job.id,
+        lease: &job.lease(),
         temp: quantized.temp,
         digest: quantized.digest,
         size: quantized.size,
@@ -281,12 +333,12 @@ async fn evaluate_only(
     let rows = report.metric_rows(&job.id);
     let mut tx = js.db().begin().await?;
     db::metrics::insert_all(&mut tx, &job.id, Some(&spec.model), &rows).await?;
-    if !db::jobs::complete(&mut tx, &job.id, None, &full).await? {
+    if !db::jobs::complete(&mut tx, &job.lease(), None, &full).await? {
         return Err(RunError::Cancelled);
     }
     let done = json!({"status": "succeeded", "model": spec.model, "perplexity": report.summary.perplexity,
                       "kld_mean": report.summary.kld_mean});
-    db::jobs::add_event(&mut *tx, &job.id, "done", &done).await?;
+    db::jobs::add_event_in(&mut tx, &job.id, "done", &done).await?;
     tx.commit().await?;
     Ok((spec.model.clone(), done))
 }
@@ -362,7 +414,7 @@ async fn quantize(
                 }
                 None => None,
             };
-            let hooks = JobHooks::new(js, &job.id, cancel.clone());
+            let hooks = JobHooks::new(js, &job.lease(), cancel.clone());
             let (ckpt_c, plan_c, method, params) = (
                 ckpt.clone(),
                 plan.clone(),
@@ -392,7 +444,7 @@ async fn quantize(
         Some(m) => {
             let name = format!("{}.imatrix.gguf", publish::file_stem(&spec.output_name));
             metadata.extend(m.provenance(Some(&name)));
-            let temp = js.store().temp_file("imatrix")?;
+            let temp = js.store().for_job(&job.id)?.temp_file("imatrix")?;
             let w = HashingWriter::create(temp.path())?;
             let (digest, size) = m
                 .write_gguf(w)
@@ -409,8 +461,8 @@ async fn quantize(
     };
 
     stage(js, job, "quantizing").await?;
-    let temp = js.store().temp_file("job")?;
-    let hooks = JobHooks::new(js, &job.id, cancel);
+    let temp = js.store().for_job(&job.id)?.temp_file("job")?;
+    let hooks = JobHooks::new(js, &job.lease(), cancel);
     let pool = js.pool();
     let out_path = temp.path().to_path_buf();
     let (plan_for_run, ckpt_for_run) = (plan.clone(), ckpt.clone());

@@ -13,16 +13,19 @@ pub use temp::{HashingWriter, TempFile};
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
 /// How long an upload may go without receiving a byte.
-pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Where temp files go: `tmp/`, or a job's own `tmp/job-<id>/` (see [`BlobStore::for_job`]).
+    tmp: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,7 @@ impl BlobStore {
     pub fn open(data_dir: &Path) -> io::Result<Self> {
         let store = Self {
             root: data_dir.to_path_buf(),
+            tmp: data_dir.join("tmp"),
         };
         std::fs::create_dir_all(store.blob_root())?;
         std::fs::create_dir_all(store.tmp_dir())?;
@@ -58,7 +62,31 @@ impl BlobStore {
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+        self.tmp.clone()
+    }
+
+    fn job_tmp_dir(&self, job_id: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("job-{job_id}"))
+    }
+
+    /// The store as one job uses it: its temp files go to `tmp/job-<id>/`, so whoever runs the
+    /// job next (after a crash, or on another replica once the lease expired) can remove what
+    /// an earlier attempt left, which in a store shared by replicas no start-up sweep may do.
+    pub fn for_job(&self, job_id: &str) -> io::Result<BlobStore> {
+        let tmp = self.job_tmp_dir(job_id);
+        std::fs::create_dir_all(&tmp)?;
+        Ok(Self {
+            root: self.root.clone(),
+            tmp,
+        })
+    }
+
+    /// Removes a job's temp directory with whatever earlier attempts left in it.
+    pub fn clear_job_temps(&self, job_id: &str) -> io::Result<()> {
+        match std::fs::remove_dir_all(self.job_tmp_dir(job_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Where a blob lives (whether or not it exists yet).
@@ -127,11 +155,22 @@ impl BlobStore {
     }
 
     /// Start-up clean-up: empties `tmp/` and removes blob files that no row refers to (left by
-    /// a crash between the rename and the database commit).
-    pub fn sweep(&self, known: &HashSet<String>) -> io::Result<usize> {
+    /// a crash between the rename and the database commit). Only entries last modified at
+    /// least `min_age` ago go: zero for a store this process owns alone, more for one shared by
+    /// replicas, where a younger file may be another replica's work in progress.
+    pub fn sweep(&self, known: &HashSet<String>, min_age: Duration) -> io::Result<usize> {
+        let old_enough = |path: &Path| {
+            min_age.is_zero()
+                || std::fs::symlink_metadata(path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age))
+        };
         let mut removed = 0;
         for entry in std::fs::read_dir(self.tmp_dir())? {
             let path = entry?.path();
+            if !old_enough(&path) {
+                continue;
+            }
             if path.is_dir() {
                 std::fs::remove_dir_all(&path)?;
             } else {
@@ -150,7 +189,7 @@ impl BlobStore {
                     .file_name()
                     .and_then(|n| n.to_str())
                     .unwrap_or_default();
-                if !known.contains(&format!("sha256:{name}")) {
+                if !known.contains(&format!("sha256:{name}")) && old_enough(&path) {
                     std::fs::remove_file(&path)?;
                     removed += 1;
                 }

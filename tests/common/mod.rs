@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod models;
+pub mod postgres;
 pub mod process;
 pub mod tiny;
 
@@ -21,6 +22,14 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub shutdown: CancellationToken,
     pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The PostgreSQL server under a `QUANTD_TEST_BACKEND=postgres` run.
+    pub postgres: Option<postgres::PgServer>,
+}
+
+/// Whether this run puts the tests' servers on PostgreSQL (`QUANTD_TEST_BACKEND=postgres`;
+/// `scripts/test.sh` runs the database and job tests once more that way) instead of SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("QUANTD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
 impl TestApp {
@@ -31,6 +40,10 @@ impl TestApp {
         settings.data_dir = data_dir.path().to_path_buf();
         settings.server.port = 0;
         settings.jobs.progress_interval_ms = 100;
+        let postgres = on_postgres().then(postgres::PgServer::get);
+        if let Some(pg) = &postgres {
+            settings.database_url = pg.create_database().await;
+        }
         tweak(&mut settings);
         let app = Application::build(settings)
             .await
@@ -44,6 +57,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             shutdown,
             handle,
+            postgres,
         }
     }
 
