@@ -67,5 +67,6 @@ cargo test --locked --all-targets "$@"
 # The database and job tests once more, their servers on PostgreSQL instead of SQLite.
 if (($# == 0)); then
   QUANTD_TEST_BACKEND=postgres cargo test --locked --test jobs_tiny --test model_lifecycle \
-    --test datasets --test bad_input --test eval_jobs --test auth
+    --test datasets --test bad_input --test eval_jobs --test auth --test metrics --test openapi \
+    --test leases
 fi

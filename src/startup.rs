@@ -61,6 +61,9 @@ impl Application {
             0
         };
         let workers = worker::spawn_workers(&jobs, worker_count);
+        if worker_count > 0 && !settings.database_url.is_empty() {
+            worker::spawn_queue_listener(&jobs, &settings.database_url);
+        }
         info!(role = ?settings.role, replica = %jobs.replica_id(), workers = worker_count,
               database = ?jobs.db().backend(), "replica started");
         let keys = Arc::new(Keys::new(

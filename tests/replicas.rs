@@ -229,7 +229,10 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
     let api2 = cluster.start("api", None);
     let worker1 = cluster.start("worker", None);
     // A worker answers only its probes.
-    let r = client().get(format!("{}/v1/models", worker1.base)).send().unwrap();
+    let r = client()
+        .get(format!("{}/v1/models", worker1.base))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(get(&worker1, "/ready")["role"], "worker");
     assert_eq!(get(&api1, "/ready")["database_backend"], "postgres");
@@ -254,11 +257,16 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
     let history = events(&api2, &id);
     let kinds: Vec<&str> = history.iter().map(|(k, _)| k.as_str()).collect();
     assert!(
-        history.iter().any(|(k, d)| k == "log"
-            && d["message"].as_str().unwrap_or("").contains("re-queued")),
+        history
+            .iter()
+            .any(|(k, d)| k == "log" && d["message"].as_str().unwrap_or("").contains("re-queued")),
         "{kinds:?}"
     );
-    assert_eq!(kinds.iter().filter(|k| **k == "done").count(), 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "done").count(),
+        1,
+        "{kinds:?}"
+    );
     assert_eq!(kinds.last(), Some(&"done"));
 
     // ... and serves the artifact: a GGUF the reference reader opens, with the base's tensors.
@@ -277,13 +285,15 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
     std::fs::write(&file, &bytes).unwrap();
     let names = gguf_tensor_names(&file);
     std::fs::remove_file(&file).unwrap();
-    let expected = gguf_tensor_names(&fixture().join("gguf").join(
-        std::fs::read_dir(fixture().join("gguf"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .find(|n| n.to_string_lossy().ends_with(".gguf"))
-            .expect("the fixture has a GGUF"),
-    ));
+    let expected = gguf_tensor_names(
+        &fixture().join("gguf").join(
+            std::fs::read_dir(fixture().join("gguf"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .find(|n| n.to_string_lossy().ends_with(".gguf"))
+                .expect("the fixture has a GGUF"),
+        ),
+    );
     assert_eq!(names, expected);
     assert_eq!(
         blob_files(cluster.data.path()),
@@ -340,7 +350,11 @@ fn a_frozen_worker_that_lost_its_lease_publishes_nothing_when_it_wakes() {
     );
     let history = events(&api, &id);
     let kinds: Vec<&str> = history.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "done").count(), 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "done").count(),
+        1,
+        "{kinds:?}"
+    );
     let models: Vec<String> = get(&api, "/v1/models")["data"]
         .as_array()
         .unwrap()
@@ -362,19 +376,18 @@ fn a_frozen_worker_that_lost_its_lease_publishes_nothing_when_it_wakes() {
     }
 }
 
-#[test]
-fn a_queue_of_100_jobs_drains_exactly_once_across_three_workers() {
-    let cluster = Cluster::new();
-    let api = cluster.start("api", None);
+/// Submits 100 small jobs through `api` and waits for them: every one succeeds on its first
+/// attempt with its complete event history, and 100 models appear. Prints the throughput and
+/// how the jobs spread over the workers (the README's queue numbers come from here).
+fn drain_100_jobs(api: &ServerProcess, setup: &str) {
     let model = tempfile::tempdir().unwrap();
     common::tiny::write_model(model.path());
-    curl_upload(&api, model.path(), "tiny");
-    let workers: Vec<ServerProcess> = (0..3).map(|_| cluster.start("worker", None)).collect();
+    curl_upload(api, model.path(), "tiny");
     let began = Instant::now();
     let ids: Vec<String> = (0..100)
         .map(|n| {
             let (status, j) = post(
-                &api,
+                api,
                 "/v1/jobs",
                 &json!({"model": "tiny", "method": "gguf", "params": {"type": "Q8_0"},
                         "output_name": format!("tiny:n{n}")}),
@@ -383,32 +396,77 @@ fn a_queue_of_100_jobs_drains_exactly_once_across_three_workers() {
             j["id"].as_str().unwrap().to_string()
         })
         .collect();
+    let submitted = began.elapsed();
     let mut owners = BTreeMap::<String, usize>::new();
     for id in &ids {
-        let j = wait_terminal(&api, id, Duration::from_secs(600));
+        let j = wait_terminal(api, id, Duration::from_secs(600));
         assert_eq!(j["status"], "succeeded", "{j}");
         assert_eq!(j["attempts"], 1, "run once: {j}");
-        let history = events(&api, id);
+        *owners
+            .entry(j["worker"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let elapsed = began.elapsed();
+    for id in &ids {
+        let history = events(api, id);
         let kinds: Vec<&str> = history.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             kinds.iter().filter(|k| **k == "stage").count(),
             3,
             "loading, quantizing, writing: {kinds:?}"
         );
-        assert_eq!(kinds.iter().filter(|k| **k == "done").count(), 1, "{kinds:?}");
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "done").count(),
+            1,
+            "{kinds:?}"
+        );
         assert_eq!(kinds.last(), Some(&"done"));
-        *owners.entry(j["worker"].as_str().unwrap_or("?").to_string()).or_default() += 1;
     }
-    let elapsed = began.elapsed();
     println!(
-        "100 jobs on PostgreSQL with 3 workers: {:.1} s ({:.1} jobs/s); jobs per worker: {owners:?}",
+        "queue of 100 jobs, {setup}: submitted in {:.2} s, drained in {:.2} s ({:.1} jobs/s); \
+         jobs per replica: {:?}",
+        submitted.as_secs_f64(),
         elapsed.as_secs_f64(),
-        100.0 / elapsed.as_secs_f64()
+        100.0 / elapsed.as_secs_f64(),
+        owners.values().collect::<Vec<_>>()
     );
-    let models = get(&api, "/v1/models")["data"].as_array().unwrap().len();
+    let models = get(api, "/v1/models")["data"].as_array().unwrap().len();
     assert_eq!(models, 101, "every job published exactly one model");
-    drop(workers.into_iter().map(stop).count());
+}
+
+#[test]
+fn a_queue_of_100_jobs_drains_exactly_once_across_three_workers() {
+    let cluster = Cluster::new();
+    let api = cluster.start("api", None);
+    let workers: Vec<ServerProcess> = (0..3).map(|_| cluster.start("worker", None)).collect();
+    drain_100_jobs(&api, "PostgreSQL, 3 worker replicas");
+    workers.into_iter().for_each(stop);
     stop(api);
+}
+
+/// The same queue with one worker on PostgreSQL, and on SQLite with one and three workers in
+/// the one process SQLite allows: the side-by-side numbers.
+#[test]
+fn the_same_queue_drains_with_one_worker_on_postgres_and_on_sqlite() {
+    let cluster = Cluster::new();
+    let api = cluster.start("api", None);
+    let worker = cluster.start("worker", None);
+    drain_100_jobs(&api, "PostgreSQL, 1 worker replica");
+    stop(worker);
+    stop(api);
+    for workers in ["1", "3"] {
+        let data = tempfile::tempdir().unwrap();
+        let env = [
+            ("QUANTD_JOBS__WORKERS", workers),
+            ("QUANTD_JOBS__PROGRESS_INTERVAL_MS", "50"),
+        ];
+        let single = process::start(data.path(), free_port(), &env, Stdio::null(), Stdio::null());
+        drain_100_jobs(
+            &single,
+            &format!("SQLite, one process with {workers} worker(s)"),
+        );
+        stop(single);
+    }
 }
 
 #[test]

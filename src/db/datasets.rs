@@ -59,11 +59,13 @@ pub async fn list(db: &Db) -> Result<Vec<DatasetRow>, sqlx::Error> {
 /// row is deleted too, so the caller removes the file). `None` when there was no dataset.
 pub async fn delete(db: &Db, id: &str) -> Result<Option<Option<String>>, sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    let Some(digest): Option<String> =
-        sqlx::query_scalar(&format!("SELECT digest FROM datasets WHERE id = $1{}", db.for_update()))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
+    let Some(digest): Option<String> = sqlx::query_scalar(&format!(
+        "SELECT digest FROM datasets WHERE id = $1{}",
+        db.for_update()
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
     else {
         return Ok(None);
     };

@@ -191,6 +191,21 @@ pub async fn claim(db: &Db, owner: &str, lease_ms: i64) -> Result<Option<JobRow>
     Ok(row)
 }
 
+/// The PostgreSQL channel a replica notifies when it queued a job.
+pub const QUEUED_CHANNEL: &str = "quantd_job_queued";
+
+/// Tells every replica listening on [`QUEUED_CHANNEL`] that a job was queued (PostgreSQL only:
+/// a SQLite database has one process, whose workers are woken in memory).
+pub async fn notify_queued(db: &Db) -> Result<(), sqlx::Error> {
+    if db.backend() == Backend::Postgres {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUED_CHANNEL)
+            .execute(db.pool())
+            .await?;
+    }
+    Ok(())
+}
+
 /// Extends a lease by `lease_ms` from now. False when the lease is gone: it expired and the
 /// job was re-queued or taken by another worker, or the job ended.
 pub async fn renew(db: &Db, lease: &Lease, lease_ms: i64) -> Result<bool, sqlx::Error> {
@@ -472,10 +487,12 @@ pub async fn events_after(db: &Db, job_id: &str, after: i64) -> Result<Vec<Event
 }
 
 pub async fn events(db: &Db, job_id: &str) -> Result<Vec<EventRow>, sqlx::Error> {
-    sqlx::query_as("SELECT id, kind, data, created_at FROM job_events WHERE job_id = $1 ORDER BY id")
-        .bind(job_id)
-        .fetch_all(db.pool())
-        .await
+    sqlx::query_as(
+        "SELECT id, kind, data, created_at FROM job_events WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(job_id)
+    .fetch_all(db.pool())
+    .await
 }
 
 /// Records an event of a running job for its worker, only while that worker holds the lease

@@ -1,7 +1,7 @@
 //! Queries on `metrics`: numbers a job measured, per tensor or per model.
 
-use serde::Serialize;
 use super::{Db, Tx};
+use serde::Serialize;
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
 pub struct MetricRow {

@@ -1,7 +1,7 @@
 //! Queries on `models` and `model_files`.
 
-use serde::Serialize;
 use super::{Db, Tx};
+use serde::Serialize;
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct ModelRow {
@@ -73,13 +73,15 @@ pub async fn insert(
     .execute(&mut **tx)
     .await?;
     for f in files {
-        sqlx::query("INSERT INTO model_files (model_id, name, digest, size) VALUES ($1, $2, $3, $4)")
-            .bind(&row.id)
-            .bind(&f.name)
-            .bind(&f.digest)
-            .bind(f.size)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO model_files (model_id, name, digest, size) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&row.id)
+        .bind(&f.name)
+        .bind(&f.digest)
+        .bind(f.size)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
@@ -108,10 +110,13 @@ pub async fn delete(db: &Db, id: &str) -> Result<Deletion, sqlx::Error> {
     let mut tx = db.begin_write().await?;
     // PostgreSQL: hold the model row, so a job inserted meanwhile (its insert reads the row)
     // either committed before this check or waits and then finds no model.
-    sqlx::query(&format!("SELECT id FROM models WHERE id = $1{}", db.for_update()))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    sqlx::query(&format!(
+        "SELECT id FROM models WHERE id = $1{}",
+        db.for_update()
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
     if in_use_by_job(db, &mut *tx, id).await? {
         return Ok(Deletion::InUse);
     }

@@ -104,8 +104,22 @@ impl JobSystem {
         &self.inner.shutdown
     }
 
-    /// Wakes an idle worker (a job was queued).
+    /// Wakes an idle worker (a job was queued): one of this process's, and on PostgreSQL the
+    /// workers of every replica too (through `NOTIFY`; see [`worker::spawn_queue_listener`]).
     pub fn wake(&self) {
+        self.wake_local();
+        if self.db().backend() == crate::db::Backend::Postgres {
+            let db = self.db().clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::db::jobs::notify_queued(&db).await {
+                    tracing::warn!(error = %e, "could not notify the other replicas of a queued job");
+                }
+            });
+        }
+    }
+
+    /// Wakes an idle worker of this process only.
+    fn wake_local(&self) {
         self.inner.wake.notify_one();
     }
 

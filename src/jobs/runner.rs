@@ -35,7 +35,11 @@ use crate::store::{Digest, HashingWriter, TempFile};
 /// it would write is fenced off anyway, and the job is the new worker's.
 #[tracing::instrument(skip_all, fields(job_id = %job.id, model = %job.model_id, method = %job.method))]
 pub async fn run_job(js: &JobSystem, job: JobRow) {
-    info!(attempt = job.attempts, epoch = job.lease_epoch, "job started");
+    info!(
+        attempt = job.attempts,
+        epoch = job.lease_epoch,
+        "job started"
+    );
     let cancel = js.cancel_flag(&job.id);
     let lease_lost = Arc::new(AtomicBool::new(false));
     let watcher = spawn_lease_keeper(js.clone(), job.lease(), cancel.clone(), lease_lost.clone());
@@ -100,7 +104,10 @@ async fn finish(
 ) -> Result<(), sqlx::Error> {
     let data = json!({"status": status, "error": error});
     if !db::jobs::finish_unsuccessfully(js.db(), lease, status, error, report, &data).await? {
-        warn!(status, "not recorded: this worker no longer holds the job's lease");
+        warn!(
+            status,
+            "not recorded: this worker no longer holds the job's lease"
+        );
         return Ok(());
     }
     js.events().publish(JobEvent {
@@ -140,7 +147,9 @@ fn spawn_lease_keeper(
                         warn!(job_id = %lease.job_id, "lease lost: the job was re-queued or taken by another worker");
                         lost.store(true, Ordering::SeqCst);
                     }
-                    Err(e) => warn!(job_id = %lease.job_id, error = %e, "could not renew the lease"),
+                    Err(e) => {
+                        warn!(job_id = %lease.job_id, error = %e, "could not renew the lease")
+                    }
                 }
                 if renewed_at.elapsed() >= Duration::from_millis(lease_ms as u64) {
                     lost.store(true, Ordering::SeqCst);

@@ -104,6 +104,40 @@ pub fn spawn_lease_reaper(js: &JobSystem) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Wakes this process's idle workers whenever any replica queues a job (PostgreSQL's
+/// `LISTEN`), so a job waits for no poll interval. The listener reconnects by itself; the poll
+/// still catches what a reconnect missed.
+pub fn spawn_queue_listener(js: &JobSystem, database_url: &str) {
+    let (js, url) = (js.clone(), database_url.to_string());
+    tokio::spawn(async move {
+        let mut listener = loop {
+            match sqlx::postgres::PgListener::connect(&url).await {
+                Ok(mut l) => match l.listen(db::jobs::QUEUED_CHANNEL).await {
+                    Ok(()) => break l,
+                    Err(e) => warn!(error = %e, "could not listen for queued jobs"),
+                },
+                Err(e) => warn!(error = %e, "could not connect to listen for queued jobs"),
+            }
+            tokio::select! {
+                _ = js.shutdown_token().cancelled() => return,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = js.shutdown_token().cancelled() => return,
+                received = listener.recv() => match received {
+                    Ok(_) => js.wake_local(),
+                    Err(e) => {
+                        warn!(error = %e, "listening for queued jobs");
+                        tokio::time::sleep(POLL).await;
+                    }
+                },
+            }
+        }
+    });
+}
+
 /// Starts `count` workers; they stop claiming when the shutdown token fires and finish (or
 /// re-queue) what they run.
 pub fn spawn_workers(js: &JobSystem, count: usize) -> JoinSet<()> {

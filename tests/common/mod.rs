@@ -48,6 +48,12 @@ impl TestApp {
         let app = Application::build(settings)
             .await
             .expect("application builds");
+        if postgres.is_some() {
+            assert_eq!(
+                app.state().jobs.db().backend(),
+                quantd::db::Backend::Postgres
+            );
+        }
         let addr = format!("http://{}", app.local_addr());
         let shutdown = app.shutdown_token();
         let handle = tokio::spawn(app.run_until_stopped());
