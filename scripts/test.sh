@@ -34,6 +34,10 @@ export QUANTD_PYTHON=${QUANTD_PYTHON:-$(dirname "$FIXTURE")/.venv/bin/python}
 "$QUANTD_PYTHON" -c 'import prometheus_client' 2>/dev/null ||
   "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'prometheus-client>=0.20,<1'
 
+# moto's S3-compatible server stands in for the object store in tests/replicas.rs.
+"$QUANTD_PYTHON" -c 'import moto.server, flask' 2>/dev/null ||
+  "$QUANTD_PYTHON" -m pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
+
 # schemathesis fuzzes a live server against openapi.json (tests/openapi.rs); Playwright's
 # Python client drives Debian's Chromium for tests/dashboard.rs (it downloads no browser).
 "$QUANTD_PYTHON" -c 'import schemathesis' 2>/dev/null ||

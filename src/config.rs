@@ -19,6 +19,13 @@ pub struct Settings {
     /// Empty: SQLite in `data_dir` (one process). `postgres://...`: PostgreSQL, shared by any
     /// number of replicas.
     pub database_url: String,
+    /// Empty: blobs in `data_dir`. `s3://bucket/prefix`: in an S3-compatible object store,
+    /// configured by the standard `AWS_*` variables.
+    pub storage_url: String,
+    /// With `storage_url`: where this replica keeps local copies (empty: `data_dir`).
+    pub cache_dir: PathBuf,
+    /// With `storage_url`: the most the local copies may take, in bytes (0: no limit).
+    pub cache_max_bytes: u64,
     pub role: Role,
     pub log_format: LogFormat,
     pub server: ServerSettings,
@@ -143,6 +150,9 @@ impl Settings {
                 let key = key.as_str().to_ascii_lowercase();
                 key == "data_dir"
                     || key == "database_url"
+                    || key == "storage_url"
+                    || key == "cache_dir"
+                    || key == "cache_max_bytes"
                     || key == "role"
                     || key == "log_format"
                     || ["server__", "auth__", "limits__", "jobs__", "engine__"]
@@ -179,6 +189,12 @@ impl Settings {
             return invalid(
                 "database_url",
                 "must be empty (SQLite in data_dir) or a postgres:// URL",
+            );
+        }
+        if !self.storage_url.is_empty() && !self.storage_url.starts_with("s3://") {
+            return invalid(
+                "storage_url",
+                "must be empty (blobs in data_dir) or s3://bucket[/prefix]",
             );
         }
         if self.jobs.workers > 64 {

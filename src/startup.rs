@@ -47,7 +47,7 @@ impl Application {
         } else {
             None
         };
-        let store = BlobStore::open(&settings.data_dir).context("opening the blob store")?;
+        let store = open_store(&settings)?;
         let db = crate::db::connect(&settings.database_url, &settings.data_dir)
             .await
             .context("opening the database")?;
@@ -151,6 +151,24 @@ pub fn cancel_on_signals(token: CancellationToken) {
         info!("shutdown signal received");
         token.cancel();
     });
+}
+
+/// The blob store `storage_url` names: `data_dir` itself, or an object store with its local
+/// cache in `cache_dir` (or `data_dir`).
+fn open_store(settings: &Settings) -> anyhow::Result<BlobStore> {
+    if settings.storage_url.is_empty() {
+        return BlobStore::open(&settings.data_dir).context("opening the blob store");
+    }
+    let cache = if settings.cache_dir.as_os_str().is_empty() {
+        &settings.data_dir
+    } else {
+        &settings.cache_dir
+    };
+    let remote = crate::store::RemoteStore::open(&settings.storage_url)
+        .with_context(|| format!("storage_url {}", settings.storage_url))?;
+    Ok(BlobStore::open(cache)
+        .with_context(|| format!("opening the cache in {}", cache.display()))?
+        .with_remote(remote, settings.cache_max_bytes))
 }
 
 /// An exclusive lock on `data_dir/quantd.lock`, released when the process exits (however it

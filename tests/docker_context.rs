@@ -235,12 +235,22 @@ fn environment_names_in_the_image_and_compose_file_are_settings() {
             "{name} sets `{path}`, which config/default.toml does not have"
         );
     }
-    // Besides quantd's own: the log filter, and the postgres image's documented variables.
+    // Besides quantd's own: the log filter, the standard AWS variables the object store reads,
+    // and the documented variables of the postgres, minio and mc images.
     let others = [
         "RUST_LOG",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_ALLOW_HTTP",
         "POSTGRES_USER",
         "POSTGRES_DB",
         "POSTGRES_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "MC_USER",
+        "MC_PASSWORD",
     ];
     for name in names.iter().filter(|n| !n.starts_with("QUANTD_")) {
         assert!(

@@ -56,10 +56,11 @@ pub fn check_limits(settings: &Settings) -> CheckLimits {
 }
 
 impl IncomingFile {
-    fn path(&self, store: &BlobStore) -> PathBuf {
+    /// A local file with its bytes (an existing blob is fetched into the cache if need be).
+    async fn local_path(&self, store: &BlobStore) -> std::io::Result<PathBuf> {
         match &self.temp {
-            Some(t) => t.path().to_path_buf(),
-            None => store.path(&self.digest),
+            Some(t) => Ok(t.path().to_path_buf()),
+            None => store.local_path(&self.digest).await,
         }
     }
 }
@@ -81,7 +82,10 @@ pub async fn create_base_model(
     }
     let mut by_name = BTreeMap::new();
     for f in &files {
-        if by_name.insert(f.name.clone(), f.path(store)).is_some() {
+        if by_name
+            .insert(f.name.clone(), f.local_path(store).await?)
+            .is_some()
+        {
             return Err(CatalogError::Invalid {
                 param: "files".into(),
                 message: format!("file {:?} was given twice", f.name),
@@ -123,10 +127,10 @@ pub async fn create_base_model(
             size: f.size as i64,
         });
         if let Some(temp) = f.temp {
-            if !store.path(&f.digest).exists() {
+            if !store.contains(&f.digest).await? {
                 committed.push(f.digest.clone());
             }
-            store.commit(temp, &f.digest)?;
+            store.commit(temp, &f.digest).await?;
         }
     }
     let result = async {
@@ -142,7 +146,7 @@ pub async fn create_base_model(
         for d in committed {
             // Only if no row refers to it: an identical upload may have committed meanwhile.
             if matches!(db::blobs::exists(db, d.as_str()).await, Ok(None)) {
-                let _ = store.remove(&d);
+                let _ = store.remove(&d).await;
             }
         }
         if let sqlx::Error::Database(d) = &e {
@@ -237,7 +241,7 @@ pub async fn model_paths(
             param: "digest".into(),
             message: e.to_string(),
         })?;
-        out.insert(f.name, store.path(&digest));
+        out.insert(f.name, store.local_path(&digest).await?);
     }
     Ok(out)
 }
@@ -282,7 +286,7 @@ pub async fn delete_model(db: &Db, store: &BlobStore, id: &str) -> Result<(), Ca
         Deletion::Deleted { orphans } => {
             for d in orphans {
                 if let Ok(d) = Digest::parse(&d) {
-                    store.remove(&d)?;
+                    store.remove(&d).await?;
                 }
             }
             Ok(())

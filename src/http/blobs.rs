@@ -77,7 +77,7 @@ pub async fn put_blob(
         }
         .into());
     }
-    store.commit(temp, &digest)?;
+    store.commit(temp, &digest).await?;
     db::blobs::insert(db, digest.as_str(), size).await?;
     Ok((
         StatusCode::CREATED,

@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody};
 use super::wire::{list_type, Deleted};
 use super::AppState;
 use crate::db::{self, datasets::DatasetRow};
-use crate::store::Digest;
+use crate::store::{Digest, TempFile};
 
 /// The dataset as the API shows it, with its token counts read from the database.
 async fn shown(db: &db::Db, row: &DatasetRow) -> Result<Dataset, ApiError> {
@@ -158,18 +158,17 @@ pub async fn create_dataset(
         return Ok((StatusCode::OK, Json(shown(db, &row).await?)));
     }
     let store = state.jobs.store().clone();
-    let owned = digest.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let bytes = text.len() as u64;
+    let temp = tokio::task::spawn_blocking(move || -> std::io::Result<TempFile> {
         let temp = store.temp_file("dataset")?;
         let mut f = std::fs::File::create(temp.path())?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        store.commit(temp, &owned)?;
-        Ok(())
+        Ok(temp)
     })
     .await
     .map_err(|e| ApiError::internal("storing the dataset", e))??;
-    let bytes = std::fs::metadata(state.jobs.store().path(&digest))?.len();
+    state.jobs.store().commit(temp, &digest).await?;
     let format = if jsonl { "jsonl" } else { "text" };
     db::datasets::insert(db, &id, digest.as_str(), format, bytes, documents).await?;
     let row = db::datasets::get(db, &id)
@@ -219,7 +218,7 @@ pub async fn delete_dataset(
         .ok_or_else(|| ApiError::not_found("id", format!("dataset {id:?} does not exist")))?;
     if let Some(d) = orphan {
         if let Ok(digest) = Digest::parse(&d) {
-            state.jobs.store().remove(&digest)?;
+            state.jobs.store().remove(&digest).await?;
         }
     }
     Ok(Json(Deleted::new(id, "dataset")))

@@ -25,6 +25,10 @@ pub struct Ready {
     pub database: &'static str,
     /// Which engine: `sqlite` or `postgres`.
     pub database_backend: &'static str,
+    /// `ok`: the blob store answers.
+    pub store: &'static str,
+    /// Where blobs live: `local` (data_dir) or the object store's URL.
+    pub store_location: String,
     /// `running`, or `none` on an `api` replica.
     pub workers: &'static str,
     /// What this replica does: `all`, `api` or `worker`.
@@ -45,9 +49,10 @@ pub async fn health() -> Json<Health> {
     responses((status = 200, body = Ready), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     let db_ok = state.jobs.db().ping().await;
+    let store_ok = state.jobs.store().ping().await;
     let workers = state.ready.load(Ordering::SeqCst);
     let role = state.settings().role;
-    if db_ok && workers {
+    if db_ok && store_ok && workers {
         Ok(Json(Ready {
             status: "ready",
             database: "ok",
@@ -55,6 +60,13 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiErro
                 crate::db::Backend::Sqlite => "sqlite",
                 crate::db::Backend::Postgres => "postgres",
             },
+            store: "ok",
+            store_location: state
+                .jobs
+                .store()
+                .remote_url()
+                .unwrap_or("local")
+                .to_string(),
             workers: if role.runs_jobs() { "running" } else { "none" },
             role: match role {
                 crate::config::Role::All => "all",
@@ -68,8 +80,9 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiErro
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
             format!(
-                "not ready: database {}, workers {}",
+                "not ready: database {}, store {}, workers {}",
                 if db_ok { "ok" } else { "unreachable" },
+                if store_ok { "ok" } else { "unreachable" },
                 if workers { "running" } else { "starting" }
             ),
         ))

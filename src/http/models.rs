@@ -306,7 +306,7 @@ pub async fn download_artifact(
     })?;
     let digest =
         Digest::parse(&file.digest).map_err(|e| ApiError::internal("reading a file row", e))?;
-    let path = state.jobs.store().path(&digest);
+    let path = state.jobs.store().local_path(&digest).await?;
     let mut resp = tower_http::services::ServeFile::new(path)
         .oneshot(req)
         .await

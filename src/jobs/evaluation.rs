@@ -153,7 +153,8 @@ pub(super) async fn run(
         .ok_or_else(|| RunError::Failed(format!("dataset {:?} was deleted", params.dataset)))?;
     let text_path = js
         .store()
-        .path(&Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?);
+        .local_path(&Digest::parse(&dataset.digest).map_err(|e| RunError::Failed(e.to_string()))?)
+        .await?;
     let reference_ckpt =
         catalog::open_checkpoint(db, js.store(), js.settings(), &reference_id).await?;
     let (target_ckpt, target_id, bytes) = match &target {

@@ -109,16 +109,19 @@ pub(super) async fn publish(
         digest: f.digest.to_string(),
         size: f.size as i64,
     }));
-    let fresh: Vec<Digest> = [&o.digest, &manifest_digest]
+    let mut fresh = Vec::new();
+    for d in [&o.digest, &manifest_digest]
         .into_iter()
         .chain(o.extra_files.iter().map(|f| &f.digest))
-        .filter(|d| !js.store().path(d).exists())
-        .cloned()
-        .collect();
-    js.store().commit(o.temp, &o.digest)?;
-    js.store().commit(manifest_temp, &manifest_digest)?;
+    {
+        if !js.store().contains(d).await? {
+            fresh.push(d.clone());
+        }
+    }
+    js.store().commit(o.temp, &o.digest).await?;
+    js.store().commit(manifest_temp, &manifest_digest).await?;
     for f in o.extra_files {
-        js.store().commit(f.temp, &f.digest)?;
+        js.store().commit(f.temp, &f.digest).await?;
     }
     let row = ModelRow {
         id: o.spec.output_name.clone(),
@@ -178,7 +181,7 @@ pub(super) async fn publish(
 pub(crate) async fn remove_unreferenced(js: &JobSystem, fresh: Vec<Digest>) {
     for d in fresh {
         if matches!(db::blobs::exists(js.db(), d.as_str()).await, Ok(None)) {
-            let _ = js.store().remove(&d);
+            let _ = js.store().remove(&d).await;
         }
     }
 }

@@ -419,7 +419,7 @@ async fn quantize(
                         .ok_or_else(|| RunError::Failed(format!("dataset {id:?} was deleted")))?;
                     let digest = Digest::parse(&dataset.digest)
                         .map_err(|e| RunError::Failed(e.to_string()))?;
-                    Some(js.store().path(&digest))
+                    Some(js.store().local_path(&digest).await?)
                 }
                 None => None,
             };

@@ -1,14 +1,23 @@
-//! The content-addressed blob store under `data_dir`: `blobs/sha256/ab/<hex>` for every file
-//! quantd keeps, `tmp/` for files being written. Every file is written to `tmp/`, fsynced and
-//! only then renamed into place, so a crash never leaves a half-written blob under its digest.
-//! A [`TempFile`] deletes itself unless it was committed, which is how failed uploads and
+//! The content-addressed blob store: `blobs/sha256/ab/<hex>` for every file quantd keeps,
+//! `tmp/` for files being written. Every file is written to `tmp/`, fsynced and only then
+//! renamed into place, so a crash never leaves a half-written blob under its digest. A
+//! [`TempFile`] deletes itself unless it was committed, which is how failed uploads and
 //! cancelled jobs leave nothing behind.
+//!
+//! The blobs live in the local directory, or in an S3-compatible object store (`storage_url`,
+//! see [`remote`]); then the local directory is this replica's cache of the files it must
+//! memory-map (weights to serve, a job's checkpoint, a dataset), filled from the store, checked
+//! against the digest, and kept under `cache_max_bytes` by evicting the least recently used.
 
 mod digest;
+pub mod remote;
 mod temp;
 
 pub use digest::{Digest, DigestError};
+pub use remote::RemoteStore;
 pub use temp::{HashingWriter, TempFile};
+
+use std::sync::Arc;
 
 use std::collections::HashSet;
 use std::io;
@@ -26,6 +35,10 @@ pub struct BlobStore {
     root: PathBuf,
     /// Where temp files go: `tmp/`, or a job's own `tmp/job-<id>/` (see [`BlobStore::for_job`]).
     tmp: PathBuf,
+    /// The object store holding the blobs, when not this directory.
+    remote: Option<Arc<RemoteStore>>,
+    /// With a remote store: the most the local copies may take (0: no limit).
+    cache_max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +64,8 @@ impl BlobStore {
         let store = Self {
             root: data_dir.to_path_buf(),
             tmp: data_dir.join("tmp"),
+            remote: None,
+            cache_max_bytes: 0,
         };
         std::fs::create_dir_all(store.blob_root())?;
         std::fs::create_dir_all(store.tmp_dir())?;
@@ -76,8 +91,8 @@ impl BlobStore {
         let tmp = self.job_tmp_dir(job_id);
         std::fs::create_dir_all(&tmp)?;
         Ok(Self {
-            root: self.root.clone(),
             tmp,
+            ..self.clone()
         })
     }
 
@@ -89,8 +104,23 @@ impl BlobStore {
         }
     }
 
-    /// Where a blob lives (whether or not it exists yet).
-    pub fn path(&self, digest: &Digest) -> PathBuf {
+    /// Keeps the blobs in `remote`; this directory becomes a cache of at most
+    /// `cache_max_bytes` (0: unbounded).
+    pub fn with_remote(self, remote: RemoteStore, cache_max_bytes: u64) -> Self {
+        Self {
+            remote: Some(Arc::new(remote)),
+            cache_max_bytes,
+            ..self
+        }
+    }
+
+    /// The object store's URL, when the blobs live in one.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.remote.as_deref().map(RemoteStore::url)
+    }
+
+    /// Where a blob's local file is (whether or not it exists).
+    fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.blob_root().join(&hex[..2]).join(hex)
     }
@@ -100,9 +130,100 @@ impl BlobStore {
         TempFile::create(&self.tmp_dir(), purpose)
     }
 
-    /// Moves a finished temp file (already fsynced) to its digest's path. When the blob already
-    /// exists the temp file is simply dropped: same digest, same bytes.
-    pub fn commit(&self, temp: TempFile, digest: &Digest) -> io::Result<PathBuf> {
+    /// Stores a finished temp file (already fsynced) whose bytes hash to `digest`: uploads it
+    /// to the object store (unless the object exists), then moves it to its local path. When
+    /// the blob already exists the temp file is simply dropped: same digest, same bytes.
+    pub async fn commit(&self, temp: TempFile, digest: &Digest) -> io::Result<PathBuf> {
+        if let Some(remote) = &self.remote {
+            if !remote.contains(digest).await? {
+                remote.upload(temp.path(), digest).await?;
+            }
+        }
+        let dest = self.commit_local(temp, digest)?;
+        self.evict_to_fit(&dest);
+        Ok(dest)
+    }
+
+    /// Whether the blob is stored (in the object store, or here).
+    pub async fn contains(&self, digest: &Digest) -> io::Result<bool> {
+        match &self.remote {
+            Some(remote) => remote.contains(digest).await,
+            None => Ok(self.path(digest).exists()),
+        }
+    }
+
+    /// The local file of a stored blob, to read or memory-map: with an object store, fetched
+    /// into the cache first (and verified) when it is not there. The file is only as present
+    /// as the blob: a local store returns the path of a missing blob as it is.
+    pub async fn local_path(&self, digest: &Digest) -> io::Result<PathBuf> {
+        let dest = self.path(digest);
+        let Some(remote) = &self.remote else {
+            return Ok(dest);
+        };
+        if dest.exists() {
+            // Recently used: the last to be evicted.
+            if let Ok(f) = std::fs::File::options().write(true).open(&dest) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+            return Ok(dest);
+        }
+        let temp = self.temp_file("fetch")?;
+        remote.download(digest, temp.path()).await?;
+        let dest = self.commit_local(temp, digest)?;
+        self.evict_to_fit(&dest);
+        Ok(dest)
+    }
+
+    /// Whether the store answers (readiness): the local directory is there, or the object
+    /// store answers a lookup.
+    pub async fn ping(&self) -> bool {
+        match &self.remote {
+            Some(remote) => {
+                let probe = Digest::parse(&format!("sha256:{}", "0".repeat(64))).expect("valid");
+                remote.contains(&probe).await.is_ok()
+            }
+            None => self.tmp_dir().is_dir(),
+        }
+    }
+
+    /// With a cache limit: removes the least recently used local copies until the cache fits,
+    /// never `keep` (just fetched or stored). A file some model has memory-mapped stays
+    /// readable for it after the unlink.
+    fn evict_to_fit(&self, keep: &Path) {
+        if self.remote.is_none() || self.cache_max_bytes == 0 {
+            return;
+        }
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        let shards = std::fs::read_dir(self.blob_root())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for shard in shards {
+            for entry in std::fs::read_dir(shard.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let Ok(meta) = entry.metadata() else { continue };
+                total += meta.len();
+                let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                entries.push((used, meta.len(), entry.path()));
+            }
+        }
+        entries.sort();
+        for (_, size, path) in entries {
+            if total <= self.cache_max_bytes {
+                break;
+            }
+            if path != keep && std::fs::remove_file(&path).is_ok() {
+                total -= size;
+            }
+        }
+    }
+
+    /// Moves a finished temp file to the blob's local path.
+    fn commit_local(&self, temp: TempFile, digest: &Digest) -> io::Result<PathBuf> {
         let dest = self.path(digest);
         if dest.exists() {
             return Ok(dest);
@@ -114,7 +235,11 @@ impl BlobStore {
         Ok(dest)
     }
 
-    pub fn remove(&self, digest: &Digest) -> io::Result<()> {
+    /// Deletes a blob no row refers to any more: its object and its local file.
+    pub async fn remove(&self, digest: &Digest) -> io::Result<()> {
+        if let Some(remote) = &self.remote {
+            remote.delete(digest).await?;
+        }
         match std::fs::remove_file(self.path(digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),

@@ -3,9 +3,11 @@
 //! inputs.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod models;
 pub mod postgres;
 pub mod process;
+pub mod s3;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
