@@ -5,78 +5,31 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::postgres::PgServer;
 use common::process::{self, free_port, ServerProcess};
-use common::s3::S3Server;
 use serde_json::json;
-
-/// A replica on PostgreSQL and the S3-compatible store `s3`, with its own local directory (its
-/// cache): nothing on disk is shared.
-fn start_on_s3(
-    database_url: &str,
-    s3: &S3Server,
-    role: &str,
-    cache: &Path,
-    extra: &[(&str, &str)],
-) -> ServerProcess {
-    let storage_url = format!("s3://{}/deploy-a", s3.bucket);
-    let aws = s3.env();
-    let mut env: Vec<(&str, &str)> = vec![
-        ("QUANTD_DATABASE_URL", database_url),
-        ("QUANTD_STORAGE_URL", &storage_url),
-        ("QUANTD_ROLE", role),
-        ("QUANTD_JOBS__LEASE_SECS", LEASE_SECS),
-        ("QUANTD_JOBS__WORKERS", "1"),
-    ];
-    env.extend(aws.iter().map(|(k, v)| (*k, v.as_str())));
-    env.extend_from_slice(extra);
-    process::start(cache, free_port(), &env, Stdio::null(), Stdio::null())
-}
 
 #[test]
 fn replicas_without_a_shared_disk_keep_blobs_in_an_s3_compatible_store() {
-    let pg = PgServer::get();
-    let database_url = pg.create_database_blocking();
-    let s3 = S3Server::start();
-    let caches: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let api1 = start_on_s3(&database_url, &s3, "api", caches[0].path(), &[]);
+    let cluster = Cluster::on_s3();
+    let api1 = cluster.start("api", None);
     // The second API replica may keep one blob at a time: what it serves comes from the store.
-    let api2 = start_on_s3(
-        &database_url,
-        &s3,
-        "api",
-        caches[1].path(),
-        &[("QUANTD_CACHE_MAX_BYTES", "1")],
-    );
-    let worker = start_on_s3(&database_url, &s3, "worker", caches[2].path(), &[]);
+    let api2 = cluster.start_with("api", None, &[("QUANTD_CACHE_MAX_BYTES", "1")]);
+    let api2_cache = cluster.data.path().join("replica-1");
+    let api2_cache = api2_cache.as_path();
+    let worker = cluster.start("worker", None);
     let ready = get(&api2, "/ready");
     assert_eq!(ready["store"], "ok");
-    assert_eq!(
-        ready["store_location"],
-        format!("s3://{}/deploy-a", s3.bucket)
-    );
+    assert_eq!(ready["store_location"], cluster.storage_url().unwrap());
 
     let model = tempfile::tempdir().unwrap();
     common::tiny::write_model(model.path());
     curl_upload(&api1, model.path(), "tiny");
-    let objects = |s3: &S3Server| -> BTreeSet<String> {
-        s3.keys()
-            .into_iter()
-            .map(|k| {
-                k.strip_prefix("deploy-a/blobs/sha256/")
-                    .unwrap_or_else(|| panic!("object outside the prefix: {k}"))
-                    .to_string()
-            })
-            .collect()
-    };
     assert_eq!(
-        objects(&s3),
+        cluster.objects(),
         referenced_digests(&api1),
         "the upload is in the store"
     );
@@ -90,7 +43,11 @@ fn replicas_without_a_shared_disk_keep_blobs_in_an_s3_compatible_store() {
     let id = submitted["id"].as_str().unwrap();
     let done = wait_terminal(&api2, id, Duration::from_secs(120));
     assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(objects(&s3), referenced_digests(&api1), "the output too");
+    assert_eq!(
+        cluster.objects(),
+        referenced_digests(&api1),
+        "the output too"
+    );
 
     // The other API replica, whose disk never saw the variant, serves it from the store.
     let out = done["output_model"].as_str().unwrap();
@@ -104,7 +61,7 @@ fn replicas_without_a_shared_disk_keep_blobs_in_an_s3_compatible_store() {
     assert_eq!(response.status(), 200);
     let digest = response.headers()["x-digest"].to_str().unwrap().to_string();
     let bytes = response.bytes().unwrap();
-    let file = caches[1].path().join("downloaded.gguf");
+    let file = api2_cache.join("downloaded.gguf");
     std::fs::write(&file, &bytes).unwrap();
     assert_eq!(
         format!("sha256:{}", hex_sha256(&bytes)),
@@ -132,7 +89,7 @@ fn replicas_without_a_shared_disk_keep_blobs_in_an_s3_compatible_store() {
         .unwrap();
     assert_eq!(manifest.status(), 200);
     assert_eq!(
-        blob_files(caches[1].path()).len(),
+        blob_files(api2_cache).len(),
         1,
         "a cache of 1 byte keeps only the file just used"
     );
@@ -143,8 +100,8 @@ fn replicas_without_a_shared_disk_keep_blobs_in_an_s3_compatible_store() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(objects(&s3), referenced_digests(&api1));
-    assert_eq!(objects(&s3).len(), 4, "the base model's four files");
+    assert_eq!(cluster.objects(), referenced_digests(&api1));
+    assert_eq!(cluster.objects().len(), 4, "the base model's four files");
     for p in [api1, api2, worker] {
         stop(p);
     }
@@ -187,12 +144,9 @@ fn upload_and_download_throughput_local_directory_against_the_object_store() {
     let local_down = download(&local);
     stop(local);
 
-    let pg = PgServer::get();
-    let database_url = pg.create_database_blocking();
-    let s3 = S3Server::start();
-    let (cache1, cache2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let api1 = start_on_s3(&database_url, &s3, "api", cache1.path(), &[]);
-    let api2 = start_on_s3(&database_url, &s3, "api", cache2.path(), &[]);
+    let cluster = Cluster::on_s3();
+    let api1 = cluster.start("api", None);
+    let api2 = cluster.start("api", None);
     let began = Instant::now();
     curl_upload(&api1, &smol_dir(), "smol");
     let s3_up = began.elapsed();

@@ -1,5 +1,6 @@
 //! Several `quantd serve` processes on one PostgreSQL (a real server, see common::postgres) and
-//! one shared data directory: API replicas and worker replicas, a worker killed with SIGKILL
+//! one S3-compatible store (moto's server, see common::s3) or one shared data directory: API
+//! replicas and worker replicas, a worker killed with SIGKILL
 //! (its job comes back when the lease expires and finishes on another worker), a worker frozen
 //! with SIGSTOP past its lease (fenced: it publishes nothing when it wakes), a queue of 100
 //! jobs drained by three workers exactly once, and a second process refused on a SQLite data
@@ -18,7 +19,8 @@ use serde_json::{json, Value};
 
 #[test]
 fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_it() {
-    let cluster = Cluster::new();
+    // PostgreSQL and an S3-compatible store; no disk shared between the replicas.
+    let cluster = Cluster::on_s3();
     let api1 = cluster.start("api", None);
     let api2 = cluster.start("api", None);
     let worker1 = cluster.start("worker", None);
@@ -90,9 +92,9 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
     );
     assert_eq!(names, expected);
     assert_eq!(
-        blob_files(cluster.data.path()),
+        cluster.objects(),
         referenced_digests(&api1),
-        "one set of files"
+        "the store holds exactly the models' files"
     );
     for p in [api1, api2, worker2] {
         stop(p);

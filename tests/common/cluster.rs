@@ -1,5 +1,6 @@
 //! Helpers for tests with several `quantd serve` processes (tests/replicas.rs,
-//! tests/object_store.rs): a PostgreSQL database and data directory they share, requests,
+//! tests/object_store.rs): a PostgreSQL database and a data directory or an S3-compatible
+//! store they share, requests,
 //! waiting for jobs, reading SSE histories, signals, and what is stored.
 
 use std::collections::BTreeSet;
@@ -9,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::postgres::PgServer;
 use super::process::{self, free_port, ServerProcess};
+use super::s3::S3Server;
 use super::{fixture, stored_files};
 
 /// Short leases, so an expired one is seen within seconds.
@@ -18,34 +22,94 @@ pub const LEASE_SECS: &str = "2";
 
 pub struct Cluster {
     pub database_url: String,
+    /// The shared data directory, or (with `s3`) the parent of each replica's own cache.
     pub data: tempfile::TempDir,
+    /// With an object store: the blobs live there and no disk is shared.
+    pub s3: Option<S3Server>,
+    replicas: AtomicUsize,
     _pg: PgServer,
 }
 
 impl Cluster {
+    /// Replicas on one PostgreSQL database and one data directory.
     pub fn new() -> Self {
         let pg = PgServer::get();
         Self {
             database_url: pg.create_database_blocking(),
             data: tempfile::tempdir().unwrap(),
+            s3: None,
+            replicas: AtomicUsize::new(0),
             _pg: pg,
         }
     }
 
+    /// Replicas on one PostgreSQL database and one S3-compatible store, each with its own
+    /// local directory.
+    pub fn on_s3() -> Self {
+        Self {
+            s3: Some(S3Server::start()),
+            ..Self::new()
+        }
+    }
+
+    /// The `storage_url` replicas use with `s3`.
+    pub fn storage_url(&self) -> Option<String> {
+        self.s3
+            .as_ref()
+            .map(|s3| format!("s3://{}/deploy-a", s3.bucket))
+    }
+
+    /// Blobs in the object store (digests, hex), from its listing.
+    pub fn objects(&self) -> BTreeSet<String> {
+        let s3 = self.s3.as_ref().expect("a cluster on S3");
+        s3.keys()
+            .into_iter()
+            .map(|k| {
+                k.strip_prefix("deploy-a/blobs/sha256/")
+                    .unwrap_or_else(|| panic!("object outside the prefix: {k}"))
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// A replica with `role`; its log goes to `log` (when given).
     pub fn start(&self, role: &str, log: Option<&Path>) -> ServerProcess {
+        self.start_with(role, log, &[])
+    }
+
+    /// [`Cluster::start`] with more `QUANTD_*` settings.
+    pub fn start_with(
+        &self,
+        role: &str,
+        log: Option<&Path>,
+        extra: &[(&str, &str)],
+    ) -> ServerProcess {
         let out = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
             None => Stdio::null(),
         };
-        let env = [
+        let mut env: Vec<(&str, &str)> = vec![
             ("QUANTD_DATABASE_URL", self.database_url.as_str()),
             ("QUANTD_ROLE", role),
             ("QUANTD_JOBS__LEASE_SECS", LEASE_SECS),
             ("QUANTD_JOBS__WORKERS", "1"),
             ("QUANTD_JOBS__PROGRESS_INTERVAL_MS", "50"),
         ];
-        process::start(self.data.path(), free_port(), &env, out, Stdio::null())
+        let storage_url = self.storage_url();
+        let aws = self.s3.as_ref().map(S3Server::env).unwrap_or_default();
+        let dir = match &storage_url {
+            Some(url) => {
+                env.push(("QUANTD_STORAGE_URL", url));
+                env.extend(aws.iter().map(|(k, v)| (*k, v.as_str())));
+                let n = self.replicas.fetch_add(1, Ordering::SeqCst);
+                let own = self.data.path().join(format!("replica-{n}"));
+                std::fs::create_dir_all(&own).unwrap();
+                own
+            }
+            None => self.data.path().to_path_buf(),
+        };
+        env.extend_from_slice(extra);
+        process::start(&dir, free_port(), &env, out, Stdio::null())
     }
 }
 
