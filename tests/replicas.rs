@@ -41,6 +41,11 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
     );
     assert_eq!(status, 202, "{submitted}");
     let id = submitted["id"].as_str().unwrap().to_string();
+    // A subscriber on the other API replica, following the job live from its start.
+    let follower = std::thread::spawn({
+        let (base, id) = (api2.base.clone(), id.clone());
+        move || events_at(&base, &id)
+    });
     wait_quantizing(&api2, &id);
     stop(worker1); // SIGKILL
 
@@ -64,6 +69,17 @@ fn a_killed_worker_s_job_finishes_on_another_worker_and_any_api_replica_serves_i
         "{kinds:?}"
     );
     assert_eq!(kinds.last(), Some(&"done"));
+
+    // The live subscriber saw the same: both runs' stages, the re-queue, one outcome, last.
+    let live = follower.join().unwrap();
+    let live_kinds: Vec<&str> = live.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        live_kinds.iter().filter(|k| **k == "stage").count() >= 4,
+        "{live_kinds:?}"
+    );
+    assert!(live_kinds.contains(&"log"), "{live_kinds:?}");
+    assert_eq!(live_kinds.last(), Some(&"done"), "{live_kinds:?}");
+    assert_eq!(live.last().unwrap().1["output_model"], done["output_model"]);
 
     // ... and serves the artifact: a GGUF the reference reader opens, with the base's tensors.
     let out = done["output_model"].as_str().unwrap();

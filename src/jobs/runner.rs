@@ -132,13 +132,15 @@ fn spawn_lease_keeper(
 ) -> tokio::task::JoinHandle<()> {
     let lease_ms = js.settings().lease_ms();
     let renew_every = Duration::from_millis((lease_ms / 3).max(100) as u64);
+    // Cancellation is looked up at each tick; a renewal at the first tick past its time.
+    let tick = (renew_every / 2).min(Duration::from_millis(500));
     tokio::spawn(async move {
         let mut renewed_at = tokio::time::Instant::now();
         loop {
             let stopping = flag.load(Ordering::SeqCst);
             tokio::select! {
                 _ = js.shutdown_token().cancelled(), if !stopping => flag.store(true, Ordering::SeqCst),
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
             if renewed_at.elapsed() >= renew_every {
                 match db::jobs::renew(js.db(), &lease, lease_ms).await {

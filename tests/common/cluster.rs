@@ -195,8 +195,14 @@ pub fn wait_quantizing(s: &ServerProcess, id: &str) {
 
 /// The SSE stream of a finished job: (event kind, data) in order.
 pub fn events(s: &ServerProcess, id: &str) -> Vec<(String, Value)> {
+    events_at(&s.base, id)
+}
+
+/// [`events`] from the replica at `base`: for a job still running, the stream (and so this
+/// call) ends with the job.
+pub fn events_at(base: &str, id: &str) -> Vec<(String, Value)> {
     let text = client()
-        .get(format!("{}/v1/jobs/{id}/events", s.base))
+        .get(format!("{base}/v1/jobs/{id}/events"))
         .send()
         .unwrap()
         .text()
