@@ -84,16 +84,21 @@ pub struct NewJob<'a> {
 }
 
 /// Queues a job, only while its model still has the revision it was planned for (one
-/// statement, so a delete or re-upload of the model cannot slip in between). Returns whether
-/// the job was inserted.
+/// statement, so a delete or re-upload of the model cannot slip in between; on PostgreSQL the
+/// model row is share-locked, so a delete in progress is waited for and then seen). Returns
+/// whether the job was inserted.
 pub async fn insert(db: &Db, job: &NewJob<'_>) -> Result<bool, sqlx::Error> {
     let t = now();
-    let inserted = sqlx::query(
+    let share = match db.backend() {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR SHARE",
+    };
+    let inserted = sqlx::query(&format!(
         "INSERT INTO jobs (id, model_id, method, output_name, spec, spec_hash, plan, status, \
          max_attempts, idempotency_key, created_at, updated_at, model_revision) \
          SELECT $1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $10, $11 \
-         WHERE EXISTS (SELECT 1 FROM models WHERE id = $2 AND revision = $11)",
-    )
+         WHERE EXISTS (SELECT 1 FROM models WHERE id = $2 AND revision = $11{share})"
+    ))
     .bind(job.id)
     .bind(job.model_id)
     .bind(job.method)
