@@ -308,4 +308,29 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn scale_out_settings_are_checked_by_name() {
+        for (var, value, field) in [
+            ("QUANTD_DATABASE_URL", "mysql://x", "database_url"),
+            ("QUANTD_STORAGE_URL", "gs://bucket", "storage_url"),
+            ("QUANTD_JOBS__LEASE_SECS", "0", "jobs.lease_secs"),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.contains(field), "{var}={value}: {err}");
+                Ok(())
+            });
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("QUANTD_DATABASE_URL", "postgres://q@db:5432/quantd");
+            jail.set_env("QUANTD_STORAGE_URL", "s3://bucket/prefix");
+            jail.set_env("QUANTD_ROLE", "worker");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.role, Role::Worker);
+            assert_eq!(s.lease_ms(), 30_000);
+            Ok(())
+        });
+    }
 }
