@@ -167,3 +167,35 @@ fn upload_and_download_throughput_local_directory_against_the_object_store() {
         stop(p);
     }
 }
+
+/// A replica whose bucket does not exist (or whose store is down) is not ready, and says why.
+#[test]
+fn a_missing_bucket_makes_the_replica_not_ready() {
+    let s3 = common::s3::S3Server::start();
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quantd"))
+        .arg("serve")
+        .env("QUANTD_DATA_DIR", data.path())
+        .env("QUANTD_SERVER__PORT", port.to_string())
+        .env("QUANTD_STORAGE_URL", "s3://no-such-bucket/x")
+        .envs(s3.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = wait_until("an answer from /ready", Duration::from_secs(30), || {
+        let r = reqwest::blocking::get(format!("http://127.0.0.1:{port}/ready")).ok()?;
+        Some(serde_json::json!({"status": r.status().as_u16(), "body": r.text().unwrap()}))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ready["status"], 503, "{ready}");
+    assert!(
+        ready["body"]
+            .as_str()
+            .unwrap()
+            .contains("store unreachable"),
+        "{ready}"
+    );
+}

@@ -211,6 +211,23 @@ pub async fn notify_queued(db: &Db) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Notifications of queued jobs from every replica (PostgreSQL `LISTEN`), on a connection of
+/// its own; it reconnects by itself when the connection drops.
+pub struct QueuedListener(sqlx::postgres::PgListener);
+
+impl QueuedListener {
+    pub async fn connect(database_url: &str) -> Result<Self, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect(database_url).await?;
+        listener.listen(QUEUED_CHANNEL).await?;
+        Ok(Self(listener))
+    }
+
+    /// Waits for the next notification.
+    pub async fn next(&mut self) -> Result<(), sqlx::Error> {
+        self.0.recv().await.map(|_| ())
+    }
+}
+
 /// Extends a lease by `lease_ms` from now. False when the lease is gone: it expired and the
 /// job was re-queued or taken by another worker, or the job ended.
 pub async fn renew(db: &Db, lease: &Lease, lease_ms: i64) -> Result<bool, sqlx::Error> {

@@ -612,10 +612,9 @@ pub async fn job_events(
                 // table. The row first: an outcome it shows is already among the events.
                 _ => {}
             }
-            let (Ok(Some(row)), Ok(events)) = (
-                db::jobs::get(db, &id).await,
-                async { db::jobs::events_after(db, &id, cursor).await }.await,
-            ) else {
+            let row = db::jobs::get(db, &id).await;
+            let events = db::jobs::events_after(db, &id, cursor).await;
+            let (Ok(Some(row)), Ok(events)) = (row, events) else {
                 continue;
             };
             job = row;

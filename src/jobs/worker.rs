@@ -111,12 +111,9 @@ pub fn spawn_queue_listener(js: &JobSystem, database_url: &str) {
     let (js, url) = (js.clone(), database_url.to_string());
     tokio::spawn(async move {
         let mut listener = loop {
-            match sqlx::postgres::PgListener::connect(&url).await {
-                Ok(mut l) => match l.listen(db::jobs::QUEUED_CHANNEL).await {
-                    Ok(()) => break l,
-                    Err(e) => warn!(error = %e, "could not listen for queued jobs"),
-                },
-                Err(e) => warn!(error = %e, "could not connect to listen for queued jobs"),
+            match db::jobs::QueuedListener::connect(&url).await {
+                Ok(l) => break l,
+                Err(e) => warn!(error = %e, "could not listen for queued jobs"),
             }
             tokio::select! {
                 _ = js.shutdown_token().cancelled() => return,
@@ -126,7 +123,7 @@ pub fn spawn_queue_listener(js: &JobSystem, database_url: &str) {
         loop {
             tokio::select! {
                 _ = js.shutdown_token().cancelled() => return,
-                received = listener.recv() => match received {
+                received = listener.next() => match received {
                     Ok(_) => js.wake_local(),
                     Err(e) => {
                         warn!(error = %e, "listening for queued jobs");

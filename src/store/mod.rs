@@ -175,13 +175,10 @@ impl BlobStore {
     }
 
     /// Whether the store answers (readiness): the local directory is there, or the object
-    /// store answers a lookup.
+    /// store's bucket answers a listing.
     pub async fn ping(&self) -> bool {
         match &self.remote {
-            Some(remote) => {
-                let probe = Digest::parse(&format!("sha256:{}", "0".repeat(64))).expect("valid");
-                remote.contains(&probe).await.is_ok()
-            }
+            Some(remote) => remote.ping().await.is_ok(),
             None => self.tmp_dir().is_dir(),
         }
     }

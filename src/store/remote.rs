@@ -75,7 +75,18 @@ impl RemoteStore {
         }
     }
 
-    /// Whether the blob is in the store (readiness asks with a digest nobody has).
+    /// Whether the bucket answers: one listing under the prefix (a missing bucket or bad
+    /// credentials fail it, where a lookup of one object would only say "not found").
+    pub async fn ping(&self) -> io::Result<()> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        self.objects
+            .list_with_delimiter(prefix.as_ref())
+            .await
+            .map(|_| ())
+            .map_err(io_error)
+    }
+
+    /// Whether the blob is in the store.
     pub async fn contains(&self, digest: &Digest) -> io::Result<bool> {
         match self.objects.head(&self.key(digest)).await {
             Ok(_) => Ok(true),
