@@ -10,6 +10,16 @@ pub struct ServerProcess {
     pub base: String,
 }
 
+/// A test that fails half-way still stops its servers (an already stopped one is left as is).
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
