@@ -72,6 +72,8 @@ pub enum LogFormat {
 pub struct ServerSettings {
     pub host: IpAddr,
     pub port: u16,
+    /// Names besides loopback ones (and `host`) that a server without API keys answers to.
+    pub allowed_hosts: Vec<String>,
     pub allow_unauthenticated: bool,
     pub request_timeout_secs: u64,
     pub shutdown_grace_secs: u64,

@@ -14,6 +14,7 @@ pub mod json;
 mod metrics;
 mod models;
 pub mod openapi;
+mod origin_guard;
 mod wire;
 
 use std::sync::atomic::AtomicBool;
@@ -138,6 +139,10 @@ pub fn router(state: AppState) -> Router {
     };
     routes
         .fallback(health::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin_guard::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
