@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::cluster::{blob_files, referenced_digests};
+use common::fixture;
 use common::process::{self, free_port, ServerProcess as Server};
-use common::{fixture, stored_files};
 use serde_json::{json, Value};
 
 fn start_server(data_dir: &std::path::Path, port: u16) -> Server {
@@ -93,34 +93,7 @@ fn a_job_killed_with_sigkill_is_requeued_and_succeeds_without_orphans() {
     assert_eq!(job["attempts"], 2, "the killed run counts as an attempt");
 
     // Every stored file belongs to a model; nothing is left in tmp/.
-    let mut referenced = BTreeSet::new();
-    for m in get(&server, "/v1/models")["data"].as_array().unwrap() {
-        let detail = get(
-            &server,
-            &format!("/v1/models/{}", m["id"].as_str().unwrap()),
-        );
-        for f in detail["files"].as_array().unwrap() {
-            referenced.insert(
-                f["digest"]
-                    .as_str()
-                    .unwrap()
-                    .trim_start_matches("sha256:")
-                    .to_string(),
-            );
-        }
-    }
-    let on_disk: BTreeSet<String> = stored_files(data.path())
-        .iter()
-        .map(|p| {
-            assert!(
-                p.starts_with(data.path().join("blobs")),
-                "leftover temp file {}",
-                p.display()
-            );
-            p.file_name().unwrap().to_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(on_disk, referenced);
+    assert_eq!(blob_files(data.path()), referenced_digests(&server));
     let log = get(&server, &format!("/v1/jobs/{id}"));
     assert_eq!(log["output_model"], "smol:q3_k_m");
     server.child.kill().unwrap();

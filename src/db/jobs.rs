@@ -89,10 +89,7 @@ pub struct NewJob<'a> {
 /// whether the job was inserted.
 pub async fn insert(db: &Db, job: &NewJob<'_>) -> Result<bool, sqlx::Error> {
     let t = now();
-    let share = match db.backend() {
-        Backend::Sqlite => "",
-        Backend::Postgres => " FOR SHARE",
-    };
+    let share = db.for_share();
     let inserted = sqlx::query(&format!(
         "INSERT INTO jobs (id, model_id, method, output_name, spec, spec_hash, plan, status, \
          max_attempts, idempotency_key, created_at, updated_at, model_revision) \
@@ -173,10 +170,7 @@ pub async fn recent(db: &Db, limit: u32) -> Result<Vec<JobRow>, sqlx::Error> {
 /// lease of `lease_ms` and bumps its epoch, atomically. Workers on other replicas skip the row
 /// this one is taking instead of waiting for it.
 pub async fn claim(db: &Db, owner: &str, lease_ms: i64) -> Result<Option<JobRow>, sqlx::Error> {
-    let skip_locked = match db.backend() {
-        Backend::Sqlite => "",
-        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-    };
+    let skip_locked = db.for_update_skip_locked();
     let mut tx = db.begin_write().await?;
     let t = now_ms();
     let row: Option<JobRow> = sqlx::query_as(&format!(
@@ -365,17 +359,22 @@ pub async fn requeue_interrupted(db: &Db, lease: &Lease) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// Cancels a queued job at once; for a running one, records the request (the worker stops at
-/// the next tensor). Returns the status the job had, or None when it does not exist.
-pub async fn request_cancel(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
-    let mut tx = db.begin_write().await?;
-    let status: Option<String> = sqlx::query_scalar(&format!(
+/// A job's status, its row locked until `tx` ends (the caller changes it by what it read).
+async fn locked_status(db: &Db, tx: &mut Tx, id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
         "SELECT status FROM jobs WHERE id = $1{}",
         db.for_update()
     ))
     .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Cancels a queued job at once; for a running one, records the request (the worker stops at
+/// the next tensor). Returns the status the job had, or None when it does not exist.
+pub async fn request_cancel(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    let status = locked_status(db, &mut tx, id).await?;
     let t = now();
     match status.as_deref() {
         Some("queued") => {
@@ -403,13 +402,7 @@ pub async fn request_cancel(db: &Db, id: &str) -> Result<Option<String>, sqlx::E
 /// Failed or cancelled back to queued with a fresh attempt budget. Returns the prior status.
 pub async fn retry(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    let status: Option<String> = sqlx::query_scalar(&format!(
-        "SELECT status FROM jobs WHERE id = $1{}",
-        db.for_update()
-    ))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let status = locked_status(db, &mut tx, id).await?;
     if matches!(status.as_deref(), Some("failed") | Some("cancelled")) {
         sqlx::query(
             "UPDATE jobs SET status = 'queued', attempts = 0, cancel_requested = 0, error = NULL, \

@@ -112,9 +112,24 @@ impl Db {
     /// The locking clause a `SELECT` inside [`Db::begin_write`] ends with (none on SQLite,
     /// whose transaction holds the whole database already).
     fn for_update(&self) -> &'static str {
+        self.locking(" FOR UPDATE")
+    }
+
+    /// [`Db::for_update`] that passes over rows another transaction holds (claiming).
+    fn for_update_skip_locked(&self) -> &'static str {
+        self.locking(" FOR UPDATE SKIP LOCKED")
+    }
+
+    /// A shared lock on the rows read: a concurrent `FOR UPDATE` is waited for.
+    fn for_share(&self) -> &'static str {
+        self.locking(" FOR SHARE")
+    }
+
+    /// `clause` on PostgreSQL; nothing on SQLite, where writes are serialized anyway.
+    fn locking(&self, clause: &'static str) -> &'static str {
         match self.backend {
             Backend::Sqlite => "",
-            Backend::Postgres => " FOR UPDATE",
+            Backend::Postgres => clause,
         }
     }
 
